@@ -1,0 +1,1 @@
+"""Pipeline stages: sample, score, train, evaluate, merge, generate. Each reads and writes plain files."""

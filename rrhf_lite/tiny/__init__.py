@@ -1,0 +1,23 @@
+"""A tiny, fully offline world: a character tokenizer and tiny LLaMA / reward models built in-process.
+
+Tests, the quickstart and the notebook's CPU mode use these instead of hub downloads.
+"""
+
+from rrhf_lite.tiny.models import (
+    make_tiny_causal_lm,
+    make_tiny_reward_model,
+    save_tiny_causal_lm,
+    save_tiny_reward_model,
+    tiny_llama_config,
+)
+from rrhf_lite.tiny.tokenizer import CHAT_TEMPLATE, build_char_tokenizer
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "build_char_tokenizer",
+    "make_tiny_causal_lm",
+    "make_tiny_reward_model",
+    "save_tiny_causal_lm",
+    "save_tiny_reward_model",
+    "tiny_llama_config",
+]

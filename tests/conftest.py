@@ -1,0 +1,40 @@
+"""Shared fixtures. Runs the Triton kernel through its interpreter when there is no GPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+# Must be set before triton's @jit decorators run (at import of rrhf_kernels), so here.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from rrhf_lite.tiny import build_char_tokenizer, save_tiny_causal_lm, save_tiny_reward_model  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def char_tokenizer():
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory):
+    """A tiny random LLaMA causal LM + char tokenizer saved as safetensors."""
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_lm") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_lm_dir(tmp_path_factory):
+    """Same as tiny_lm_dir, with a chat template on the tokenizer."""
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_chat_lm") / "model", seed=0, chat_template=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_dir(tmp_path_factory):
+    """A tiny random LLaMA sequence classifier (1 label) used as a reward model."""
+    return save_tiny_reward_model(tmp_path_factory.mktemp("tiny_rm") / "model", seed=1)

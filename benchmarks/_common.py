@@ -1,0 +1,220 @@
+"""Shared helpers for rrhf-lite benchmark scripts (stable API; owned by the kernel engineer).
+
+Every benchmark is a script that runs its baseline side by side in the same process, prints a
+table of ratios, and records a JSON file with the machine, date and versions. Use these helpers
+so that all result files look alike.
+
+Importing: a script in ``benchmarks/`` run as ``python benchmarks/x.py`` has this folder on
+``sys.path``, so ``from _common import ...`` works; run from the repository root as a module
+(``python -m benchmarks.x``) use ``from benchmarks._common import ...``. Scripts that want both
+can do::
+
+    try:
+        from benchmarks._common import environment_info, write_result, print_table
+    except ImportError:
+        from _common import environment_info, write_result, print_table
+
+Public API (names and meaning kept stable):
+
+``environment_info() -> dict``
+    ``machine`` (hostname-free platform string), ``cpu`` (model name), ``cpu_count``,
+    ``ram_gb``, ``gpu`` (CUDA device name or None), ``cuda`` (CUDA runtime version or None),
+    ``date`` (UTC ISO-8601), ``python``, and versions of ``torch``, ``triton``,
+    ``transformers``, ``peft``, ``bitsandbytes``, ``trl``, ``liger_kernel`` (None if absent).
+
+``device_tag(device=None) -> str``
+    Short file-name-safe tag: ``"cpu"`` or the GPU name, e.g. ``"nvidia-h100-80gb-hbm3"``.
+
+``write_result(name, payload, device=None, results_dir=None) -> pathlib.Path``
+    Writes ``benchmarks/results/<YYYY-MM-DD>-<device_tag>-<name>.json`` atomically (temp
+    file + ``os.replace``). The file holds ``{"name", "environment": environment_info(),
+    **payload}``; returns the path.
+
+``format_table(rows, columns=None, title=None) -> str`` / ``print_table(...) -> str``
+    A plain fixed-width text table of ``rows`` (list of dicts; ``columns`` picks and orders
+    keys, default: keys of the first row). Floats print with 4 significant digits; None as
+    ``-``. ``print_table`` prints it and returns the same string.
+
+``time_fn(fn, warmup=1, repeat=5, device=None) -> dict``
+    Calls ``fn()`` ``warmup`` times, then ``repeat`` times, synchronising CUDA around each
+    call when ``device`` is a CUDA device. Returns ``{"ms": median, "ms_min", "ms_max",
+    "repeat"}`` in milliseconds (wall clock).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+_VERSIONED = ("torch", "triton", "transformers", "peft", "bitsandbytes", "trl", "liger_kernel")
+
+
+def _version(dist: str) -> str | None:
+    for name in (dist, dist.replace("_", "-")):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _cpu_name() -> str:
+    # /proc/cpuinfo names the model on Linux; platform.processor() is often empty there.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gpu() -> tuple[str | None, str | None]:
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    if not torch.cuda.is_available():
+        return None, None
+    return torch.cuda.get_device_name(), torch.version.cuda
+
+
+def environment_info() -> dict[str, Any]:
+    """Machine, date and library versions, for the header of every result file."""
+    gpu, cuda = _gpu()
+    info: dict[str, Any] = {
+        "machine": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "ram_gb": _ram_gb(),
+        "gpu": gpu,
+        "cuda": cuda,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+    }
+    for dist in _VERSIONED:
+        info[dist] = _version(dist)
+    return info
+
+
+def device_tag(device: Any = None) -> str:
+    """'cpu', or the CUDA device's name made file-name safe."""
+    dev = str(device) if device is not None else None
+    if dev is None or dev.startswith("cuda"):
+        gpu, _ = _gpu()
+        if gpu is not None:
+            return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
+    return "cpu"
+
+
+def write_result(
+    name: str,
+    payload: dict[str, Any],
+    device: Any = None,
+    results_dir: str | Path | None = None,
+) -> Path:
+    """Write results/<date>-<device>-<name>.json atomically and return its path."""
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"result name {name!r} must be letters, digits, '_', '-', '.'")
+    out_dir = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
+    path = out_dir / f"{date}-{device_tag(device)}-{name}.json"
+    record = {"name": name, "environment": environment_info(), **payload}
+    text = json.dumps(record, indent=2, default=str) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def format_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+) -> str:
+    """Fixed-width text table of a list of dicts."""
+    if not rows:
+        return (title + "\n" if title else "") + "(no rows)"
+    cols = list(columns) if columns is not None else list(rows[0])
+    cells = [[_cell(row.get(c)) for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    lines = [title] if title else []
+    lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def print_table(
+    rows: Sequence[dict[str, Any]],
+    columns: Sequence[str] | None = None,
+    title: str | None = None,
+) -> str:
+    text = format_table(rows, columns, title)
+    print(text, flush=True)
+    return text
+
+
+def time_fn(
+    fn: Callable[[], Any], warmup: int = 1, repeat: int = 5, device: Any = None
+) -> dict[str, float]:
+    """Median wall-clock milliseconds of fn(), CUDA-synchronised when device is CUDA."""
+    sync = None
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        sync = torch.cuda.synchronize
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(max(1, repeat)):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "ms": statistics.median(times),
+        "ms_min": min(times),
+        "ms_max": max(times),
+        "repeat": len(times),
+    }

@@ -1,0 +1,141 @@
+"""The `rrhf-lite` command line.
+
+Exit codes (contract): 0 success, 2 bad input (the message names the file, line or key and what
+to do), 1 internal error (with the traceback, since that is a bug for us to fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+
+from rrhf_lite.errors import UserInputError
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="path to a recipe YAML file")
+    parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a recipe key, e.g. --set train.learning_rate=1e-4 (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rrhf-lite",
+        description="RRHF on one GPU: sample, score, train (4-bit + LoRA), evaluate, merge.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run every stage the recipe names, in order")
+    _add_recipe_args(run)
+    run.add_argument(
+        "--force", action="store_true",
+        help="reuse a run directory that holds another recipe's results (its files are replaced)",
+    )
+
+    for stage in ("sample", "score", "train", "evaluate"):
+        one = sub.add_parser(stage, help=f"run only the '{stage}' stage of a recipe")
+        _add_recipe_args(one)
+        one.add_argument("--force", action="store_true", help="as for `run`")
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its full-precision base")
+    merge.add_argument("--base", required=True, help="base model (hub name or directory)")
+    merge.add_argument("--adapter", required=True, help="adapter directory (safetensors)")
+    merge.add_argument("--out", required=True, help="output directory for the merged model")
+    merge.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    merge.add_argument(
+        "--no-roundtrip-nf4", action="store_true",
+        help="merge into the original weights instead of their NF4 round-trip (use when the "
+        "adapter was trained on a full-precision base)",
+    )
+    merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument("--trust-remote-code", action="store_true")
+
+    gen = sub.add_parser("generate", help="answer prompts (or chat) with a base, adapter or merged model")
+    gen.add_argument("--model", required=True, help="model (hub name or directory)")
+    gen.add_argument("--adapter", help="LoRA adapter directory to apply on top")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); none = interactive chat")
+    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--load-in-4bit", action="store_true")
+    gen.add_argument("--trust-remote-code", action="store_true")
+
+    sub.add_parser("schema", help="print the recipe's JSON schema (every key, type and default)")
+    validate = sub.add_parser("validate", help="check a recipe and print it resolved")
+    _add_recipe_args(validate)
+    return parser
+
+
+def _load(args):
+    from rrhf_lite.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.output_dir:
+        recipe.output_dir = args.output_dir
+    return recipe
+
+
+def dispatch(args) -> int:
+    if args.command == "schema":
+        from rrhf_lite.recipe import recipe_schema
+
+        print(json.dumps(recipe_schema(), indent=2))
+        return EXIT_OK
+    if args.command == "validate":
+        from rrhf_lite.recipe import dump_recipe
+
+        print(dump_recipe(_load(args)), end="")
+        return EXIT_OK
+    if args.command == "merge":
+        from rrhf_lite.stages.merge import merge_adapter
+
+        report = merge_adapter(
+            args.base, args.adapter, args.out, torch_dtype=args.dtype,
+            roundtrip_nf4=not args.no_roundtrip_nf4, force=args.force,
+            trust_remote_code=args.trust_remote_code,
+        )
+        print(json.dumps(report, indent=2, default=str))
+        return EXIT_OK if report.get("ok", True) else EXIT_INTERNAL
+    if args.command == "generate":
+        from rrhf_lite.stages.generate import run_generate_command
+
+        run_generate_command(args)
+        return EXIT_OK
+
+    recipe = _load(args)
+    from rrhf_lite.pipeline import run_recipe
+
+    stages = None if args.command == "run" else [args.command]
+    run_recipe(recipe, only_stages=stages, force=args.force)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except UserInputError as err:
+        print(f"rrhf-lite: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("rrhf-lite: interrupted; completed stages and checkpoints are kept", file=sys.stderr)
+        return 130
+    except Exception:  # noqa: BLE001 - an internal error: show everything, exit 1
+        traceback.print_exc()
+        print(
+            "rrhf-lite: internal error (a bug in rrhf-lite, not in your input); "
+            "please report it with the traceback above",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

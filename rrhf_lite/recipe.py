@@ -1,0 +1,342 @@
+"""The recipe: one YAML file that says which stages to run and with what settings.
+
+Validated up front with pydantic. Unknown keys are errors that name the key and the closest
+valid one (a misspelt `lerning_rate` must never be silently ignored); wrong types name the key
+and the type expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rrhf_lite.errors import UserInputError
+
+STAGES = ("sample", "score", "train", "evaluate", "merge")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    """The policy's base model: a hub name, a local directory, or `builtin:tiny-world`."""
+
+    name_or_path: str = Field(description="Base model: hub name, local dir, or builtin:tiny-world")
+    tokenizer: str | None = Field(None, description="Tokenizer if not the model's own")
+    trust_remote_code: bool = Field(False, description="Run code shipped with the model (off by default)")
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = None
+
+
+class QuantizationSection(Section):
+    load_in_4bit: bool = Field(True, description="Load the base in 4-bit through bitsandbytes")
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    double_quant: bool = True
+
+
+class LoraSection(Section):
+    enabled: bool = Field(True, description="Train LoRA adapters; false = full fine-tuning")
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class DataSection(Section):
+    prompts: str | None = Field(None, description="Prompts to sample from (file, hub name, builtin:...)")
+    prompts_split: str = "train"
+    candidates: str | None = Field(
+        None, description="Listwise training data when not sampling (file or hub name)"
+    )
+    candidates_split: str = "train"
+    eval_prompts: str | None = Field(None, description="Held-out prompts for evaluation")
+    eval_split: str = "test"
+    max_prompts: int | None = Field(None, gt=0, description="Use only the first N training prompts")
+    max_eval_prompts: int | None = Field(None, gt=0)
+
+
+class GeneratorSection(Section):
+    """One source of candidates. `model` is `policy` (the model being trained, with its latest
+    adapter), `initial` (the base model as it was), or any other model name or path."""
+
+    model: str = "policy"
+    adapter: str | None = None
+    method: Literal["greedy", "beam", "diverse_beam", "top_p"] = "diverse_beam"
+    num_candidates: int = Field(4, gt=0)
+    num_beam_groups: int = Field(4, gt=0)
+    diversity_penalty: float = Field(1.0, ge=0.0)
+    temperature: float = Field(0.8, gt=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class SamplingSection(Section):
+    generators: list[GeneratorSection] = Field(default_factory=lambda: [GeneratorSection()])
+    include_dataset_responses: bool = Field(
+        True, description="Add the data set's own answers (chosen/rejected/responses) as candidates"
+    )
+    max_new_tokens: int = Field(128, gt=0)
+    max_prompt_length: int = Field(256, gt=0, description="Prompts are left-truncated to this")
+    batch_size: int = Field(8, gt=0)
+
+
+class ScoringSection(Section):
+    """Exactly one source of rewards."""
+
+    reward_model: str | None = Field(None, description="HF sequence-classification reward model")
+    reward_function: str | None = Field(None, description="Python callable as module:function")
+    given: bool = Field(False, description="Scores are already in the candidates file")
+    joiner: str = Field("", description="Text between prompt and response for the reward model")
+    batch_size: int = Field(8, gt=0)
+    max_length: int = Field(512, gt=0)
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self):
+        chosen = [n for n in ("reward_model", "reward_function") if getattr(self, n)]
+        if self.given:
+            chosen.append("given")
+        if len(chosen) > 1:
+            raise ValueError(f"set only one of reward_model, reward_function, given (got {chosen})")
+        return self
+
+    @field_validator("reward_function")
+    @classmethod
+    def _module_colon_function(cls, value):
+        if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
+            raise ValueError("must look like 'package.module:function'")
+        return value
+
+
+class TrainSection(Section):
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="Overrides epochs when > 0")
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler_type: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0.0, le=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    per_device_train_batch_size: int = Field(1, gt=0, description="Prompts per device step")
+    gradient_accumulation_steps: int = Field(8, gt=0)
+    length_penalty: float = Field(1.0, ge=0.0, description="lambda in p_i = sum / |y_i|^lambda")
+    rank_weight: float = Field(1.0, ge=0.0)
+    sft_weight: float = Field(1.0, ge=0.0)
+    max_length: int = Field(512, gt=0)
+    max_prompt_length: int = Field(256, gt=0)
+    truncation_side: Literal["left", "right"] = "left"
+    candidate_micro_batch_size: int | None = Field(
+        None, gt=0, description="Candidates per forward pass; None = all at once"
+    )
+    logprob_backend: Literal["auto", "triton", "torch"] = "auto"
+    gradient_checkpointing: bool = True
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int | None = 2
+    report_to: str | list[str] = "none"
+    resume: bool = Field(True, description="Resume from the last checkpoint in the run directory")
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Any other transformers.TrainingArguments field"
+    )
+
+
+class EvaluateSection(Section):
+    max_new_tokens: int = Field(128, gt=0)
+    batch_size: int = Field(8, gt=0)
+    best_of_n: bool = Field(True, description="Reward of the best initial-model candidate")
+    perplexity_model: str | None = Field(
+        None, description="LM that scores perplexity of responses; None = the trained policy"
+    )
+    ranking_candidates: str | None = Field(
+        None, description="Held-out listwise set for the model-as-reward-model ranking accuracy"
+    )
+    plots: bool = True
+
+
+class MergeSection(Section):
+    torch_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    roundtrip_nf4: bool = Field(
+        True, description="Pass the base through NF4 first, to match what the adapter saw"
+    )
+    force: bool = False
+
+
+class AblationSection(Section):
+    """A variant trained on the same candidates with some train.* keys changed (e.g. no rank loss)."""
+
+    name: str
+    train: dict[str, Any]
+
+    @field_validator("train")
+    @classmethod
+    def _known_train_keys(cls, value):
+        for key in value:
+            if key not in TrainSection.model_fields:
+                raise ValueError(_unknown_key_message(key, TrainSection.model_fields))
+        return value
+
+
+class Recipe(Section):
+    name: str = "rrhf"
+    output_dir: str = "runs/rrhf"
+    seed: int = 0
+    stages: list[Literal["sample", "score", "train", "evaluate", "merge"]] = Field(
+        default_factory=lambda: list(STAGES)
+    )
+    rounds: int = Field(1, gt=0, description="Iterated RRHF: rounds of sample -> score -> train")
+    model: ModelSection
+    quantization: QuantizationSection = Field(default_factory=QuantizationSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    sampling: SamplingSection = Field(default_factory=SamplingSection)
+    scoring: ScoringSection = Field(default_factory=ScoringSection)
+    train: TrainSection = Field(default_factory=TrainSection)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    merge: MergeSection = Field(default_factory=MergeSection)
+    ablations: list[AblationSection] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stages_have_inputs(self):
+        stages = set(self.stages)
+        if "sample" in stages and not self.data.prompts:
+            raise ValueError("stage 'sample' needs data.prompts")
+        if "train" in stages and "sample" not in stages and not self.data.candidates:
+            raise ValueError("stage 'train' without 'sample' needs data.candidates")
+        if ("score" in stages or "evaluate" in stages) and not (
+            self.scoring.reward_model or self.scoring.reward_function or self.scoring.given
+        ):
+            raise ValueError(
+                "stages 'score'/'evaluate' need a reward: set scoring.reward_model, "
+                "scoring.reward_function or scoring.given"
+            )
+        if self.rounds > 1 and "sample" not in stages:
+            raise ValueError("rounds > 1 re-samples from the trained policy: add 'sample' to stages")
+        return self
+
+    @field_validator("stages")
+    @classmethod
+    def _stages_in_order(cls, value):
+        if not value:
+            raise ValueError("name at least one stage")
+        if len(set(value)) != len(value):
+            raise ValueError("a stage is listed twice")
+        return sorted(value, key=STAGES.index)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _unknown_key_message(key: str, valid) -> str:
+    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return f"unknown key '{key}'{hint}"
+
+
+def _section_fields(loc: tuple) -> dict | None:
+    """The fields of the section at `loc` (a pydantic error location), to suggest a close key."""
+    model: type[BaseModel] = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return model.model_fields
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", (annotation,))
+        nested = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return None
+        model = nested[0]
+    return model.model_fields
+
+
+def _format_validation_error(err: ValidationError, source: str) -> UserInputError:
+    lines = []
+    for item in err.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            fields = _section_fields(loc[:-1]) or {}
+            lines.append(f"recipe key {key}: {_unknown_key_message(loc[-1], fields)}")
+        elif item["type"] == "missing":
+            lines.append(f"recipe key {key}: required but missing")
+        else:
+            got = item.get("input")
+            got_text = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+            lines.append(f"recipe key {key}: {item['msg']}{got_text}")
+    return UserInputError(
+        "invalid recipe\n  " + "\n  ".join(lines), where=source,
+        hint="fix the keys above; `rrhf-lite schema` prints every key with its type and default",
+    )
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `--set a.b.c=value` overrides; the value is parsed as YAML (so 3, true, [1,2] work)."""
+    for item in overrides:
+        if "=" not in item:
+            raise UserInputError(
+                f"--set expects key=value, got {item!r}", hint="e.g. --set train.learning_rate=1e-4"
+            )
+        dotted, value = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserInputError(f"--set {dotted}: '{part}' is not a section")
+            node = child
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise UserInputError(f"--set {dotted}: value is not valid YAML ({exc})") from None
+        node[parts[-1]] = _number_or_same(parsed)
+    return raw
+
+
+def _number_or_same(value):
+    """YAML 1.1 reads `1e-4` (no dot) as a string; users mean the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(raw, dict):
+        raise UserInputError(
+            f"a recipe is a YAML mapping of keys, got {type(raw).__name__}", where=source,
+            hint="see recipes/quickstart.yaml for the shape",
+        )
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise _format_validation_error(err, source) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe file. Bad input raises UserInputError (exit 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError("recipe file not found", where=str(path), hint="check the path")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserInputError("recipe is not valid UTF-8", where=str(path)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path} line {mark.line + 1}" if mark else str(path)
+        raise UserInputError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
+    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+    return parse_recipe(raw, str(path))
+
+
+def recipe_schema() -> dict:
+    return Recipe.model_json_schema()
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,113 @@
+"""Recipe validation and the CLI's exit codes (no models are loaded here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rrhf_lite.cli import main
+from rrhf_lite.errors import UserInputError
+from rrhf_lite.recipe import Recipe, apply_overrides, load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MINIMAL = {
+    "model": {"name_or_path": "some/model"},
+    "stages": ["train"],
+    "data": {"candidates": "cands.jsonl"},
+}
+
+
+def write(tmp_path, obj, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(obj if isinstance(obj, str) else yaml.safe_dump(obj))
+    return path
+
+
+def test_minimal_recipe_gets_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.train.length_penalty == 1.0 and recipe.quantization.load_in_4bit
+    assert recipe.lora.target_modules == "all-linear"
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"train": {"lerning_rate": 1e-4}}, "did you mean 'learning_rate'"),
+        ({"modle": {}}, "did you mean 'model'"),
+        ({"model": {"name_or_path": "x", "trust_remot_code": True}}, "model.trust_remot_code"),
+        ({"train": {"max_length": "long"}}, "train.max_length"),
+        ({"train": {"length_penalty": -1}}, "train.length_penalty"),
+        ({"scoring": {"reward_function": "no_colon"}}, "module:function"),
+        ({"scoring": {"reward_function": "a:b", "given": True}}, "only one of"),
+        ({"stages": ["sample"]}, "needs data.prompts"),
+        ({"rounds": 2}, "rounds > 1"),
+        ({"ablations": [{"name": "x", "train": {"rank_weigth": 0}}]}, "did you mean 'rank_weight'"),
+    ],
+)
+def test_bad_recipes_name_the_key(tmp_path, patch, expected):
+    raw = {**MINIMAL, **patch}
+    with pytest.raises(UserInputError) as info:
+        load_recipe(write(tmp_path, raw))
+    assert expected in str(info.value)
+    assert str(tmp_path / "r.yaml") in str(info.value)
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path):
+    path = write(tmp_path, "model:\n  name_or_path: x\ntrain: [unclosed\n")
+    with pytest.raises(UserInputError, match=r"line \d+"):
+        load_recipe(path)
+
+
+def test_overrides_parse_yaml_values():
+    raw = apply_overrides({"train": {}}, ["train.learning_rate=1e-4", "train.resume=false", "a.b.c=[1, 2]"])
+    assert raw["train"]["learning_rate"] == 1e-4 and raw["train"]["resume"] is False
+    assert raw["a"]["b"]["c"] == [1, 2]
+    with pytest.raises(UserInputError):
+        apply_overrides({}, ["no_equals_sign"])
+
+
+def test_stages_are_put_in_pipeline_order(tmp_path):
+    raw = {**MINIMAL, "stages": ["train", "score"], "scoring": {"given": True}}
+    assert load_recipe(write(tmp_path, raw)).stages == ["score", "train"]
+
+
+def test_cli_exit_code_2_on_bad_recipe(tmp_path, capsys):
+    path = write(tmp_path, {**MINIMAL, "train": {"lerning_rate": 1}})
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "lerning_rate" in err and "learning_rate" in err and "Traceback" not in err
+
+
+def test_cli_exit_code_2_on_missing_recipe(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_cli_validate_and_set(tmp_path, capsys):
+    path = write(tmp_path, MINIMAL)
+    assert main(["validate", str(path), "--set", "train.learning_rate=0.5"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["train"]["learning_rate"] == 0.5
+    Recipe.model_validate(resolved)  # the printed recipe is itself valid
+
+
+def test_schema_lists_every_section():
+    out = subprocess.run(
+        [sys.executable, "-m", "rrhf_lite.cli", "schema"], capture_output=True, text=True, check=True
+    ).stdout
+    schema = json.loads(out)
+    for section in ("model", "quantization", "lora", "data", "sampling", "scoring", "train"):
+        assert section in schema["properties"]
+
+
+def test_every_shipped_recipe_validates():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes, "recipes/ holds no YAML recipe"
+    for path in recipes:
+        load_recipe(path)

@@ -1,0 +1,387 @@
+"""Merge stage: fold a LoRA adapter into a full-precision copy of its base model, then check it.
+
+Why the steps are in this order:
+- The base is loaded unquantised (fp16, bf16 or fp32). Merging into 4-bit weights would
+  re-quantise W + BA and throw most of the adapter's update away.
+- The adapter was trained against NF4 weights, not the original ones. `roundtrip_nf4` passes
+  every linear weight that was 4-bit during training through quantise -> dequantise with the
+  training's settings, so the merged model computes what the trained policy computed.
+- Reference logits come from the unmerged PeftModel (base + adapter as it ran in training);
+  the merged model is saved, reloaded from disk and compared with them. That checks the
+  artefact a user will ship, not an object in memory.
+- Everything is written to a temporary sibling directory and renamed at the end, so a crash
+  or a failed verification never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rrhf_lite.errors import UserInputError
+from rrhf_lite.io import atomic_directory, write_json
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
+           "float": "float32"}
+
+# Default max |merged - reference| allowed, as a fraction of the largest reference logit
+# (at least 1.0 of scale, so near-zero logits of tiny models do not make it absurdly tight).
+# fp32 only sees summation-order noise; fp16/bf16 see the rounding of W + BA to 10/7 bits.
+RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 8e-2}
+
+DEFAULT_VERIFY_PROMPTS = [
+    "The capital of France is",
+    "Human: How do I make a cup of tea?\n\nAssistant:",
+    "def fibonacci(n):",
+]
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+REPORT_NAME = "merge_report.json"
+
+
+class MergeVerificationError(UserInputError):
+    """The merged model's logits differ from base + adapter by more than the tolerance."""
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        if name in DTYPES.values():
+            return name
+        name = str(name).removeprefix("torch.")
+    key = ALIASES.get(str(name), str(name))
+    if key not in DTYPES:
+        raise UserInputError(
+            f"unknown dtype {name!r}", where="merge torch_dtype",
+            hint=f"use one of {', '.join(DTYPES)} (merging into 4-bit weights is not supported)",
+        )
+    return DTYPES[key]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_adapter_dir(adapter_path: str | Path) -> dict:
+    """Return the adapter's config; refuse anything but a local safetensors PEFT adapter."""
+    path = Path(adapter_path)
+    if not path.is_dir():
+        raise UserInputError(
+            "adapter directory not found", where=str(path),
+            hint="pass the directory the train stage wrote (it holds adapter_config.json)",
+        )
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise UserInputError(
+            "not a PEFT adapter directory (no adapter_config.json)", where=str(path),
+            hint="pass the directory the train stage wrote, e.g. RUN_DIR/adapter",
+        )
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise UserInputError(
+                f"adapter weights are only in pickle files ({', '.join(pickles)}); rrhf-lite "
+                "loads safetensors only, because unpickling a file can run arbitrary code",
+                where=str(path),
+                hint="if you trust the file, convert it once: load it with torch.load and save "
+                f"with safetensors.torch.save_file as {ADAPTER_WEIGHTS}",
+            )
+        raise UserInputError(
+            f"no {ADAPTER_WEIGHTS} in the adapter directory", where=str(path),
+            hint="the directory holds an adapter config but no weights; was training finished?",
+        )
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise UserInputError(
+            f"adapter_config.json is not valid JSON ({err.msg}, line {err.lineno})",
+            where=str(config_file), hint="re-save the adapter",
+        ) from None
+
+
+def check_output_dir(output_dir: str | Path, force: bool, inputs: list[str | Path]) -> Path:
+    """Refuse a non-empty existing output directory (unless force) or one that holds an input."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserInputError("output path exists and is a file", where=str(out),
+                             hint="choose a directory path for the merged model")
+    resolved = out.resolve()
+    for item in inputs:
+        src = Path(item)
+        if src.exists() and (resolved == src.resolve() or resolved in src.resolve().parents):
+            raise UserInputError(
+                f"output directory would overwrite the input {src}", where=str(out),
+                hint="write the merged model to a new directory",
+            )
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserInputError(
+            "output directory already exists and is not empty", where=str(out),
+            hint="choose another directory, or pass --force to replace its contents",
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- NF4 round trip
+
+
+def roundtrip_4bit(
+    model: torch.nn.Module,
+    *,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    skip_modules: list[str] | None = None,
+) -> dict:
+    """Replace each linear weight W by dequantize(quantize(W)), as bitsandbytes stores it.
+
+    Hugging Face's 4-bit loading quantises every nn.Linear except the output head (and any
+    `llm_int8_skip_modules`), whether or not LoRA targets it, so that is the set we round-trip.
+    Returns how many modules changed and by how much.
+    """
+    import bitsandbytes.functional as bnbf
+
+    if quant_type not in ("nf4", "fp4"):
+        raise UserInputError(f"unknown 4-bit quant type {quant_type!r}",
+                             where="merge quant_type", hint="use nf4 or fp4")
+    head = model.get_output_embeddings()
+    skip = set(skip_modules or [])
+    count, max_change, total_change, total_numel = 0, 0.0, 0.0, 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or module is head:
+            continue
+        if any(name == s or name.endswith("." + s) or name.split(".")[-1] == s for s in skip):
+            continue
+        weight = module.weight.data
+        packed, state = bnbf.quantize_4bit(
+            weight, blocksize=blocksize, quant_type=quant_type, compress_statistics=double_quant
+        )
+        restored = bnbf.dequantize_4bit(packed, state).to(weight.dtype).reshape(weight.shape)
+        change = (restored.float() - weight.float()).abs()
+        max_change = max(max_change, change.max().item())
+        total_change += change.sum().item()
+        total_numel += change.numel()
+        weight.copy_(restored)
+        count += 1
+    return {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "double_quant": double_quant,
+        "modules": count,
+        "max_abs_change": max_change,
+        "mean_abs_change": total_change / max(total_numel, 1),
+    }
+
+
+# ----------------------------------------------------------------------------- verification
+
+
+@torch.no_grad()
+def prompt_logits(model, tokenizer, prompts: list[str], max_tokens: int = 256) -> list[torch.Tensor]:
+    """Logits [T, V] (float32, CPU) for each prompt, run one at a time so no padding interferes."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"][:, :max_tokens]
+        if ids.shape[1] == 0:
+            continue
+        out.append(model(input_ids=ids.to(device)).logits[0].float().cpu())
+    if not out:
+        raise UserInputError("every verification prompt tokenised to nothing",
+                             where="merge verify_prompts", hint="pass non-empty prompts")
+    return out
+
+
+def compare_logits(
+    reference: list[torch.Tensor],
+    candidate: list[torch.Tensor],
+    *,
+    dtype: str = "float32",
+    tolerance: float | None = None,
+) -> dict:
+    """Max |candidate - reference| over all prompts and positions, against a tolerance.
+
+    `tolerance` is absolute; by default RELATIVE_TOLERANCE[dtype] times the largest reference
+    logit (at least 1). Also reports how often the top-1 token agrees, which is what a user sees.
+    """
+    if len(reference) != len(candidate):
+        raise ValueError("reference and candidate cover different prompts")
+    max_diff, scale, agree, positions = 0.0, 0.0, 0, 0
+    for ref, got in zip(reference, candidate, strict=True):
+        if ref.shape != got.shape:
+            raise ValueError(f"logit shapes differ: {tuple(ref.shape)} vs {tuple(got.shape)}")
+        max_diff = max(max_diff, (got - ref).abs().max().item())
+        scale = max(scale, ref.abs().max().item())
+        agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
+        positions += ref.shape[0]
+    if tolerance is None:
+        tolerance = RELATIVE_TOLERANCE[dtype] * max(scale, 1.0)
+    return {
+        "max_abs_diff": max_diff,
+        "max_abs_logit": scale,
+        "tolerance": tolerance,
+        "top1_agreement": agree / max(positions, 1),
+        "ok": bool(max_diff <= tolerance),  # NaN compares False: a NaN merge fails
+    }
+
+
+def _adapter_effect(base: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """How far the adapter moves the logits; if ~0 the adapter is a no-op (e.g. untrained B=0)."""
+    return max((r - b).abs().max().item() for b, r in zip(base, reference, strict=True))
+
+
+# ----------------------------------------------------------------------------- loading / saving
+
+
+def _load_base(base_model: str, dtype: torch.dtype, trust_remote_code: bool):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            base_model, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise UserInputError(
+            f"could not load the base model: {err}", where=str(base_model),
+            hint="pass a local directory or hub name with safetensors weights "
+            "(pickle .bin checkpoints are not loaded)",
+        ) from None
+
+
+def _load_tokenizer(adapter_path: Path, base_model: str, trust_remote_code: bool):
+    """The adapter's own tokenizer if training saved one (it may carry a chat template)."""
+    from transformers import AutoTokenizer
+
+    has_own = any((adapter_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    source = str(adapter_path) if has_own else base_model
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+
+
+def _save_merged(model, tokenizer, directory: Path, max_shard_size: str | int) -> None:
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(directory)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("rrhf-lite", "torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = "not installed"
+    return out
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def merge_adapter(
+    base_model: str | Path | None,
+    adapter_path: str | Path,
+    output_dir: str | Path,
+    *,
+    torch_dtype: str | torch.dtype = "float16",
+    roundtrip_nf4: bool = False,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    skip_modules: list[str] | None = None,
+    verify_prompts: list[str] | None = None,
+    tolerance: float | None = None,
+    allow_mismatch: bool = False,
+    max_shard_size: str | int = "5GB",
+    force: bool = False,
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Merge a LoRA adapter into its base and save a standalone model in `output_dir`.
+
+    base_model: hub name or local directory; None takes the adapter config's base model.
+    roundtrip_nf4: pass the base's linear weights through 4-bit quantisation first (use the
+      quant_type / blocksize / double_quant the adapter was trained with; defaults are
+      rrhf-lite's QLoRA settings), so the merged model matches the policy that was trained.
+    verify_prompts: prompts whose logits are compared; None uses a few defaults, [] skips it.
+    tolerance: absolute max logit difference allowed (default: per-dtype, relative to scale).
+    allow_mismatch: keep the output even when verification fails (report ok=False);
+      otherwise a failed check raises MergeVerificationError and writes nothing.
+    Returns the report that is also written to output_dir/merge_report.json.
+    """
+    from peft import PeftModel
+
+    dtype = resolve_dtype(torch_dtype)
+    adapter_path = Path(adapter_path)
+    adapter_config = check_adapter_dir(adapter_path)
+    if base_model is None:
+        base_model = adapter_config.get("base_model_name_or_path")
+        if not base_model:
+            raise UserInputError(
+                "no base model given and the adapter config does not name one",
+                where=str(adapter_path / "adapter_config.json"), hint="pass the base model",
+            )
+    base_model = str(base_model)
+    out = check_output_dir(output_dir, force, inputs=[adapter_path, base_model])
+    prompts = DEFAULT_VERIFY_PROMPTS if verify_prompts is None else list(verify_prompts)
+
+    tokenizer = _load_tokenizer(adapter_path, base_model, trust_remote_code)
+    model = _load_base(base_model, dtype, trust_remote_code)
+    report: dict[str, Any] = {
+        "base_model": base_model,
+        "adapter": str(adapter_path),
+        "dtype": _dtype_name(dtype),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "roundtrip": None,
+    }
+    if roundtrip_nf4:
+        report["roundtrip"] = roundtrip_4bit(
+            model, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+            skip_modules=skip_modules,
+        )
+    base_logits = prompt_logits(model, tokenizer, prompts) if prompts else None
+
+    peft_model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+    reference = prompt_logits(peft_model, tokenizer, prompts) if prompts else None
+    merged = peft_model.merge_and_unload()
+    del peft_model, model
+
+    with atomic_directory(out, overwrite=True) as tmp:
+        _save_merged(merged, tokenizer, tmp, max_shard_size)
+        del merged
+        gc.collect()
+        report["files"] = sorted(p.name for p in tmp.iterdir())
+        if prompts:
+            # Reload what was written: the check covers the files, not just the object in memory.
+            reloaded = _load_base(str(tmp), dtype, trust_remote_code)
+            got = prompt_logits(reloaded, tokenizer, prompts)
+            del reloaded
+            check = compare_logits(reference, got, dtype=_dtype_name(dtype), tolerance=tolerance)
+            check["adapter_effect"] = _adapter_effect(base_logits, reference)
+            check["prompts"] = len(reference)
+            report["verification"] = check
+            report["ok"] = check["ok"]
+        else:
+            report["verification"] = None
+            report["ok"] = True
+        report["output_dir"] = str(out)
+        write_json(tmp / REPORT_NAME, report)
+        if not report["ok"] and not allow_mismatch:
+            check = report["verification"]
+            raise MergeVerificationError(
+                f"merged model does not reproduce base + adapter: max |logit diff| "
+                f"{check['max_abs_diff']:.4g} > tolerance {check['tolerance']:.4g} "
+                f"(top-1 agreement {check['top1_agreement']:.1%}); nothing was written",
+                where=str(adapter_path),
+                hint="the adapter may be corrupted or trained on another base; if the "
+                "difference is only low-precision noise, merge in float32 or raise the tolerance",
+            )
+    return report

@@ -146,6 +146,9 @@ class EvaluateSection(Section):
     max_new_tokens: int = Field(128, gt=0)
     batch_size: int = Field(8, gt=0)
     best_of_n: bool = Field(True, description="Reward of the best initial-model candidate")
+    train_prompts: int = Field(
+        0, ge=0, description="Also report greedy reward on this many training prompts"
+    )
     perplexity_model: str | None = Field(
         None, description="LM that scores perplexity of responses; None = the trained policy"
     )

@@ -1,0 +1,317 @@
+"""`rrhf-lite run`: chain the stages a recipe names, round after round, in one run directory.
+
+Layout of a run directory (every file written atomically, so a killed run resumes cleanly):
+
+    recipe.yaml                      the resolved recipe (a rerun must match it, or use --force)
+    round-1/candidates.jsonl         sample: k candidates per prompt
+    round-1/scored.jsonl             score: the same rows with "scores"
+    round-1/train/                   train: checkpoints, metrics.jsonl; train/adapter = result
+    round-2/...                      iterated RRHF: sampled from the round-1 policy
+    ablations/<name>/train/adapter   variants trained on round-1 data (e.g. no rank loss)
+    eval/                            evaluate: generations, scored candidates, plots
+    merged/                          merge: the full-precision merged model
+    report.md, metrics.json          the results, for people and for machines
+
+A stage whose output already exists is skipped (a rerun resumes where the last one stopped);
+training resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rrhf_lite.errors import UserInputError
+from rrhf_lite.io import atomic_write_text, read_jsonl, write_jsonl
+from rrhf_lite.recipe import Recipe, TrainSection, dump_recipe
+from rrhf_lite.sources import load_prompt_rows, resolve_model
+
+log = logging.getLogger("rrhf_lite")
+
+
+@dataclass
+class RunState:
+    """What the stages of one run hand each other."""
+
+    recipe: Recipe
+    run_dir: Path
+    base_model: str
+    stages: list[str]
+    adapters: dict[str, Path] = field(default_factory=dict)  # variant name -> adapter dir
+
+    def round_dir(self, round_index: int) -> Path:
+        return self.run_dir / f"round-{round_index}"
+
+    @property
+    def final_adapter(self) -> Path | None:
+        rounds = [n for n in self.adapters if n.startswith("rrhf")]
+        return self.adapters[rounds[-1]] if rounds else None
+
+
+def _say(message: str) -> None:
+    print(f"[rrhf-lite] {message}", flush=True)
+
+
+def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
+    """Create the run directory, or reuse it when it holds the same recipe (resume)."""
+    run_dir = Path(recipe.output_dir)
+    text = dump_recipe(recipe)
+    saved = run_dir / "recipe.yaml"
+    if saved.exists() and saved.read_text(encoding="utf-8") != text and not force:
+        raise UserInputError(
+            "the run directory holds the results of a different recipe",
+            where=str(run_dir),
+            hint="use --output-dir for a new run, or --force to replace its results",
+        )
+    if run_dir.exists() and not saved.exists() and any(run_dir.iterdir()) and not force:
+        raise UserInputError(
+            "output directory exists and is not an rrhf-lite run directory", where=str(run_dir),
+            hint="choose an empty or new directory with --output-dir, or pass --force",
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, text)
+    return run_dir
+
+
+def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool = False) -> dict:
+    """Run the recipe's stages (or just `only_stages`); return the evaluation metrics, if any."""
+    from transformers import set_seed
+
+    set_seed(recipe.seed)
+    run_dir = prepare_run_dir(recipe, force)
+    stages = [s for s in recipe.stages if only_stages is None or s in only_stages]
+    if only_stages and not stages:
+        raise UserInputError(
+            f"the recipe does not name stage {only_stages[0]!r}", where="recipe key stages"
+        )
+    base_model = resolve_model(recipe.model.name_or_path, seed=recipe.seed)
+    state = RunState(recipe, run_dir, base_model, stages)
+    _say(f"run directory: {run_dir}  stages: {', '.join(stages)}  rounds: {recipe.rounds}")
+
+    for round_index in range(1, recipe.rounds + 1):
+        _run_round(state, round_index)
+    if recipe.ablations and "train" in recipe.stages:
+        for ablation in recipe.ablations:
+            _train_ablation(state, ablation.name, ablation.train)
+
+    metrics: dict = {}
+    if "evaluate" in stages:
+        from rrhf_lite.stages.evaluate import evaluate_run
+
+        metrics = evaluate_run(state)
+    if "merge" in stages:
+        _merge(state)
+    _say(f"done: {run_dir}")
+    return metrics
+
+
+# ------------------------------------------------------------------------------------ rounds
+
+
+def _run_round(state: RunState, round_index: int) -> None:
+    recipe = state.recipe
+    out = state.round_dir(round_index)
+    candidates = out / "candidates.jsonl"
+    scored = out / "scored.jsonl"
+    policy = state.final_adapter  # None in round 1: the policy is the initial model
+
+    if "sample" in state.stages:
+        if candidates.exists():
+            _say(f"round {round_index}: sample skipped, found {candidates}")
+        else:
+            _say(f"round {round_index}: sampling candidates")
+            _sample(state, policy, candidates)
+    if "score" in state.stages:
+        source = candidates if "sample" in recipe.stages else _given_candidates(recipe)
+        if scored.exists():
+            _say(f"round {round_index}: score skipped, found {scored}")
+        else:
+            _require(source, "sample")
+            _say(f"round {round_index}: scoring candidates")
+            _score(state, source, scored)
+    if "train" in recipe.stages:
+        data = _training_data(state, scored, candidates)
+        name = "rrhf" if round_index == 1 else f"rrhf_round{round_index}"
+        adapter_dir = out / "train" / "adapter"
+        if "train" in state.stages:
+            _require(data, "score")
+            _train(state, data, out / "train", init_adapter=policy, overrides={})
+        if adapter_dir.exists():
+            state.adapters[name] = adapter_dir
+
+
+def _given_candidates(recipe: Recipe) -> Path:
+    if not recipe.data.candidates:
+        raise UserInputError(
+            "no candidates to score or train on", where="recipe key data.candidates",
+            hint="name a listwise file, or add 'sample' to stages",
+        )
+    return Path(recipe.data.candidates)
+
+
+def _training_data(state: RunState, scored: Path, candidates: Path) -> Path:
+    recipe = state.recipe
+    if "score" in recipe.stages:
+        return scored
+    if "sample" in recipe.stages:
+        return candidates
+    return _given_candidates(recipe)
+
+
+def _require(path: Path, earlier_stage: str) -> None:
+    if not Path(path).exists():
+        raise UserInputError(
+            "input file not found", where=str(path),
+            hint=f"run the '{earlier_stage}' stage first (or the whole recipe with `rrhf-lite run`)",
+        )
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+def _sample(state: RunState, policy_adapter: Path | None, out: Path) -> None:
+    from rrhf_lite.stages.sample import sample_candidates
+
+    recipe = state.recipe
+    prompts = load_prompt_rows(
+        recipe.data.prompts, split=recipe.data.prompts_split, limit=recipe.data.max_prompts,
+        seed=recipe.seed, key="data.prompts",
+    )
+    rows = sample_candidates(
+        prompts,
+        generators=[_generator_spec(state, g, policy_adapter) for g in recipe.sampling.generators],
+        include_dataset_responses=recipe.sampling.include_dataset_responses,
+        max_new_tokens=recipe.sampling.max_new_tokens,
+        max_prompt_length=recipe.sampling.max_prompt_length,
+        batch_size=recipe.sampling.batch_size,
+        seed=recipe.seed,
+        load_in_4bit=recipe.quantization.load_in_4bit,
+        trust_remote_code=recipe.model.trust_remote_code,
+    )
+    write_jsonl(out, rows)
+
+
+def _generator_spec(state: RunState, generator, policy_adapter: Path | None) -> dict:
+    spec = generator.model_dump()
+    if generator.model == "policy":
+        spec["model"] = state.base_model
+        spec["adapter"] = generator.adapter or (str(policy_adapter) if policy_adapter else None)
+        spec["name"] = "policy"
+    elif generator.model == "initial":
+        spec["model"], spec["adapter"], spec["name"] = state.base_model, None, "initial"
+    else:
+        spec["model"] = resolve_model(generator.model, seed=state.recipe.seed)
+        spec["name"] = generator.model
+    return spec
+
+
+def reward_spec(recipe: Recipe) -> dict:
+    scoring = recipe.scoring
+    if scoring.reward_model:
+        return {
+            "model": resolve_model(scoring.reward_model, seed=recipe.seed),
+            "batch_size": scoring.batch_size, "max_length": scoring.max_length,
+            "joiner": scoring.joiner, "trust_remote_code": recipe.model.trust_remote_code,
+        }
+    if scoring.reward_function:
+        return {"function": scoring.reward_function, "batch_size": scoring.batch_size}
+    return {"given": True}
+
+
+def _score(state: RunState, source: Path, out: Path) -> None:
+    from rrhf_lite.stages.score import score_candidates
+
+    rows = read_jsonl(source)
+    write_jsonl(out, score_candidates(rows, reward=reward_spec(state.recipe)))
+
+
+def training_config(recipe: Recipe, output_dir: Path, overrides: dict):
+    """RRHFConfig from the recipe's train section (plus an ablation's overrides)."""
+    from rrhf_lite.trainer import RRHFConfig
+
+    section = TrainSection.model_validate({**recipe.train.model_dump(), **overrides})
+    fields = section.model_dump(exclude={"extra", "resume"})
+    return RRHFConfig(
+        output_dir=str(output_dir), seed=recipe.seed, **fields, **section.extra,
+    )
+
+
+def model_arguments(recipe: Recipe, base_model: str, init_adapter: Path | None = None):
+    from rrhf_lite.modeling import ModelArguments
+
+    q, lora = recipe.quantization, recipe.lora
+    return ModelArguments(
+        model_name_or_path=base_model,
+        tokenizer_name_or_path=recipe.model.tokenizer,
+        load_in_4bit=q.load_in_4bit,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_compute_dtype=q.compute_dtype,
+        bnb_4bit_use_double_quant=q.double_quant,
+        torch_dtype=recipe.model.torch_dtype,
+        use_lora=lora.enabled,
+        lora_r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        lora_target_modules=lora.target_modules,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        trust_remote_code=recipe.model.trust_remote_code,
+        attn_implementation=recipe.model.attn_implementation,
+        adapter_init_path=str(init_adapter) if init_adapter else None,
+    )
+
+
+def _train(state: RunState, data: Path, out: Path, init_adapter: Path | None, overrides: dict):
+    from rrhf_lite.stages.train import run_train
+
+    if (out / "adapter").exists():
+        _say(f"train skipped, found {out / 'adapter'}")
+        return out / "adapter"
+    recipe = state.recipe
+    config = training_config(recipe, out, overrides)
+    resume = None
+    if recipe.train.resume:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume = get_last_checkpoint(str(out)) if out.exists() else None
+        if resume:
+            _say(f"resuming training from {resume}")
+    _say(f"training on {data} -> {out}")
+    return run_train(
+        str(data), model_arguments(recipe, state.base_model, init_adapter), config,
+        resume_from_checkpoint=resume,
+    )
+
+
+def _train_ablation(state: RunState, name: str, overrides: dict) -> None:
+    data = _training_data(state, state.round_dir(1) / "scored.jsonl",
+                          state.round_dir(1) / "candidates.jsonl")
+    out = state.run_dir / "ablations" / name / "train"
+    if "train" in state.stages:
+        _require(data, "score")
+        _say(f"ablation '{name}': {overrides}")
+        _train(state, data, out, init_adapter=None, overrides=overrides)
+    if (out / "adapter").exists():
+        state.adapters[name] = out / "adapter"
+
+
+def _merge(state: RunState) -> None:
+    from rrhf_lite.stages.merge import merge_adapter
+
+    adapter = state.final_adapter
+    if adapter is None:
+        raise UserInputError(
+            "nothing to merge: no trained adapter in this run", where=str(state.run_dir),
+            hint="run the 'train' stage first",
+        )
+    out = state.run_dir / "merged"
+    if out.exists() and not state.recipe.merge.force:
+        _say(f"merge skipped, found {out}")
+        return
+    _say(f"merging {adapter} into {state.base_model} -> {out}")
+    report = merge_adapter(
+        state.base_model, adapter, out, torch_dtype=state.recipe.merge.torch_dtype,
+        roundtrip_nf4=state.recipe.merge.roundtrip_nf4 and state.recipe.quantization.load_in_4bit,
+        force=state.recipe.merge.force, trust_remote_code=state.recipe.model.trust_remote_code,
+    )
+    _say(f"merge verified: max |logit difference| = {report.get('max_abs_diff')}")

@@ -1,0 +1,67 @@
+"""Where models and prompts come from: hub names, local paths, and the built-in tiny world.
+
+`builtin:tiny-world` (model) and `builtin:tiny-world/train`, `builtin:tiny-world/eval` (prompts)
+are the offline world of the quickstart; everything else is passed through to the loaders.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rrhf_lite.errors import UserInputError
+
+BUILTIN = "builtin:"
+TINY_WORLD = "builtin:tiny-world"
+DEFAULT_SIZES = {"train": 200, "eval": 100}
+
+
+def is_builtin(name: str | None) -> bool:
+    return bool(name) and name.startswith(BUILTIN)
+
+
+def resolve_model(name: str, *, seed: int = 0) -> str:
+    """A loadable model name or directory; builds (once, cached) the tiny world's policy."""
+    if not is_builtin(name):
+        return name
+    if name != TINY_WORLD:
+        raise UserInputError(
+            f"unknown built-in model {name!r}", where="recipe key model.name_or_path",
+            hint=f"the only built-in model is {TINY_WORLD!r}",
+        )
+    from rrhf_lite.tiny.warmup import build_initial_policy
+
+    return str(build_initial_policy(seed=seed))
+
+
+def builtin_prompt_rows(name: str, *, limit: int | None, seed: int, key: str) -> list[dict]:
+    """Rows {"prompt", "task", "reference"} of the tiny world's train or held-out prompts."""
+    from rrhf_lite.tiny.tasks import make_splits, prompt_rows
+
+    split = name[len(TINY_WORLD) + 1 :] if name.startswith(TINY_WORLD + "/") else ""
+    if split not in DEFAULT_SIZES:
+        raise UserInputError(
+            f"unknown built-in prompt set {name!r}", where=f"recipe key {key}",
+            hint=f"use {TINY_WORLD}/train or {TINY_WORLD}/eval",
+        )
+    n = limit or DEFAULT_SIZES[split]
+    train, held_out = make_splits(
+        n if split == "train" else 1, n if split == "eval" else 1, seed=seed
+    )
+    return prompt_rows(train if split == "train" else held_out)
+
+
+def load_prompt_rows(
+    source: str, *, split: str, limit: int | None, seed: int, key: str
+) -> list[dict]:
+    """Prompt rows from a file, a `datasets` name or the tiny world; at most `limit` of them."""
+    if is_builtin(source):
+        return builtin_prompt_rows(source, limit=limit, seed=seed, key=key)
+    from rrhf_lite.stages.sample import load_prompts
+
+    if not Path(source).exists() and ("/" not in source or source.startswith((".", "/"))):
+        raise UserInputError(
+            "prompt file not found", where=f"recipe key {key} ({source})",
+            hint="give an existing file (.jsonl, .json, .parquet) or a hub data set name",
+        )
+    rows = load_prompts(source, split=split)
+    return rows[:limit] if limit else rows

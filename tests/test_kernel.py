@@ -11,10 +11,12 @@ Tolerances (stated once, used everywhere):
 from __future__ import annotations
 
 import pytest
-import rrhf_kernels as K
 import torch
 
-BACKENDS = ["torch"]  # triton added with its backend
+import rrhf_kernels as K
+
+BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
+    not K.triton_available(), reason="triton not installed"))]
 
 GRAD_RTOL = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 2 * 2**-7,
              torch.float16: 2 * 2**-10}

@@ -1,0 +1,173 @@
+"""Model loading for training (NF4 4-bit + LoRA by default) and per-candidate log-prob sums."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from rrhf_lite.errors import UserInputError
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelArguments:
+    """What to load and how.
+
+    model_name_or_path: hub name or local directory of a causal LM (safetensors only).
+    tokenizer_name_or_path: defaults to the model's.
+    load_in_4bit: quantise the base to 4-bit with bitsandbytes (QLoRA); needs use_lora.
+    bnb_4bit_quant_type: "nf4" or "fp4". bnb_4bit_compute_dtype: "auto" | "bfloat16" | "float16"
+        | "float32" ("auto": bf16 on a CUDA device that supports it, fp16 on other CUDA, fp32 on
+        CPU). bnb_4bit_use_double_quant: quantise the quantisation constants too.
+    torch_dtype: dtype of the non-quantised weights, same choices and "auto" rule.
+    use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules: PEFT LoRA settings;
+        target modules "all-linear" or a list / comma-separated string of module names.
+    gradient_checkpointing: non-reentrant activation checkpointing.
+    trust_remote_code: off unless you trust the model repository.
+    attn_implementation: e.g. "sdpa", "eager", "flash_attention_2"; None = transformers' choice.
+    adapter_init_path: start from an existing LoRA adapter (iterated RRHF) instead of a fresh one.
+    """
+
+    model_name_or_path: str
+    tokenizer_name_or_path: str | None = None
+    load_in_4bit: bool = True
+    bnb_4bit_quant_type: str = "nf4"
+    bnb_4bit_compute_dtype: str = "auto"
+    bnb_4bit_use_double_quant: bool = True
+    torch_dtype: str = "auto"
+    use_lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: str | list[str] = "all-linear"
+    gradient_checkpointing: bool = True
+    trust_remote_code: bool = False
+    attn_implementation: str | None = None
+    adapter_init_path: str | None = None
+
+
+def resolve_dtype(name: str | torch.dtype, device: str | None = None) -> torch.dtype:
+    """"auto" -> bf16 on CUDA with bf16 support, fp16 on other CUDA, fp32 on CPU."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        on_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+        if not on_cuda:
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in _DTYPES:
+        raise UserInputError(f"unknown dtype {name!r}", where="torch_dtype",
+                             hint=f"use 'auto' or one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def _target_modules(value: str | list[str]) -> str | list[str]:
+    if isinstance(value, str) and value != "all-linear":
+        return [m.strip() for m in value.split(",") if m.strip()]
+    return value
+
+
+def lora_config_from_args(args: ModelArguments):
+    """A peft.LoraConfig for causal LMs from ModelArguments."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                      target_modules=_target_modules(args.lora_target_modules), bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer, with a pad token (EOS when it has none; padding is masked anyway)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise UserInputError("the tokenizer has no EOS token", where=name_or_path,
+                             hint="responses end with EOS; use a tokenizer that defines one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model_for_training(args: ModelArguments):
+    """Load (model, tokenizer) ready for RRHF training.
+
+    4-bit + LoRA (default): NF4 base via bitsandbytes, prepared for k-bit training (norms in
+    fp32, input grads on), then a PEFT LoRA adapter. load_in_4bit=False: full-precision LoRA.
+    use_lora=False: full fine-tuning (4-bit then is refused: quantised weights cannot train).
+    Gradient checkpointing is non-reentrant. Weights load from safetensors only.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if args.load_in_4bit and not args.use_lora:
+        raise UserInputError("4-bit weights cannot be fine-tuned directly", where="load_in_4bit",
+                             hint="enable LoRA, or set load_in_4bit: false for full fine-tuning")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = resolve_dtype(args.torch_dtype, device)
+    kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code, "use_safetensors": True}
+    if args.attn_implementation:
+        kwargs["attn_implementation"] = args.attn_implementation
+    if args.load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+            bnb_4bit_compute_dtype=resolve_dtype(args.bnb_4bit_compute_dtype, device),
+            bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+            bnb_4bit_quant_storage=torch.uint8)
+        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path,
+                               args.trust_remote_code)
+    model.config.use_cache = False  # no KV cache while training (and it clashes with checkpointing)
+    ckpt_kwargs = {"use_reentrant": False}
+    if args.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs)
+    elif args.gradient_checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 spelling
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        if args.use_lora:
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+    if args.use_lora:
+        from peft import PeftModel, get_peft_model
+
+        if args.adapter_init_path:
+            model = PeftModel.from_pretrained(model, args.adapter_init_path, is_trainable=True)
+        else:
+            model = get_peft_model(model, lora_config_from_args(args))
+    return model, tokenizer
+
+
+def chunk_logprob_sums(model, input_ids, attention_mask, labels, *, backend: str = "auto"):
+    """Forward one chunk of candidates; return (sums [n] float32, counts [n] int64).
+
+    `labels` are unshifted (HF convention, -100 on prompt and padding). Only the logits that can
+    predict a response token are computed (`logits_to_keep`), so prompt positions never reach
+    the lm_head or the log-softmax; the kernel takes the shifted views without a copy.
+    """
+    from rrhf_kernels import candidate_logprob_sums
+
+    # trim right padding shared by the whole chunk
+    width = int(attention_mask.sum(dim=1).max())
+    input_ids, attention_mask, labels = (t[:, :width] for t in (input_ids, attention_mask, labels))
+    valid = labels != -100
+    # first position with a label; logits at t-1 predict it (position 0 can never be predicted)
+    first = int(torch.where(valid.any(dim=1), valid.float().argmax(dim=1), width).min())
+    first = max(first, 1)
+    if first >= width:  # nothing to score in this chunk
+        zeros = torch.zeros(len(input_ids), device=input_ids.device)
+        return zeros, torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
+    keep = width - first + 1  # logits for positions first-1 .. width-1
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    sums, counts = candidate_logprob_sums(logits[:, :-1], labels[:, first:], backend=backend)
+    return sums, counts

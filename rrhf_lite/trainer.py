@@ -1,0 +1,309 @@
+"""RRHFConfig and RRHFTrainer: the RRHF objective on a transformers.Trainer.
+
+Micro-batched candidates with an exact gradient. The loss L depends on the model only through
+the per-candidate token log-prob sums S_i (p_i = S_i / |y_i|^lambda and the SFT term
+-S_best / |y_best| are both functions of S; the token counts are constants). So
+    dL/dtheta = sum_i (dL/dS_i) * dS_i/dtheta.
+A training step (1) runs every chunk of candidates without autograd to get all S_i, (2) takes
+g_i = dL/dS_i from the loss on those detached sums, (3) re-runs each chunk with autograd and
+backpropagates sum_{i in chunk} g_i * S_i. The sum over chunks is the full-batch gradient, while
+only one chunk's activations live at a time. Dropout masks match between the two passes because
+each chunk's RNG state is saved in pass 1 and restored in pass 3.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from rrhf_lite.data import RRHFCollator, load_listwise, tokenize_listwise
+from rrhf_lite.errors import UserInputError
+from rrhf_lite.loss import rrhf_loss
+from rrhf_lite.modeling import chunk_logprob_sums
+
+logger = logging.getLogger(__name__)
+
+# metrics averaged with the number of rank pairs as weight (a batch without pairs says nothing)
+_PAIR_WEIGHTED = ("rank/accuracy", "rank/margin")
+
+
+@dataclass
+class RRHFConfig(TrainingArguments):
+    """TrainingArguments plus the RRHF settings.
+
+    length_penalty: lambda in p_i = (sum of token log-probs) / |y_i|^lambda (paper default 1).
+    rank_weight, sft_weight: weights of the rank loss and the SFT loss on the best candidate.
+    max_length: prompt + response tokens per candidate; longer responses lose their tail.
+    max_prompt_length: prompts longer than this are truncated on `truncation_side`.
+    truncation_side: "left" keeps the end of long prompts (the reference code's choice).
+    candidate_micro_batch_size: candidates per forward pass; None = all candidates of the batch
+        at once. Any value gives the same gradient (see the module docstring).
+    logprob_backend: rrhf_kernels backend, "auto" (Triton on CUDA, torch elsewhere) | "triton"
+        | "torch".
+    Defaults differing from TrainingArguments: logging every step, unused columns kept (the
+    collator needs them), non-reentrant gradient checkpointing.
+    """
+
+    length_penalty: float = 1.0
+    rank_weight: float = 1.0
+    sft_weight: float = 1.0
+    max_length: int | None = 512
+    max_prompt_length: int | None = 256
+    truncation_side: str = "left"
+    candidate_micro_batch_size: int | None = None
+    logprob_backend: str = "auto"
+    logging_steps: float = 1
+    remove_unused_columns: bool = False
+    report_to: None | str | list[str] = field(default="none")
+
+    def __post_init__(self):
+        if self.truncation_side not in ("left", "right"):
+            raise UserInputError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}",
+                                 where="truncation_side", hint="use 'left' or 'right'")
+        if self.logprob_backend not in ("auto", "triton", "torch"):
+            raise UserInputError(f"unknown logprob_backend {self.logprob_backend!r}",
+                                 where="logprob_backend", hint="use 'auto', 'triton' or 'torch'")
+        if self.candidate_micro_batch_size is not None and self.candidate_micro_batch_size < 1:
+            raise UserInputError("candidate_micro_batch_size must be >= 1 (or None for all)",
+                                 where="candidate_micro_batch_size", hint="e.g. 2")
+        if self.length_penalty < 0:
+            raise UserInputError("length_penalty must be >= 0", where="length_penalty",
+                                 hint="1.0 is the paper's default")
+        # Checkpointing on by default, non-reentrant; set through the new names (transformers 5
+        # renamed gradient_* to activation_*) unless the user set either spelling.
+        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
+            self.activation_checkpointing = True
+        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        super().__post_init__()
+
+
+class _Features(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict]):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.features[index]
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RRHFTrainer(Trainer):
+    """A transformers.Trainer that optimises the RRHF loss.
+
+    Args (beyond Trainer's):
+        model: a causal LM, a PeftModel, or a base model with `peft_config` (wrapped here; a
+            k-bit model is prepared for k-bit training first, as TRL does).
+        args: RRHFConfig.
+        train_dataset / eval_dataset: listwise data, anything `rrhf_lite.data.load_listwise`
+            accepts (rows, a path, a datasets.Dataset), or already tokenised features
+            ({"prompt_ids", "responses_ids", "scores"}).
+        processing_class: the tokenizer (needed unless the data is tokenised).
+        peft_config: a peft.LoraConfig (or any PeftConfig).
+    Logged metrics per step: loss/total, loss/rank, loss/sft, rank/accuracy, rank/margin,
+    rank/pairs, scores/best, scores/mean (eval_ prefixed in evaluation).
+    """
+
+    def __init__(self, model=None, args: RRHFConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, peft_config=None, data_collator=None,
+                 callbacks=None, **kwargs):
+        if args is None:
+            raise UserInputError("RRHFTrainer needs args=RRHFConfig(...)", where="args",
+                                 hint="pass an RRHFConfig")
+        if not isinstance(args, RRHFConfig):
+            raise TypeError(f"args must be an RRHFConfig, got {type(args).__name__}")
+        if peft_config is not None:
+            model = self._wrap_peft(model, peft_config, args)
+        tokenizer = processing_class
+        self.tokenize_stats: dict[str, dict[str, int]] = {}
+        train_dataset = self._prepare_dataset(train_dataset, tokenizer, args, "train")
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare_dataset(v, tokenizer, args, f"eval_{k}")
+                            for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare_dataset(eval_dataset, tokenizer, args, "eval")
+        if data_collator is None:
+            if tokenizer is None:
+                raise UserInputError("RRHFTrainer needs processing_class=tokenizer",
+                                     where="processing_class", hint="pass the model's tokenizer")
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+            data_collator = RRHFCollator(pad)
+        self._metrics: dict[str, defaultdict[str, list]] = {
+            "train": defaultdict(list), "eval": defaultdict(list)}
+        super().__init__(model=model, args=args, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class,
+                         data_collator=data_collator, callbacks=callbacks, **kwargs)
+
+    # ---------------------------------------------------------------- setup
+
+    @staticmethod
+    def _wrap_peft(model, peft_config, args: RRHFConfig):
+        from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+        if isinstance(model, PeftModel):
+            return model
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=bool(args.activation_checkpointing),
+                gradient_checkpointing_kwargs=args.activation_checkpointing_kwargs)
+        elif args.activation_checkpointing:
+            model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
+        return get_peft_model(model, peft_config)
+
+    def _prepare_dataset(self, data, tokenizer, args: RRHFConfig, name: str):
+        if data is None:
+            return None
+        if isinstance(data, list) and data and isinstance(data[0], dict) and "responses_ids" in data[0]:
+            return _Features(data)
+        if tokenizer is None:
+            raise UserInputError("RRHFTrainer needs processing_class=tokenizer to tokenise data",
+                                 where="processing_class", hint="pass the model's tokenizer")
+        examples = load_listwise(data, require_scores=True)
+        features, stats = tokenize_listwise(
+            examples, tokenizer, max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length, truncation_side=args.truncation_side)
+        self.tokenize_stats[name] = stats.as_dict()
+        if not features:
+            raise UserInputError(
+                f"no {name} row is left after truncation ({stats.rows_dropped} dropped)",
+                where="max_length", hint="raise max_length or lower max_prompt_length")
+        return _Features(features)
+
+    # ---------------------------------------------------------------- the loss
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.args.candidate_micro_batch_size or n
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def _chunk_sums(self, model, inputs: dict, part: slice):
+        with self.compute_loss_context_manager():
+            return chunk_logprob_sums(
+                model, inputs["input_ids"][part], inputs["attention_mask"][part],
+                inputs["labels"][part], backend=self.args.logprob_backend)
+
+    def loss_from_sums(self, sums: torch.Tensor, counts: torch.Tensor, inputs: dict):
+        """RRHF loss and metrics from flat per-candidate sums [N] and counts [N]."""
+        rewards, mask, index = inputs["rewards"], inputs["candidate_mask"], inputs["candidate_index"]
+        B, K = rewards.shape
+        sums = sums.float()
+        counts_f = counts.to(sums.dtype).clamp(min=1)
+        scores = sums / counts_f ** self.args.length_penalty
+
+        def grid(values):
+            return values.new_zeros(B * K).index_copy(0, index, values).view(B, K)
+
+        return rrhf_loss(grid(scores), grid(sums), grid(counts_f), rewards.float(), mask,
+                         rank_weight=self.args.rank_weight, sft_weight=self.args.sft_weight)
+
+    def _full_loss(self, model, inputs: dict):
+        """All chunks in one autograd graph (evaluation, or compute_loss for custom loops)."""
+        parts = [self._chunk_sums(model, inputs, part) for part in self._chunks(len(inputs["input_ids"]))]
+        sums = torch.cat([s for s, _ in parts])
+        counts = torch.cat([c for _, c in parts])
+        return self.loss_from_sums(sums, counts, inputs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = self._full_loss(model, inputs)
+        self._store_metrics(metrics, "train" if model.training else "eval")
+        return (loss, metrics) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """Two-pass exact micro-batched step; returns the loss scaled for gradient accumulation."""
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        if self.args.n_gpu > 1:
+            raise NotImplementedError("RRHFTrainer runs on one device per process (no DataParallel)")
+        chunks = self._chunks(len(inputs["input_ids"]))
+        if len(chunks) == 1:
+            sums, counts = self._chunk_sums(model, inputs, chunks[0])
+            loss, metrics = self.loss_from_sums(sums, counts, inputs)
+            self.accelerator.backward(loss * scale)
+        else:
+            loss, metrics = self._micro_batched_backward(model, inputs, chunks, scale)
+        self._store_metrics(metrics, "train")
+        return loss.detach() * scale
+
+    def _micro_batched_backward(self, model, inputs, chunks, scale):
+        states, sums, counts = [], [], []
+        with torch.no_grad():  # pass 1: every score, no activations kept
+            for part in chunks:
+                states.append(_rng_state())
+                s, c = self._chunk_sums(model, inputs, part)
+                sums.append(s)
+                counts.append(c)
+        after = _rng_state()
+        leaf = torch.cat(sums).detach().requires_grad_(True)
+        with torch.enable_grad():  # pass 2: g_i = dL/dS_i, cheap (B x k numbers)
+            loss, metrics = self.loss_from_sums(leaf, torch.cat(counts), inputs)
+            (grad,) = torch.autograd.grad(loss, leaf)
+        for part, state in zip(chunks, states, strict=True):  # pass 3: backprop chunk by chunk
+            _set_rng_state(state)  # same dropout masks as in pass 1
+            s, _ = self._chunk_sums(model, inputs, part)
+            self.accelerator.backward((grad[part].to(s.dtype) * s).sum() * scale)
+        _set_rng_state(after)
+        return loss, metrics
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, metrics = self._full_loss(model, inputs)
+        self._store_metrics(metrics, "eval")
+        return loss.detach(), None, None
+
+    # ---------------------------------------------------------------- metrics
+
+    def _store_metrics(self, metrics: dict[str, float], mode: str) -> None:
+        for key, value in metrics.items():
+            self._metrics[mode][key].append(value)
+
+    @staticmethod
+    def aggregate_metrics(stored: dict[str, list]) -> dict[str, float]:
+        """Mean over the steps since the last log; accuracy and margin weighted by pair count."""
+        out = {}
+        pairs = stored.get("rank/pairs", [])
+        for key, values in stored.items():
+            if not values:
+                continue
+            if key in _PAIR_WEIGHTED and pairs and len(pairs) == len(values):
+                total = sum(pairs)
+                out[key] = sum(v * w for v, w in zip(values, pairs, strict=True)) / total if total else 0.0
+            else:
+                out[key] = sum(values) / len(values)
+        return out
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        stored = self._metrics[mode]
+        aggregated = self.aggregate_metrics(stored)
+        prefix = "eval_" if mode == "eval" else ""
+        logs = {**logs, **{prefix + k: v for k, v in aggregated.items()}}
+        stored.clear()
+        super().log(logs, start_time)
+
+
+def build_trainer(model, tokenizer, data: Any, config: RRHFConfig, callbacks=None) -> RRHFTrainer:
+    """Convenience: an RRHFTrainer over a ready (PEFT) model and listwise data."""
+    return RRHFTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                       callbacks=callbacks)

@@ -215,12 +215,15 @@ def compare_logits(
     """
     if len(reference) != len(candidate):
         raise ValueError("reference and candidate cover different prompts")
-    max_diff, scale, agree, positions = 0.0, 0.0, 0, 0
+    max_diff, scale, agree, positions, nonfinite = 0.0, 0.0, 0, 0, 0
     for ref, got in zip(reference, candidate, strict=True):
         if ref.shape != got.shape:
             raise ValueError(f"logit shapes differ: {tuple(ref.shape)} vs {tuple(got.shape)}")
-        max_diff = max(max_diff, (got - ref).abs().max().item())
-        scale = max(scale, ref.abs().max().item())
+        # NaN/inf (e.g. a NaN in the adapter) must fail, and Python's max() would skip a NaN.
+        nonfinite += int((~torch.isfinite(ref)).sum() + (~torch.isfinite(got)).sum())
+        diff = (got - ref).abs().nan_to_num(nan=0.0, posinf=0.0)
+        max_diff = max(max_diff, diff.max().item())
+        scale = max(scale, ref.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0).abs().max().item())
         agree += (got.argmax(-1) == ref.argmax(-1)).sum().item()
         positions += ref.shape[0]
     if tolerance is None:
@@ -229,14 +232,43 @@ def compare_logits(
         "max_abs_diff": max_diff,
         "max_abs_logit": scale,
         "tolerance": tolerance,
+        "nonfinite_logits": nonfinite,
         "top1_agreement": agree / max(positions, 1),
-        "ok": bool(max_diff <= tolerance),  # NaN compares False: a NaN merge fails
+        "ok": bool(nonfinite == 0 and max_diff <= tolerance),
     }
+
+
+def check_adapter_matches(peft_model, adapter_path: Path) -> None:
+    """Every tensor in the adapter file must land in the model and vice versa.
+
+    PEFT only warns about mismatched keys and leaves those LoRA weights at their initial
+    value (B = 0), so a renamed or truncated adapter would merge "successfully" into a no-op.
+    """
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_path / ADAPTER_WEIGHTS), framework="pt") as handle:
+        in_file = set(handle.keys())
+    expected = set(get_peft_model_state_dict(peft_model))
+    missing, unexpected = sorted(expected - in_file), sorted(in_file - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} expected tensors missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensors that match no module (e.g. {unexpected[0]})")
+        raise UserInputError(
+            "adapter does not fit the base model: " + "; ".join(parts),
+            where=str(adapter_path / ADAPTER_WEIGHTS),
+            hint="check that the base model is the one the adapter was trained on, and that "
+            "the adapter file is complete",
+        )
 
 
 def _adapter_effect(base: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     """How far the adapter moves the logits; if ~0 the adapter is a no-op (e.g. untrained B=0)."""
-    return max((r - b).abs().max().item() for b, r in zip(base, reference, strict=True))
+    diffs = ((r - b).abs().nan_to_num(nan=0.0, posinf=0.0) for b, r in zip(base, reference, strict=True))
+    return max(d.max().item() for d in diffs)
 
 
 # ----------------------------------------------------------------------------- loading / saving
@@ -341,6 +373,7 @@ def merge_adapter(
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
         "roundtrip": None,
+        "warnings": [],
     }
     if roundtrip_nf4:
         report["roundtrip"] = roundtrip_4bit(
@@ -350,6 +383,7 @@ def merge_adapter(
     base_logits = prompt_logits(model, tokenizer, prompts) if prompts else None
 
     peft_model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+    check_adapter_matches(peft_model, adapter_path)
     reference = prompt_logits(peft_model, tokenizer, prompts) if prompts else None
     merged = peft_model.merge_and_unload()
     del peft_model, model
@@ -367,6 +401,9 @@ def merge_adapter(
             check = compare_logits(reference, got, dtype=_dtype_name(dtype), tolerance=tolerance)
             check["adapter_effect"] = _adapter_effect(base_logits, reference)
             check["prompts"] = len(reference)
+            if check["adapter_effect"] == 0.0:
+                report["warnings"].append("the adapter does not change any logit: it is a no-op "
+                                          "(untrained, or its LoRA B weights are all zero)")
             report["verification"] = check
             report["ok"] = check["ok"]
         else:
@@ -376,9 +413,11 @@ def merge_adapter(
         write_json(tmp / REPORT_NAME, report)
         if not report["ok"] and not allow_mismatch:
             check = report["verification"]
+            what = (f"{check['nonfinite_logits']} NaN/inf logits" if check["nonfinite_logits"]
+                    else f"max |logit diff| {check['max_abs_diff']:.4g} > tolerance "
+                    f"{check['tolerance']:.4g}")
             raise MergeVerificationError(
-                f"merged model does not reproduce base + adapter: max |logit diff| "
-                f"{check['max_abs_diff']:.4g} > tolerance {check['tolerance']:.4g} "
+                f"merged model does not reproduce base + adapter: {what} "
                 f"(top-1 agreement {check['top1_agreement']:.1%}); nothing was written",
                 where=str(adapter_path),
                 hint="the adapter may be corrupted or trained on another base; if the "

@@ -1,0 +1,345 @@
+"""Loading models for inference (sampling, scoring, generation) and turning prompts into text.
+
+Training loads its own model (4-bit + LoRA, trainable); this module loads frozen models in eval
+mode: a causal LM (optionally with a PEFT adapter on top) and a sequence-classification reward
+model. Only safetensors weights are ever read.
+
+Prompt text must match what the trainer sees: a prompt is either a string used as is, or a list
+of chat messages rendered with the tokenizer's chat template (add_generation_prompt=True). The
+trainer tokenises a candidate as prompt text + response text + EOS, so the response we generate
+is exactly what follows that prompt text.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rrhf_lite.errors import UserInputError
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(torch_dtype: str | torch.dtype | None) -> str | torch.dtype | None:
+    """"auto", None, a torch.dtype, or a name such as "bfloat16" -> what from_pretrained takes."""
+    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype
+    if torch_dtype not in _DTYPES:
+        raise UserInputError(
+            f"unknown dtype {torch_dtype!r}", hint=f"use auto or one of {', '.join(_DTYPES)}"
+        )
+    return _DTYPES[torch_dtype]
+
+
+def _check_model_source(name_or_path: str, what: str) -> None:
+    """A path that looks local but does not exist gets a clear error instead of a hub lookup."""
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/")
+    # "org/name" has one slash and is a hub name; a local dir with that shape exists or not.
+    if looks_local and name_or_path.count("/") != 1 and not Path(name_or_path).expanduser().exists():
+        raise UserInputError(
+            f"{what} not found", where=name_or_path, hint="check the path (or use a hub name)"
+        )
+
+
+def load_tokenizer(
+    name_or_path: str, *, padding_side: str = "left", trust_remote_code: bool = False
+):
+    """Load a tokenizer; set pad = eos when it has no pad token; set the padding side.
+
+    Args:
+        name_or_path: hub name or local directory.
+        padding_side: "left" for generation (new tokens follow the prompt directly),
+            "right" for scoring.
+        trust_remote_code: run tokenizer code shipped with the model (off by default).
+    """
+    from transformers import AutoTokenizer
+
+    _check_model_source(str(name_or_path), "tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(name_or_path), trust_remote_code=trust_remote_code
+        )
+    except OSError as err:
+        raise UserInputError(
+            f"cannot load a tokenizer ({err})", where=str(name_or_path),
+            hint="check the model name or directory",
+        ) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserInputError(
+                "the tokenizer has neither a pad nor an EOS token", where=str(name_or_path),
+                hint="use a tokenizer that defines an EOS token",
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def _quantization_config(load_in_4bit: bool, compute_dtype):
+    if not load_in_4bit:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if compute_dtype in (None, "auto"):
+        compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def _from_pretrained(auto_class, name_or_path: str, *, torch_dtype, load_in_4bit, trust_remote_code,
+                     device, what: str):
+    _check_model_source(str(name_or_path), what)
+    dtype = resolve_dtype(torch_dtype)
+    kwargs: dict[str, Any] = {
+        "use_safetensors": True,
+        "trust_remote_code": trust_remote_code,
+        "dtype": dtype,
+    }
+    quant = _quantization_config(load_in_4bit, dtype)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": device}  # 4-bit weights are placed at load time
+    try:
+        model = auto_class.from_pretrained(str(name_or_path), **kwargs)
+    except OSError as err:
+        raise UserInputError(
+            f"cannot load the {what} ({err})", where=str(name_or_path),
+            hint="check the name or directory; only safetensors weights are loaded",
+        ) from None
+    if quant is None:
+        model.to(device)
+    return model.eval()
+
+
+def _local_adapter_dir(adapter_path: str) -> str:
+    """A local directory holding adapter_config.json and adapter_model.safetensors.
+
+    PEFT falls back to a pickled adapter_model.bin when there is no safetensors file; we refuse
+    that, and for hub adapters we fetch only the safetensors files.
+    """
+    path = Path(adapter_path).expanduser()
+    if not path.exists():
+        _check_model_source(adapter_path, "adapter")
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(
+                adapter_path, allow_patterns=["adapter_config.json", "adapter_model.safetensors"]
+            ))
+        except Exception as err:  # network, missing repo: the user must fix the name
+            raise UserInputError(
+                f"cannot fetch the adapter ({err})", where=adapter_path,
+                hint="give a local adapter directory or a valid hub name",
+            ) from None
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise UserInputError(
+                f"missing {name}", where=str(path),
+                hint="an adapter directory saved by PEFT with safe_serialization=True",
+            )
+    return str(path)
+
+
+def load_causal_lm(
+    model_name_or_path: str,
+    *,
+    adapter_path: str | None = None,
+    torch_dtype: str | torch.dtype = "auto",
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
+    """Load a causal LM and its tokenizer for generation.
+
+    Args:
+        model_name_or_path: hub name or local directory of the base (or merged) model.
+        adapter_path: a PEFT (LoRA) adapter directory or hub name applied on top, or None.
+        torch_dtype: "auto", "float32", "bfloat16", "float16" or a torch.dtype.
+        load_in_4bit: load the base in NF4 through bitsandbytes (what the adapter was trained
+            against when training used 4-bit).
+        trust_remote_code: run model code shipped with the checkpoint (off by default).
+        device: where to put the model; default cuda if available, else cpu.
+
+    Returns:
+        (model, tokenizer): model in eval mode; tokenizer pads on the left and has a pad token
+        (eos when it had none), which is also set on the model's generation config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = str(device or default_device())
+    tokenizer = load_tokenizer(
+        model_name_or_path, padding_side="left", trust_remote_code=trust_remote_code
+    )
+    model = _from_pretrained(
+        AutoModelForCausalLM, model_name_or_path, torch_dtype=torch_dtype,
+        load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, device=device,
+        what="causal LM",
+    )
+    if adapter_path:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(
+            model, _local_adapter_dir(str(adapter_path)), is_trainable=False
+        ).eval()
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def load_reward_model(
+    path: str,
+    *,
+    torch_dtype: str | torch.dtype = "auto",
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+    device: str | torch.device | None = None,
+):
+    """Load a Hugging Face sequence-classification reward model (one label) and its tokenizer.
+
+    Args: as load_causal_lm (no adapter). The tokenizer pads on the right and truncates on the
+    left (the end of the response is what the reward model reads).
+
+    Returns:
+        (model, tokenizer) with model.config.pad_token_id set, so the model can find the last
+        real token of each padded row.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    device = str(device or default_device())
+    tokenizer = load_tokenizer(path, padding_side="right", trust_remote_code=trust_remote_code)
+    tokenizer.truncation_side = "left"
+    model = _from_pretrained(
+        AutoModelForSequenceClassification, path, torch_dtype=torch_dtype,
+        load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, device=device,
+        what="reward model",
+    )
+    if model.config.num_labels != 1:
+        raise UserInputError(
+            f"a reward model needs exactly one output label, this one has {model.config.num_labels}",
+            where=str(path), hint="use a sequence-classification model with num_labels=1",
+        )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+def _check_messages(messages: Sequence, where: str | None) -> list[dict]:
+    checked = []
+    for index, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise UserInputError(
+                f"message {index} must be an object with string 'role' and 'content'",
+                where=where, hint='e.g. [{"role": "user", "content": "Hi"}]',
+            )
+        checked.append(message)
+    return checked
+
+
+def format_prompt(tokenizer, prompt: str | Sequence[dict], *, where: str | None = None) -> str:
+    """The text a model is asked to continue.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        prompt: a string (used as is) or a list of chat messages {"role", "content"}, rendered
+            with the tokenizer's chat template and add_generation_prompt=True.
+        where: names the data row in error messages ("prompts.jsonl line 3").
+
+    Raises:
+        UserInputError: messages but the tokenizer has no chat template, or a malformed prompt.
+    """
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        messages = _check_messages(prompt, where)
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserInputError(
+                "the prompt is a list of chat messages but the tokenizer has no chat template",
+                where=where,
+                hint="use plain-string prompts, or a tokenizer/model that ships a chat template",
+            )
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise UserInputError(
+        f"a prompt must be a string or a list of messages, got {type(prompt).__name__}",
+        where=where,
+    )
+
+
+def adds_special_tokens(tokenizer, text: str) -> bool:
+    """Whether to let the tokenizer add its special tokens (BOS) to `text`.
+
+    Chat templates usually write the BOS themselves; adding another would change the prompt.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
+def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_length: int | None = None,
+                   device: str | torch.device | None = None):
+    """Tokenise prompt texts as one left-padded batch; long prompts lose their beginning.
+
+    Returns a dict with input_ids and attention_mask ([batch, length] tensors on `device`).
+    """
+    rows = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, text))["input_ids"]
+        if max_prompt_length is not None and len(ids) > max_prompt_length:
+            ids = ids[-max_prompt_length:]  # keep the end: it is what the answer follows
+        rows.append(ids)
+    width = max(1, max(len(ids) for ids in rows))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        if ids:
+            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, width - len(ids):] = 1
+    return {"input_ids": input_ids.to(device or "cpu"),
+            "attention_mask": attention_mask.to(device or "cpu")}
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def decode_new_tokens(tokenizer, token_ids: Sequence[int], eos_token_ids: Sequence[int]) -> str:
+    """Text of generated ids, cut at the first EOS (the EOS itself and any padding dropped)."""
+    ids = list(token_ids)
+    for index, token in enumerate(ids):
+        if token in eos_token_ids:
+            ids = ids[:index]
+            break
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a response: the tokenizer's EOS and the model's generation EOS ids."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(int(i) for i in config_eos)
+    return sorted(ids)

@@ -25,6 +25,7 @@ import torch
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import atomic_directory, write_json
+from rrhf_lite.report import environment_versions
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
@@ -303,18 +304,6 @@ def _save_merged(model, tokenizer, directory: Path, max_shard_size: str | int) -
     tokenizer.save_pretrained(directory)
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for package in ("rrhf-lite", "torch", "transformers", "peft", "bitsandbytes"):
-        try:
-            out[package] = version(package)
-        except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
-
-
 # ----------------------------------------------------------------------------- the stage
 
 
@@ -371,7 +360,7 @@ def merge_adapter(
         "adapter": str(adapter_path),
         "dtype": _dtype_name(dtype),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "versions": _versions(),
+        "versions": environment_versions(),
         "roundtrip": None,
         "warnings": [],
     }
@@ -406,9 +395,11 @@ def merge_adapter(
                                           "(untrained, or its LoRA B weights are all zero)")
             report["verification"] = check
             report["ok"] = check["ok"]
+            report["max_abs_diff"] = check["max_abs_diff"]
         else:
             report["verification"] = None
             report["ok"] = True
+            report["max_abs_diff"] = None
         report["output_dir"] = str(out)
         write_json(tmp / REPORT_NAME, report)
         if not report["ok"] and not allow_mismatch:

@@ -1,0 +1,173 @@
+"""Supervised warm-up on noisy demonstrations: the tiny world's imperfect initial policy.
+
+A tiny LLaMA learns the tasks of `rrhf_lite.tiny.tasks` from demonstrations that are right only
+part of the time (the others have a wrong character, two characters swapped, a character
+missing, the input echoed back, a count off by one). The result answers most prompts roughly
+right but not reliably, and its samples differ in reward: the situation RRHF is made for.
+
+The model is cached under ~/.cache/rrhf-lite/tiny-world/<hash of the settings>/ (or
+$RRHF_LITE_CACHE/tiny-world/...), so a second run reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rrhf_lite.io import atomic_directory, write_json
+from rrhf_lite.tiny.models import make_tiny_causal_lm
+from rrhf_lite.tiny.tasks import TASKS, parse_prompt, sample_prompts, solve
+from rrhf_lite.tiny.tokenizer import build_char_tokenizer
+
+# Bump when the tasks, the corruptions or the training loop change, so old caches are not reused.
+WORLD_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupSettings:
+    """Everything that decides the initial policy (and so its cache key)."""
+
+    seed: int = 0
+    steps: int = 600
+    batch_size: int = 64
+    learning_rate: float = 3e-3
+    p_correct: float = 0.5  # chance that a demonstration is right
+    num_demonstrations: int = 20000  # distinct training prompts the demonstrations come from
+    hidden_size: int = 96
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+
+    def model_config(self) -> dict:
+        return {
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "intermediate_size": self.intermediate_size,
+            "max_position_embeddings": 64,
+        }
+
+    def key(self) -> str:
+        blob = json.dumps({"version": WORLD_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --- noisy demonstrations -------------------------------------------------------------------
+
+def corrupt(prompt: str, answer: str, rng: random.Random) -> str:
+    """A plausible wrong answer: close to `answer`, so it still earns partial credit."""
+    task, args = parse_prompt(prompt)
+    if task == "count":
+        return str(max(0, int(answer) + rng.choice((-1, 1))))
+    alphabet = "0123456789" if task in ("sort", "add") else "abcdefghijklmnopqrstuvwxyz"
+    kinds = ["wrong_char", "swap", "drop"]
+    if task in ("reverse", "sort"):
+        kinds.append("echo")  # the lazy mistake: hand the input back unchanged
+    kind = rng.choice(kinds)
+    chars = list(answer)
+    if kind == "echo" and args[0] != answer:
+        return args[0]
+    if kind == "swap" and len(set(chars)) > 1:
+        while True:
+            i = rng.randrange(len(chars) - 1)
+            if chars[i] != chars[i + 1]:
+                chars[i], chars[i + 1] = chars[i + 1], chars[i]
+                return "".join(chars)
+    if kind == "drop" and len(chars) > 1:
+        del chars[rng.randrange(len(chars))]
+        return "".join(chars)
+    i = rng.randrange(len(chars))  # wrong_char, and the fallback of the others
+    chars[i] = rng.choice([c for c in alphabet if c != chars[i]])
+    return "".join(chars)
+
+
+def noisy_demonstration(prompt: str, rng: random.Random, p_correct: float) -> str:
+    answer = solve(prompt)
+    return answer if rng.random() < p_correct else corrupt(prompt, answer, rng)
+
+
+# --- training -------------------------------------------------------------------------------
+
+def _batch(prompts: list[str], responses: list[str], tokenizer) -> dict[str, torch.Tensor]:
+    """prompt + response + EOS, right-padded; loss on the response and EOS only, as in RRHF."""
+    rows, labels = [], []
+    for prompt, response in zip(prompts, responses, strict=True):
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        rows.append(p + r)
+        labels.append([-100] * len(p) + r)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    return {
+        "input_ids": torch.tensor([r + [pad] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([lab + [-100] * (width - len(lab)) for lab in labels]),
+    }
+
+
+def train_initial_policy(settings: WarmupSettings = WarmupSettings(), progress: bool = True):
+    """Train and return (model, tokenizer): a tiny LLaMA fitted to noisy demonstrations."""
+    tokenizer = build_char_tokenizer()
+    model = make_tiny_causal_lm(seed=settings.seed, **settings.model_config())
+    model.train()
+    # Demonstrations come from training-side prompts only; held-out prompts stay unseen.
+    pool = sample_prompts(settings.num_demonstrations, seed=settings.seed + 1000, tasks=TASKS)
+    rng = random.Random(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
+                                  weight_decay=0.01)
+    warm = max(1, settings.steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warm) * max(0.05, 1 - s / settings.steps))
+    bar = tqdm(range(settings.steps), desc="tiny world: warm-up", disable=not progress,
+               mininterval=1.0)
+    for _ in bar:
+        prompts = [rng.choice(pool) for _ in range(settings.batch_size)]
+        responses = [noisy_demonstration(p, rng, settings.p_correct) for p in prompts]
+        loss = model(**_batch(prompts, responses, tokenizer)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    return model.eval(), tokenizer
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("RRHF_LITE_CACHE") or Path.home() / ".cache" / "rrhf-lite"
+    return Path(root) / "tiny-world"
+
+
+def build_initial_policy(cache_dir: str | Path | None = None, seed: int = 0,
+                         steps: int | None = None, force: bool = False, progress: bool = True,
+                         **settings) -> Path:
+    """Directory of the tiny world's initial policy (safetensors + tokenizer), built once.
+
+    `settings` overrides fields of WarmupSettings (model size, noise, ...). The directory name is
+    a hash of all settings: a second call with the same settings returns the cached model
+    without training; `force=True` trains again.
+    """
+    if steps is not None:
+        settings["steps"] = steps
+    config = WarmupSettings(seed=seed, **settings)
+    target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = target / config.key()
+    if (target / "model.safetensors").exists() and not force:
+        return target
+    model, tokenizer = train_initial_policy(config, progress=progress)
+    # Written to a temporary sibling and renamed, so a crash never leaves a half-saved cache.
+    with atomic_directory(target, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "warmup_settings.json",
+                   {"version": WORLD_VERSION, **dataclasses.asdict(config)})
+    return target

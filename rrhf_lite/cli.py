@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter was trained on a full-precision base)",
     )
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
+    merge.add_argument("--device", default="cpu", help="where to merge (cpu, cuda); cuda is much faster for 7B+")
+    merge.add_argument("--tolerance", type=float, help="max |logit difference| accepted by the check")
+    merge.add_argument(
+        "--allow-mismatch", action="store_true",
+        help="keep the merged model even when the logit check fails (exit code 1)",
+    )
     merge.add_argument("--trust-remote-code", action="store_true")
 
     gen = sub.add_parser("generate", help="answer prompts (or chat) with a base, adapter or merged model")
@@ -99,7 +105,8 @@ def dispatch(args) -> int:
         report = merge_adapter(
             args.base, args.adapter, args.out, torch_dtype=args.dtype,
             roundtrip_nf4=not args.no_roundtrip_nf4, force=args.force,
-            trust_remote_code=args.trust_remote_code,
+            trust_remote_code=args.trust_remote_code, device=args.device,
+            tolerance=args.tolerance, allow_mismatch=args.allow_mismatch,
         )
         print(json.dumps(report, indent=2, default=str))
         return EXIT_OK if report.get("ok", True) else EXIT_INTERNAL

@@ -261,7 +261,7 @@ def evaluate_run(state) -> dict:
     write_run_report(
         state.run_dir, metrics, title=f"rrhf-lite run: {recipe.name}",
         tables=[("Results (held-out prompts unless named)", rows)],
-        notes=_notes(state, plots),
+        notes=_notes(state, plots), images=plots,
     )
     print_summary_table(rows)
     return metrics

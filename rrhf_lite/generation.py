@@ -17,7 +17,8 @@ transformers' own beam search so that one group with no penalty gives the same o
   non-EOS continuations run on;
 - a group keeps its G best finished hypotheses; it is done once it has G of them and its best
   running beam, normalised by the current length, cannot beat the worst of them;
-- at the last allowed step the G best continuations are all finished, EOS or not.
+- at the last allowed step the G best continuations are all finished, EOS or not (their
+  non-EOS tokens are the ones later groups are penalised for at that step).
 
 The result for a prompt is its finished hypotheses from all groups, best score first.
 
@@ -208,6 +209,8 @@ def diverse_beam_search(
                                 score=score / new_length**length_penalty,
                                 finished=is_eos,
                             ))
+                            if not is_eos:  # at the last step: the tokens later groups avoid
+                                chosen_this_step[token] += 1
                     elif len(running) < group_size:
                         running.append((beam, token, score))
                 if last_step:

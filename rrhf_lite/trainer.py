@@ -232,7 +232,9 @@ class RRHFTrainer(Trainer):
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
-        scale = 1.0 / self.current_gradient_accumulation_steps
+        # per-batch losses are prompt means: average them over the accumulation window
+        steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        scale = 1.0 / steps
         if self.args.n_gpu > 1:
             raise NotImplementedError("RRHFTrainer runs on one device per process (no DataParallel)")
         chunks = self._chunks(len(inputs["input_ids"]))
@@ -298,7 +300,8 @@ class RRHFTrainer(Trainer):
         stored = self._metrics[mode]
         aggregated = self.aggregate_metrics(stored)
         prefix = "eval_" if mode == "eval" else ""
-        logs = {**logs, **{prefix + k: v for k, v in aggregated.items()}}
+        # in place: Trainer.evaluate() returns this same dict, so eval metrics reach the caller
+        logs.update({prefix + k: v for k, v in aggregated.items()})
         stored.clear()
         super().log(logs, start_time)
 

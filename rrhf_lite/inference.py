@@ -257,6 +257,27 @@ def _check_messages(messages: Sequence, where: str | None) -> list[dict]:
     return checked
 
 
+def render_prompt(tokenizer, prompt: str | Sequence[dict], *, where: str | None = None
+                  ) -> tuple[str, bool]:
+    """(prompt text, whether the chat template wrote it). See format_prompt."""
+    if isinstance(prompt, str):
+        return prompt, False
+    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
+        messages = _check_messages(prompt, where)
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserInputError(
+                "the prompt is a list of chat messages but the tokenizer has no chat template",
+                where=where,
+                hint="use plain-string prompts, or a tokenizer/model that ships a chat template",
+            )
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return text, True
+    raise UserInputError(
+        f"a prompt must be a string or a list of messages, got {type(prompt).__name__}",
+        where=where,
+    )
+
+
 def format_prompt(tokenizer, prompt: str | Sequence[dict], *, where: str | None = None) -> str:
     """The text a model is asked to continue.
 
@@ -269,44 +290,34 @@ def format_prompt(tokenizer, prompt: str | Sequence[dict], *, where: str | None 
     Raises:
         UserInputError: messages but the tokenizer has no chat template, or a malformed prompt.
     """
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
-        messages = _check_messages(prompt, where)
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserInputError(
-                "the prompt is a list of chat messages but the tokenizer has no chat template",
-                where=where,
-                hint="use plain-string prompts, or a tokenizer/model that ships a chat template",
-            )
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise UserInputError(
-        f"a prompt must be a string or a list of messages, got {type(prompt).__name__}",
-        where=where,
-    )
+    return render_prompt(tokenizer, prompt, where=where)[0]
 
 
-def adds_special_tokens(tokenizer, text: str) -> bool:
-    """Whether to let the tokenizer add its special tokens (BOS) to `text`.
+def prompt_token_ids(tokenizer, prompt: str | Sequence[dict], *,
+                     max_prompt_length: int | None = None, where: str | None = None) -> list[int]:
+    """Token ids of a prompt exactly as the trainer builds them (rrhf_lite.data).
 
-    Chat templates usually write the BOS themselves; adding another would change the prompt.
+    Plain text gets the tokenizer's special tokens (its BOS); chat-template text does not (the
+    template writes its own). An empty prompt becomes [BOS]. A prompt longer than
+    max_prompt_length keeps its end (what the answer follows), as the reference code did.
     """
-    bos = getattr(tokenizer, "bos_token", None)
-    return not (bos and text.startswith(bos))
+    text, templated = render_prompt(tokenizer, prompt, where=where)
+    ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+    if not ids and tokenizer.bos_token_id is not None:
+        ids = [int(tokenizer.bos_token_id)]
+    if max_prompt_length is not None and len(ids) > max_prompt_length:
+        ids = ids[-max_prompt_length:]
+    return ids
 
 
-def encode_prompts(tokenizer, texts: Sequence[str], max_prompt_length: int | None = None,
-                   device: str | torch.device | None = None):
-    """Tokenise prompt texts as one left-padded batch; long prompts lose their beginning.
+def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[dict]],
+                   max_prompt_length: int | None = None,
+                   device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """Tokenise prompts (strings or message lists) as one left-padded batch.
 
-    Returns a dict with input_ids and attention_mask ([batch, length] tensors on `device`).
+    Returns {"input_ids", "attention_mask"}: [batch, length] tensors on `device`.
     """
-    rows = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=adds_special_tokens(tokenizer, text))["input_ids"]
-        if max_prompt_length is not None and len(ids) > max_prompt_length:
-            ids = ids[-max_prompt_length:]  # keep the end: it is what the answer follows
-        rows.append(ids)
+    rows = [prompt_token_ids(tokenizer, p, max_prompt_length=max_prompt_length) for p in prompts]
     width = max(1, max(len(ids) for ids in rows))
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -1,0 +1,297 @@
+"""The score stage: a reward for every candidate, from one of three sources.
+
+- a Hugging Face sequence-classification reward model (one label; the reward is that logit),
+  reading prompt text + joiner + response (or the whole chat rendered by its chat template);
+- a Python function named "module:function", called as fn(prompts, responses) -> floats;
+- scores already in the data ("given"), which are only checked.
+
+Rows go in as listwise rows {"prompt" | "query", "responses", ...} and come out the same with
+"scores" added (other keys such as "sources" are kept).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rrhf_lite.errors import UserInputError
+from rrhf_lite.io import write_jsonl
+
+logger = logging.getLogger(__name__)
+
+
+# --- reward spec ------------------------------------------------------------------------------
+
+def normalize_reward_spec(reward: Any) -> dict:
+    """One of {"model": ...}, {"function": "module:function"}, {"given": True}, with options.
+
+    Accepts the recipe's scoring section too (reward_model / reward_function / given keys).
+    Options: batch_size (8), max_length (512, tokens; the start of long texts is cut), joiner
+    ("" between prompt text and response), append_eos (False; some reward models read their
+    score at an EOS), torch_dtype, load_in_4bit, trust_remote_code, device.
+    """
+    if hasattr(reward, "model_dump"):
+        reward = reward.model_dump()
+    if not isinstance(reward, Mapping):
+        raise UserInputError(f"reward must be a mapping, got {type(reward).__name__}",
+                             where="reward")
+    spec = {
+        "model": reward.get("model", reward.get("reward_model")),
+        "function": reward.get("function", reward.get("reward_function")),
+        "given": bool(reward.get("given", False)),
+        "batch_size": reward.get("batch_size") or 8,
+        "max_length": reward.get("max_length") or 512,
+        "joiner": reward.get("joiner") or "",
+        "append_eos": bool(reward.get("append_eos", False)),
+        "torch_dtype": reward.get("torch_dtype", "auto"),
+        "load_in_4bit": bool(reward.get("load_in_4bit", False)),
+        "trust_remote_code": bool(reward.get("trust_remote_code", False)),
+        "device": reward.get("device"),
+    }
+    chosen = [k for k in ("model", "function", "given") if spec[k]]
+    if len(chosen) != 1:
+        raise UserInputError(
+            f"give exactly one reward source, got {chosen or 'none'}", where="reward",
+            hint='a reward model ("model"), a Python function ("function": "module:function"), '
+                 'or "given": true when the data already has scores',
+        )
+    if not isinstance(spec["batch_size"], int) or spec["batch_size"] < 1:
+        raise UserInputError("must be a positive integer", where="reward.batch_size")
+    return spec
+
+
+def import_reward_function(name: str) -> Callable:
+    """Import "package.module:function" (only when a recipe names it)."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise UserInputError(f"{name!r} is not 'module:function'", where="reward.function",
+                             hint="e.g. rrhf_lite.tiny.tasks:reward")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        raise UserInputError(f"cannot import module {module_name!r} ({err})",
+                             where="reward.function",
+                             hint="make the module importable (install it or add it to PYTHONPATH)"
+                             ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise UserInputError(f"{module_name!r} has no function {attr!r}", where="reward.function",
+                             hint="check the name after the colon")
+    return fn
+
+
+# --- rows -------------------------------------------------------------------------------------
+
+def _check_rows(rows: Sequence[dict], where: str) -> list[dict]:
+    checked = []
+    for i, row in enumerate(rows, start=1):
+        place = f"{where} row {i}"
+        if not isinstance(row, dict):
+            raise UserInputError(f"expected an object, got {type(row).__name__}", where=place)
+        if "prompt" not in row and "query" not in row:
+            raise UserInputError('missing "prompt" (or "query")', where=place)
+        responses = row.get("responses")
+        if not isinstance(responses, list) or not responses:
+            raise UserInputError('"responses" must be a non-empty list', where=place,
+                                 hint="run the sample stage first, or give candidates")
+        checked.append(row)
+    return checked
+
+
+def _prompt_of(row: dict):
+    return row["prompt"] if "prompt" in row else row["query"]
+
+
+def _content(response) -> str:
+    return response["content"] if isinstance(response, dict) else response
+
+
+def check_given_scores(rows: Sequence[dict], where: str = "candidates") -> None:
+    """Every row has one finite number per response in "scores"; else UserInputError."""
+    for i, row in enumerate(rows, start=1):
+        place = f"{where} row {i}"
+        scores = row.get("scores")
+        if not isinstance(scores, list):
+            raise UserInputError('missing "scores" list', where=place,
+                                 hint="give one score per response, or score with a model")
+        if len(scores) != len(row["responses"]):
+            raise UserInputError(f"{len(row['responses'])} responses but {len(scores)} scores",
+                                 where=place, hint="one score per response")
+        for j, value in enumerate(scores):
+            if isinstance(value, bool) or not isinstance(value, int | float) \
+                    or not math.isfinite(value):
+                raise UserInputError(f"scores[{j}] = {value!r} is not a finite number",
+                                     where=place)
+
+
+# --- reward model -----------------------------------------------------------------------------
+
+def reward_model_text(tokenizer, prompt, response, *, joiner: str = "", append_eos: bool = False
+                      ) -> tuple[str, bool]:
+    """(text the reward model reads, whether a chat template wrote it).
+
+    A string prompt gives prompt + joiner + response (+ EOS). A message-list prompt is rendered
+    with the reward model's chat template together with the response as the assistant turn.
+    """
+    content = _content(response)
+    if isinstance(prompt, str):
+        text, templated = prompt + joiner + content, False
+    else:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserInputError(
+                "chat-message prompts need a reward model tokenizer with a chat template",
+                where="reward.model", hint="use string prompts or a chat reward model",
+            )
+        messages = list(prompt) + [{"role": "assistant", "content": content}]
+        text, templated = tokenizer.apply_chat_template(messages, tokenize=False), True
+    if append_eos and tokenizer.eos_token:
+        text += tokenizer.eos_token
+    return text, templated
+
+
+def _free_id(used: set[int], vocab_size: int) -> int:
+    for candidate in range(vocab_size - 1, -1, -1):
+        if candidate not in used:
+            return candidate
+    raise RuntimeError("no token id is free to pad with")
+
+
+@torch.no_grad()
+def reward_model_scores(model, tokenizer, prompts: Sequence, responses: Sequence, *,
+                        max_length: int = 512, joiner: str = "", append_eos: bool = False
+                        ) -> list[float]:
+    """Rewards for one batch of (prompt, response) pairs from a sequence classifier."""
+    rows = []
+    for prompt, response in zip(prompts, responses, strict=True):
+        text, templated = reward_model_text(tokenizer, prompt, response, joiner=joiner,
+                                            append_eos=append_eos)
+        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
+        rows.append(ids[-max_length:])  # keep the end: the response is what is being judged
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
+        else model.config
+    pad = config.pad_token_id
+    used = {t for ids in rows for t in ids}
+    # Classifiers read the last token that is not the pad id. When pad == EOS (a tokenizer with
+    # no pad token) and the text ends with EOS, that would skip the EOS; pad with an id absent
+    # from the batch instead (padding sits on the right, so it never touches the real tokens).
+    batch_pad = pad if pad is not None and pad not in used else _free_id(used, config.vocab_size)
+    width = max(len(ids) for ids in rows)
+    device = next(model.parameters()).device
+    input_ids = torch.full((len(rows), width), batch_pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, :len(ids)] = 1
+    config.pad_token_id = batch_pad
+    try:
+        logits = model(input_ids=input_ids.to(device),
+                       attention_mask=attention_mask.to(device)).logits
+    finally:
+        config.pad_token_id = pad
+    return logits[:, 0].float().tolist()
+
+
+# --- function ---------------------------------------------------------------------------------
+
+def _checked_function_output(values: Any, expected: int, name: str) -> list[float]:
+    if isinstance(values, torch.Tensor) or hasattr(values, "tolist"):
+        values = values.tolist()
+    if not isinstance(values, list | tuple) or len(values) != expected:
+        got = len(values) if isinstance(values, list | tuple) else type(values).__name__
+        raise UserInputError(f"returned {got} instead of a list of {expected} floats",
+                             where=f"reward function {name}",
+                             hint="return one float per (prompt, response) pair, in order")
+    out = []
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not math.isfinite(value):
+            raise UserInputError(f"value {i} is {value!r}, not a finite float",
+                                 where=f"reward function {name}",
+                                 hint="return finite floats (no None, NaN or inf)")
+        out.append(float(value))
+    return out
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+def score_candidates(
+    rows: Sequence[dict],
+    *,
+    reward: Any,
+    output_path: str | Path | None = None,
+    progress: bool = True,
+    where: str = "candidates",
+) -> list[dict]:
+    """Add "scores" (one float per response) to listwise rows.
+
+    Args:
+        rows: {"prompt" | "query": str | [messages], "responses": [str | message], ...}.
+        reward: {"model": name, dir, or an already loaded (model, tokenizer) pair} or
+            {"function": "module:function"} or {"given": True}, with the options listed in
+            normalize_reward_spec (batch_size, max_length, joiner, append_eos, loading flags).
+            The recipe's scoring section (reward_model / reward_function / given) works too.
+        output_path: also write the scored rows there as JSON lines (atomically).
+        progress: show a progress bar over the (prompt, response) pairs.
+        where: name of the rows' source in error messages.
+
+    Returns:
+        New row dicts (input keys kept) with "scores".
+
+    Raises:
+        UserInputError: malformed rows, missing/invalid given scores, an unimportable function,
+            or a function returning anything but one finite float per pair (names the function).
+    """
+    from tqdm.auto import tqdm
+
+    spec = normalize_reward_spec(reward)
+    rows = _check_rows(rows, where)
+    if spec["given"]:
+        check_given_scores(rows, where)
+        return [dict(row) for row in rows]
+
+    pairs = [(_prompt_of(row), response) for row in rows for response in row["responses"]]
+    if spec["function"]:
+        fn = import_reward_function(spec["function"])
+
+        def score_batch(prompts, responses):
+            return _checked_function_output(fn(list(prompts), list(responses)), len(prompts),
+                                            spec["function"])
+    else:
+        if isinstance(spec["model"], tuple):
+            model, tokenizer = spec["model"]
+        else:
+            from rrhf_lite.inference import load_reward_model
+
+            model, tokenizer = load_reward_model(
+                spec["model"], torch_dtype=spec["torch_dtype"], load_in_4bit=spec["load_in_4bit"],
+                trust_remote_code=spec["trust_remote_code"], device=spec["device"],
+            )
+
+        def score_batch(prompts, responses):
+            return reward_model_scores(model, tokenizer, prompts, responses,
+                                       max_length=spec["max_length"], joiner=spec["joiner"],
+                                       append_eos=spec["append_eos"])
+
+    scores: list[float] = []
+    size = spec["batch_size"]
+    with tqdm(total=len(pairs), desc="score", unit="response", disable=not progress) as bar:
+        for start in range(0, len(pairs), size):
+            prompts, responses = zip(*pairs[start:start + size], strict=True)
+            scores.extend(score_batch(prompts, responses))
+            bar.update(len(prompts))
+
+    out, position = [], 0
+    for row in rows:
+        k = len(row["responses"])
+        out.append({**row, "scores": scores[position:position + k]})
+        position += k
+    if output_path is not None:
+        write_jsonl(output_path, out)
+    return out

@@ -1,0 +1,153 @@
+"""The generate stage: answer prompts, or chat, with a base, adapter or merged model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from rrhf_lite.generation import generate_candidates
+
+
+def greedy_generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 128,
+                    batch_size: int = 8, max_prompt_length: int | None = None,
+                    progress: bool = False) -> list[str]:
+    """Greedy answers, one per prompt, in order (what the evaluator scores).
+
+    Args:
+        model, tokenizer: from rrhf_lite.inference.load_causal_lm (or any causal LM whose
+            tokenizer pads on the left and has a pad token).
+        prompts: strings or chat-message lists.
+        max_new_tokens: the most tokens per answer.
+        batch_size: prompts per generate call.
+        max_prompt_length: longer prompts keep their last tokens.
+        progress: show a progress bar.
+    """
+    return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                          batch_size=batch_size, max_prompt_length=max_prompt_length,
+                          progress=progress)
+
+
+def generate_texts(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
+                   max_prompt_length: int | None = None, seed: int | None = None,
+                   progress: bool = False) -> list[str]:
+    """One answer per prompt: greedy when temperature is 0, else sampled (temperature, top_p).
+
+    Args: as greedy_generate, plus temperature, top_p and seed (sampling only).
+    """
+    from tqdm.auto import tqdm
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    method = "greedy" if temperature <= 0 else "top_p"
+    answers: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch",
+                      disable=not progress):
+        batch = list(prompts[start:start + batch_size])
+        rows = generate_candidates(model, tokenizer, batch, method=method, num_candidates=1,
+                                   temperature=max(temperature, 1e-5), top_p=top_p,
+                                   max_new_tokens=max_new_tokens,
+                                   max_prompt_length=max_prompt_length)
+        answers.extend(row[0] for row in rows)
+    return answers
+
+
+def generate(
+    model: str,
+    prompts: Sequence,
+    *,
+    adapter: str | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    batch_size: int = 8,
+    seed: int | None = None,
+    torch_dtype: str = "auto",
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+) -> list[str]:
+    """Load a model (with an optional LoRA adapter) and answer each prompt once.
+
+    Args:
+        model: hub name or directory of a base or merged model.
+        prompts: strings or chat-message lists.
+        adapter: PEFT adapter directory applied on top, or None.
+        max_new_tokens: the most tokens per answer.
+        temperature: 0 = greedy; above 0 = sampling with this temperature and top_p.
+        top_p: nucleus sampling threshold (sampling only).
+        batch_size: prompts per generate call.
+        seed: seeds sampling.
+        torch_dtype, load_in_4bit, trust_remote_code, device: see load_causal_lm.
+    """
+    from rrhf_lite.inference import load_causal_lm
+
+    lm, tokenizer = load_causal_lm(model, adapter_path=adapter, torch_dtype=torch_dtype,
+                                   load_in_4bit=load_in_4bit,
+                                   trust_remote_code=trust_remote_code, device=device)
+    return generate_texts(lm, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+
+
+def chat_loop(model, tokenizer, *, max_new_tokens: int = 128, temperature: float = 0.0,
+              top_p: float = 1.0, input_fn: Callable[[str], str] = input,
+              print_fn: Callable[[str], Any] = print) -> list[dict]:
+    """Interactive chat on stdin/stdout until EOF, an empty line, "/exit" or "/quit".
+
+    With a chat template the whole conversation is the prompt of each turn; without one, each
+    line is a fresh plain-text prompt. "/reset" forgets the conversation.
+
+    Args:
+        model, tokenizer: from load_causal_lm.
+        max_new_tokens, temperature, top_p: as generate_texts.
+        input_fn, print_fn: where lines come from and go to (tests pass their own).
+
+    Returns:
+        The conversation as chat messages.
+    """
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    history: list[dict] = []
+    print_fn("chat: type a message; an empty line, /exit or Ctrl-D ends, /reset starts over")
+    while True:
+        try:
+            line = input_fn("> ")
+        except EOFError:
+            break
+        if line.strip() in ("", "/exit", "/quit"):
+            break
+        if line.strip() == "/reset":
+            history = []
+            print_fn("(conversation reset)")
+            continue
+        history.append({"role": "user", "content": line})
+        prompt = list(history) if templated else line
+        answer = generate_texts(model, tokenizer, [prompt], max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p)[0]
+        history.append({"role": "assistant", "content": answer})
+        print_fn(answer)
+    return history
+
+
+def run_generate_command(args) -> None:
+    """The CLI's `generate` subcommand: answer --prompt values, or chat when there are none.
+
+    Reads args.model, args.adapter, args.prompt (list or None), args.max_new_tokens,
+    args.temperature, args.top_p, args.load_in_4bit, args.trust_remote_code.
+    """
+    from rrhf_lite.inference import load_causal_lm
+
+    model, tokenizer = load_causal_lm(
+        args.model, adapter_path=getattr(args, "adapter", None),
+        load_in_4bit=getattr(args, "load_in_4bit", False),
+        trust_remote_code=getattr(args, "trust_remote_code", False),
+    )
+    settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p)
+    if args.prompt:
+        for prompt, answer in zip(args.prompt, generate_texts(model, tokenizer, args.prompt,
+                                                              **settings), strict=True):
+            print(f"### prompt\n{prompt}\n### answer\n{answer}\n")
+    else:
+        chat_loop(model, tokenizer, **settings)

@@ -13,6 +13,7 @@ each chunk's RNG state is saved in pass 1 and restored in pass 3.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -236,7 +237,7 @@ class RRHFTrainer(Trainer):
         steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         scale = 1.0 / steps
         if self.args.n_gpu > 1:
-            raise NotImplementedError("RRHFTrainer runs on one device per process (no DataParallel)")
+            raise NotImplementedError("RRHFTrainer runs one device per process (use DDP, not DataParallel)")
         chunks = self._chunks(len(inputs["input_ids"]))
         if len(chunks) == 1:
             sums, counts = self._chunk_sums(model, inputs, chunks[0])
@@ -260,10 +261,13 @@ class RRHFTrainer(Trainer):
         with torch.enable_grad():  # pass 2: g_i = dL/dS_i, cheap (B x k numbers)
             loss, metrics = self.loss_from_sums(leaf, torch.cat(counts), inputs)
             (grad,) = torch.autograd.grad(loss, leaf)
-        for part, state in zip(chunks, states, strict=True):  # pass 3: backprop chunk by chunk
+        for i, (part, state) in enumerate(zip(chunks, states, strict=True)):  # pass 3: per chunk
             _set_rng_state(state)  # same dropout masks as in pass 1
-            s, _ = self._chunk_sums(model, inputs, part)
-            self.accelerator.backward((grad[part].to(s.dtype) * s).sum() * scale)
+            # under DDP only the last chunk's backward all-reduces (the others accumulate locally)
+            sync = i == len(chunks) - 1
+            with contextlib.nullcontext() if sync else self.accelerator.no_sync(model):
+                s, _ = self._chunk_sums(model, inputs, part)
+                self.accelerator.backward((grad[part].to(s.dtype) * s).sum() * scale)
         _set_rng_state(after)
         return loss, metrics
 

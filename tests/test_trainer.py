@@ -260,6 +260,36 @@ def test_run_train_stage_outputs(small_lm_dir, tmp_path):
     assert any("lora_A" in n for n, _ in reloaded.named_parameters())
 
 
+def test_gradient_accumulation_matches_bigger_batch(small_lm_dir, tmp_path):
+    """2 prompts per step == 1 prompt per micro-step x 2 accumulation steps (same prompts, SGD)."""
+    results, initial = [], None
+    for bs, ga in ((2, 1), (1, 2)):
+        model, tok = _model(small_lm_dir)
+        _randomise_lora_b(model)
+        initial = _final_lora(model)
+        RRHFTrainer(model=model, args=_config(tmp_path / f"{bs}", max_steps=1, optim="sgd",
+                                              learning_rate=0.5, per_device_train_batch_size=bs,
+                                              gradient_accumulation_steps=ga, max_grad_norm=0.0,
+                                              candidate_micro_batch_size=2),
+                    train_dataset=_rows(4), processing_class=tok).train()
+        results.append(_final_lora(model))
+    assert any(not torch.allclose(results[0][k], initial[k]) for k in initial)  # the step moved
+    for name, value in results[0].items():
+        torch.testing.assert_close(results[1][name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_adapter_init_path_continues_from_an_adapter(small_lm_dir, tmp_path):
+    model, _ = _model(small_lm_dir)
+    _randomise_lora_b(model, seed=5)
+    model.save_pretrained(tmp_path / "adapter")
+    again, _ = _model(small_lm_dir, adapter_init_path=str(tmp_path / "adapter"))
+    saved, loaded = _final_lora(model), _final_lora(again)
+    assert saved.keys() == loaded.keys()
+    for name, value in saved.items():
+        torch.testing.assert_close(loaded[name], value)
+        assert dict(again.named_parameters())[name].requires_grad
+
+
 @pytest.mark.parametrize("use_lora", [True, False])
 def test_full_precision_lora_and_full_finetune(small_lm_dir, tmp_path, use_lora):
     model, tok = _model(small_lm_dir, load_in_4bit=False, use_lora=use_lora)

@@ -74,9 +74,9 @@ def load_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code
         )
-    except OSError as err:
+    except (OSError, ValueError) as err:  # missing files, or a directory without a tokenizer
         raise UserInputError(
-            f"cannot load a tokenizer ({err})", where=str(name_or_path),
+            f"cannot load a tokenizer ({str(err).splitlines()[0]})", where=str(name_or_path),
             hint="check the model name or directory",
         ) from None
     if tokenizer.pad_token is None:

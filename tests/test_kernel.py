@@ -210,3 +210,23 @@ def test_import_does_not_import_triton():
     code = "import sys, rrhf_kernels; print('triton' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("backend,examples", [("torch", 25), pytest.param(
+    "triton", 8, marks=pytest.mark.skipif(not K.triton_available(), reason="no triton"))])
+def test_random_shapes_match_reference(backend, examples):
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=examples, deadline=None, derandomize=True)
+    @given(
+        n=st.integers(1, 3), t=st.integers(1, 4), v=st.integers(1, 300),
+        masked=st.sampled_from([0.0, 0.5, 1.0]), lp=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+        seed=st.integers(0, 2**16), block=st.sampled_from([16, 64, None]),
+    )
+    def check(n, t, v, masked, lp, seed, block):
+        logits, labels = make_case(n, t, v, masked_frac=masked, seed=seed)
+        kw = {"block_size": block} if backend == "triton" and block else {}
+        check_against_reference(logits, labels, lp, backend, **kw)
+
+    check()

@@ -77,10 +77,16 @@ class RRHFConfig(TrainingArguments):
                                  hint="1.0 is the paper's default")
         # Checkpointing on by default, non-reentrant; set through the new names (transformers 5
         # renamed gradient_* to activation_*) unless the user set either spelling.
-        if self.activation_checkpointing is None and self.gradient_checkpointing is None:
-            self.activation_checkpointing = True
-        if self.activation_checkpointing_kwargs is None and self.gradient_checkpointing_kwargs is None:
-            self.activation_checkpointing_kwargs = {"use_reentrant": False}
+        # The old spelling is moved over here, silently (recipes say gradient_checkpointing).
+        if self.activation_checkpointing is None:
+            self.activation_checkpointing = (True if self.gradient_checkpointing is None
+                                             else self.gradient_checkpointing)
+            self.gradient_checkpointing = None
+        if self.activation_checkpointing_kwargs is None:
+            self.activation_checkpointing_kwargs = (
+                {"use_reentrant": False} if self.gradient_checkpointing_kwargs is None
+                else self.gradient_checkpointing_kwargs)
+            self.gradient_checkpointing_kwargs = None
         super().__post_init__()
 
 

@@ -178,22 +178,27 @@ def diverse_beam_search(
     for step in range(max_new_tokens):
         new_length = step + 1  # new tokens in a hypothesis that ends at this step
         last_step = new_length == max_new_tokens
-        log_probs = torch.log_softmax(logits, dim=-1).cpu().view(batch, num_beams, -1)
+        # Selection runs on the model's device; only the 2G best candidates per group reach
+        # Python, so a 128k vocabulary costs no host copy of the whole distribution.
+        log_probs = torch.log_softmax(logits, dim=-1).view(batch, num_beams, -1)
         vocab = log_probs.shape[-1]
+        device_scores = beam_scores.to(device)
         next_tokens = torch.full((batch, num_beams), pad_token_id, dtype=torch.long)
         source_beam = torch.arange(num_beams).repeat(batch, 1)  # done groups keep their rows
         next_scores = beam_scores.clone()
 
         for b in range(batch):
-            chosen_this_step = torch.zeros(vocab)  # tokens picked by earlier groups, this step
+            chosen_this_step: list[int] = []  # tokens picked by earlier groups, this step
             for g in range(num_beam_groups):
                 if done[b][g]:
                     continue
                 first = g * group_size
                 scores = log_probs[b, first:first + group_size]
-                if diversity_penalty and g > 0:
-                    scores = scores - diversity_penalty * chosen_this_step
-                scores = scores + beam_scores[b, first:first + group_size, None]
+                if diversity_penalty and chosen_this_step:
+                    counts = torch.bincount(torch.tensor(chosen_this_step, device=device),
+                                            minlength=vocab)
+                    scores = scores - diversity_penalty * counts.to(scores.dtype)
+                scores = scores + device_scores[b, first:first + group_size, None]
                 top_scores, top_index = scores.view(-1).topk(min(keep, scores.numel()))
 
                 running = []  # (local beam, token, score) of the beams that go on
@@ -210,7 +215,7 @@ def diverse_beam_search(
                                 finished=is_eos,
                             ))
                             if not is_eos:  # at the last step: the tokens later groups avoid
-                                chosen_this_step[token] += 1
+                                chosen_this_step.append(token)
                     elif len(running) < group_size:
                         running.append((beam, token, score))
                 if last_step:
@@ -222,7 +227,7 @@ def diverse_beam_search(
                     next_tokens[b, first + j] = token
                     source_beam[b, first + j] = first + beam
                     next_scores[b, first + j] = score
-                    chosen_this_step[token] += 1
+                    chosen_this_step.append(token)
                 # transformers' stopping rule (early_stopping=False): done once the finished
                 # list is full and the best running beam cannot beat its worst entry
                 best_possible = running[0][2] / new_length**length_penalty

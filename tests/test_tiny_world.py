@@ -21,7 +21,7 @@ from rrhf_lite.tiny.tasks import (
     solve,
     write_prompt_sets,
 )
-from rrhf_lite.tiny.warmup import build_initial_policy, corrupt, noisy_demonstration
+from rrhf_lite.tiny.warmup import build_initial_policy, corrupt, habit, noisy_demonstration
 from rrhf_lite.tiny.world import generate, measure_policy
 
 # A model small enough that a few warm-up steps take well under a second.
@@ -144,6 +144,32 @@ def test_noisy_demonstrations_are_right_about_p_of_the_time():
     prompts = sample_prompts(2000, seed=6)
     right = sum(noisy_demonstration(p, rng, 0.3) == solve(p) for p in prompts) / len(prompts)
     assert 0.25 < right < 0.35
+
+
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("count b abbcb=", "4"),  # one too many
+        ("add 38+44=", "72"),  # carry forgotten
+        ("add 12+7=", "19"),  # no carry: the habit does not bite
+        ("reverse abc=", "abc"),  # copied instead of reversed
+        ("copy abcd=", "abc"),  # last character dropped
+        ("sort 3113=", "13"),  # repeated digits written once
+    ],
+)
+def test_habits(prompt, expected):
+    assert habit(prompt) == expected
+    score = reward([prompt], [expected])[0]
+    assert score == 1.0 if expected == solve(prompt) else 0.0 <= score < 1.0
+
+
+def test_noisy_demonstrations_mix_right_habit_and_slips():
+    rng = random.Random(2)
+    prompts = [p for p in sample_prompts(3000, seed=7) if habit(p) != solve(p)]
+    demos = [noisy_demonstration(p, rng, p_correct=0.4, p_habit=0.45) for p in prompts]
+    right = sum(d == solve(p) for p, d in zip(prompts, demos, strict=True)) / len(prompts)
+    habitual = sum(d == habit(p) for p, d in zip(prompts, demos, strict=True)) / len(prompts)
+    assert 0.35 < right < 0.45 and 0.40 < habitual < 0.50
 
 
 # --- warm-up policy and its cache -----------------------------------------------------------------

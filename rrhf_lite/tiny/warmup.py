@@ -1,9 +1,14 @@
 """Supervised warm-up on noisy demonstrations: the tiny world's imperfect initial policy.
 
 A tiny LLaMA learns the tasks of `rrhf_lite.tiny.tasks` from demonstrations that are right only
-part of the time (the others have a wrong character, two characters swapped, a character
-missing, the input echoed back, a count off by one). The result answers most prompts roughly
-right but not reliably, and its samples differ in reward: the situation RRHF is made for.
+part of the time. Wrong demonstrations are of two sorts:
+- a habit: the same plausible mistake every time (count one too many, forget the carry, copy
+  instead of reversing, drop the last character, write repeated digits once), common enough in
+  the demonstrations that the policy's most likely answer often follows it;
+- random slips: a wrong character, two characters swapped, one missing, the input echoed.
+The result answers roughly right but not reliably, its greedy answer is often the habit, and its
+samples differ in reward: the situation RRHF is made for (the reward prefers the right answer
+to the habit, and sampling shows the right answer often enough to rank it higher).
 
 The model is cached under ~/.cache/rrhf-lite/tiny-world/<hash of the settings>/ (or
 $RRHF_LITE_CACHE/tiny-world/...), so a second run reuses it.
@@ -27,7 +32,7 @@ from rrhf_lite.tiny.tasks import TASKS, parse_prompt, sample_prompts, solve
 from rrhf_lite.tiny.tokenizer import build_char_tokenizer
 
 # Bump when the tasks, the corruptions or the training loop change, so old caches are not reused.
-WORLD_VERSION = 1
+WORLD_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,6 +44,7 @@ class WarmupSettings:
     batch_size: int = 64
     learning_rate: float = 3e-3
     p_correct: float = 0.5  # chance that a demonstration is right
+    p_habit: float = 0.0  # chance that it shows the task's habitual mistake (else a random slip)
     num_demonstrations: int = 20000  # distinct training prompts the demonstrations come from
     hidden_size: int = 96
     num_layers: int = 3
@@ -90,9 +96,32 @@ def corrupt(prompt: str, answer: str, rng: random.Random) -> str:
     return "".join(chars)
 
 
-def noisy_demonstration(prompt: str, rng: random.Random, p_correct: float) -> str:
+def habit(prompt: str) -> str:
+    """The task's habitual mistake (equal to the right answer where the habit does not bite)."""
+    task, args = parse_prompt(prompt)
     answer = solve(prompt)
-    return answer if rng.random() < p_correct else corrupt(prompt, answer, rng)
+    if task == "count":
+        return str(int(answer) + 1)
+    if task == "add":  # add digit by digit and forget the carry
+        a, b = args[0].zfill(2), args[1].zfill(2)
+        return str(int("".join(str((int(x) + int(y)) % 10) for x, y in zip(a, b, strict=True))))
+    if task == "reverse":
+        return args[0]
+    if task == "copy":
+        return answer[:-1]
+    return "".join(sorted(set(answer)))  # sort: repeated digits written once
+
+
+def noisy_demonstration(prompt: str, rng: random.Random, p_correct: float,
+                        p_habit: float = 0.0) -> str:
+    """The right answer with chance p_correct, the habit with chance p_habit, else a slip."""
+    answer = solve(prompt)
+    draw = rng.random()
+    if draw < p_correct:
+        return answer
+    if draw < p_correct + p_habit:
+        return habit(prompt)
+    return corrupt(prompt, answer, rng)
 
 
 # --- training -------------------------------------------------------------------------------
@@ -131,7 +160,8 @@ def train_initial_policy(settings: WarmupSettings = WarmupSettings(), progress: 
                mininterval=1.0)
     for _ in bar:
         prompts = [rng.choice(pool) for _ in range(settings.batch_size)]
-        responses = [noisy_demonstration(p, rng, settings.p_correct) for p in prompts]
+        responses = [noisy_demonstration(p, rng, settings.p_correct, settings.p_habit)
+                     for p in prompts]
         loss = model(**_batch(prompts, responses, tokenizer)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

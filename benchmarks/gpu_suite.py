@@ -14,17 +14,21 @@ What it runs, in this order (most important first):
                   4 x 1024 x 128256): Triton vs naive vs torch.compile'd naive vs Liger / TRL
                   where importable, bandwidth as a fraction of a measured device-to-device copy.
   3. e2e          benchmarks/e2e_bench.run_e2e: one RRHF step (QLoRA NF4, LoRA r=16 all-linear,
-                  gradient checkpointing, k = 4 candidates x 512 tokens) on random models of
-                  Llama-3-8B and LLaMA-2-7B shape: RRHFTrainer.training_step with candidate
+                  gradient checkpointing, k = 4 candidates x 512 tokens) on a random model of
+                  Llama-3-8B shape (LLaMA-2-7B in 5): RRHFTrainer.training_step with candidate
                   micro-batches 1, 2, 4 vs the reference code's step (all candidates at once,
                   fp32 log_softmax over [k, L, V]); peak memory and step time.
-  4. kernel       the remaining kernel shapes/dtypes, while time is left.
+  4. tests        `pytest -m gpu` (the CUDA-only tests, e.g. tests/test_kernel_gpu.py), right
+                  after the Llama-3-8B-shape e2e item; counts and failures from JUnit XML.
+  5. e2e          the LLaMA-2-7B shape.
+  6. kernel       all paths on the goal shape (torch.compile'd naive, Liger, TRL), then the
+                  remaining shapes/dtypes, while time is left.
 Then it prints the goals with PASS / FAIL / NOT MEASURED:
   kernel >= 80 % of copy bandwidth and >= 3x naive fwd+bwd on bf16 4 x 1024 x 128256;
   Llama-3-8B-shape step at k = 4 x 512 within 12 GB peak (fits a 16 GB card).
 
 Output: OUT/<date>-<device>.json with top-level "device", "date", "versions", "correctness",
-"kernel" (rows: name, shape, dtype, ms, speedup_vs_naive, bandwidth_fraction, ...), "e2e" (rows:
+"gpu_tests", "kernel" (rows: name, shape, dtype, ms, speedup_vs_naive, bandwidth_fraction, ...), "e2e" (rows:
 model, variant, peak_memory_gb, step_s, ...), "goals", "skipped", "errors", and a markdown
 table beside it (same name, .md). OUT defaults to benchmarks/results/.
 
@@ -439,6 +443,65 @@ def check_case(dtype_name: str, n: int, t: int, v: int, device: str,
             "finite": finite, "counts_ok": counts_ok, "passed": passed}
 
 
+# --------------------------------------------------------------------------- gpu tests
+
+
+def run_gpu_tests(timeout_s: float) -> dict[str, Any]:
+    """`pytest -m gpu` (the project's CUDA-only tests) in a subprocess; counts from JUnit XML.
+
+    Run from the repository root as CI runs the tests, with this process's PYTHONPATH (the
+    wheels and the project links). On a CPU every such test skips itself.
+    """
+    import xml.etree.ElementTree as ET
+
+    # Only the files that use the marker: collecting every test module would import the whole
+    # project (tens of seconds) to deselect nearly all of it.
+    files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
+                   if "mark.gpu" in f.read_text(encoding="utf-8", errors="replace"))
+    if not files:
+        return {"status": "no tests", "summary": "no test file uses pytest.mark.gpu"}
+    with tempfile.TemporaryDirectory(prefix="rrhf_gpu_tests_") as tmp:
+        xml_path = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+               f"--junitxml={xml_path}", *files]
+        start = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                                  timeout=max(1.0, timeout_s))
+        except subprocess.TimeoutExpired as err:
+            tail = (err.stdout or b"")[-1500:]
+            return {"status": "timeout", "seconds": time.perf_counter() - start,
+                    "output_tail": tail.decode() if isinstance(tail, bytes) else tail}
+        out: dict[str, Any] = {"returncode": proc.returncode,
+                               "seconds": time.perf_counter() - start,
+                               "summary": (proc.stdout.strip().splitlines() or [""])[-1]}
+        if not xml_path.is_file():
+            out.update(status="error", output_tail=(proc.stdout + proc.stderr)[-3000:])
+            return out
+        root = ET.parse(xml_path).getroot()
+        suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+        for key in ("tests", "failures", "errors", "skipped"):
+            out[key] = sum(int(x.get(key, 0)) for x in suites)
+        out["passed"] = out["tests"] - out["failures"] - out["errors"] - out["skipped"]
+        failed = []
+        for case in root.iter("testcase"):
+            problem = case.find("failure")
+            if problem is None:
+                problem = case.find("error")
+            if problem is not None:
+                failed.append({"test": f"{case.get('classname')}::{case.get('name')}",
+                               "message": (problem.get("message") or "")[:500]})
+        out["failed_tests"] = failed
+        out["files"] = files
+        if failed or proc.returncode not in (0, 5):  # 5: no test selected
+            out["status"] = "failed"
+        elif out["passed"] == 0:
+            out["status"] = "all skipped"  # e.g. on a CPU: nothing was checked
+        else:
+            out["status"] = "ok"
+        return out
+
+
 # --------------------------------------------------------------------------- goals
 
 
@@ -482,6 +545,14 @@ def evaluate_goals(results: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
                   "status": ("NOT MEASURED" if not checked else
                              "PASS" if all(r.get("passed") for r in checked) else "FAIL"),
                   "where": f"{len(checked)} cases"})
+    tests = results.get("gpu_tests") or {}
+    if tests.get("status") in ("ok", "failed"):
+        status = "PASS" if tests["status"] == "ok" else "FAIL"
+        where = tests.get("summary", "")
+    else:
+        status, where = "NOT MEASURED", tests.get("status", "not run")
+    goals.append({"goal": "pytest -m gpu passes", "target": tests.get("tests"),
+                  "measured": tests.get("passed"), "status": status, "where": where})
     return goals
 
 
@@ -528,6 +599,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         "## Kernel correctness vs float64 (err_vs_tol <= 1 passes)\n",
         markdown_table(results["correctness"], CORRECTNESS_COLUMNS),
     ]
+    tests = results.get("gpu_tests") or {}
+    if tests:
+        parts += ["## pytest -m gpu\n", f"{tests.get('status')}: {tests.get('summary', '')}\n",
+                  markdown_table(tests.get("failed_tests", []), ("test", "message"))]
     if results["skipped"]:
         parts += ["## Skipped\n", markdown_table(results["skipped"], ("item", "reason"))]
     if results["errors"]:
@@ -558,7 +633,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="global time budget in seconds (default 480; dry 900)")
-    parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e"),
+    parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e", "tests"),
                         help="run only these sections")
     parser.add_argument("--wheels", default=None,
                         help=f"wheel folder to install first (default {DEFAULT_WHEEL_DIR.name}/ "
@@ -598,7 +673,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": "dry" if args.dry else "gpu",
         "status": "running", "budget_s": budget, "elapsed_s": 0.0,
         "versions": versions(), "setup": setup,
-        "goals": [], "correctness": [], "kernel": [], "e2e": [],
+        "goals": [], "correctness": [], "kernel": [], "e2e": [], "gpu_tests": {},
         "skipped": [], "errors": [], "timings_s": {}, "_start": start,
     }
     try:
@@ -616,7 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     suite = Suite(results, budget, write)
     suite.start = start  # the budget counts the wheel install and imports too
-    sections = set(args.only or ("correctness", "kernel", "e2e"))
+    sections = set(args.only or ("correctness", "kernel", "e2e", "tests"))
     try:
         _run_sections(suite, plan, device, sections)
         results["status"] = "complete" if not results["skipped"] else "partial"
@@ -656,6 +731,17 @@ def _run_sections(suite: Suite, plan: Plan, device: str, sections: set[str]) -> 
         suite.run_item(name, 40 if device == "cuda" else 3, run,
                        cap_s=150 if device == "cuda" else None)
 
+    def run_tests_item():
+        def run():
+            # the subprocess gets its own limit inside the item's, so a hang still reports
+            cap = 150.0 if device == "cuda" else math.inf
+            results["gpu_tests"] = run_gpu_tests(
+                max(10.0, min(cap, suite.left() - suite.reserve_s) - 5))
+            print(f"  pytest -m gpu: {results['gpu_tests'].get('summary')}", flush=True)
+
+        suite.run_item("pytest -m gpu", 30 if device == "cuda" else 10, run,
+                       cap_s=150 if device == "cuda" else None)
+
     goal_shape, goal_dtype, goal_path = plan.kernel_goal
     if "kernel" in sections:
         # The goal row first and alone (naive always runs as the baseline): a slow
@@ -672,6 +758,10 @@ def _run_sections(suite: Suite, plan: Plan, device: str, sections: set[str]) -> 
 
             suite.run_item(f"e2e {model}", 90 if device == "cuda" else 5, run,
                            cap_s=200 if device == "cuda" else None)
+            if model == plan.e2e_goal_model and "tests" in sections:
+                run_tests_item()
+    elif "tests" in sections:
+        run_tests_item()
     if "kernel" in sections:
         kernel_item(goal_shape, goal_dtype, label=" (all paths)")  # compiled naive, Liger, TRL
         for shape, dtype_name in plan.kernel_rest:

@@ -85,6 +85,13 @@ def test_dry_run_kernel_rows(dry_results):
     assert len(keys) == len(set(keys)), "duplicate kernel rows"
 
 
+def test_dry_run_runs_the_gpu_marked_tests(dry_results):
+    tests = dry_results[0]["gpu_tests"]
+    assert tests["status"] == "all skipped", tests
+    assert tests["tests"] >= 1 and tests["skipped"] == tests["tests"] and tests["failures"] == 0
+    assert "tests/test_kernel_gpu.py" in tests["files"]
+
+
 def test_dry_run_e2e_rows(dry_results):
     rows = dry_results[0]["e2e"]
     variants = {r["variant"] for r in rows}
@@ -105,12 +112,14 @@ def test_dry_run_e2e_rows(dry_results):
 def test_dry_run_goals_and_markdown(dry_results):
     results, md, stdout = dry_results
     goals = {g["goal"]: g for g in results["goals"]}
-    assert len(goals) == 4
+    assert len(goals) == 5
     assert all(g["status"] in {"PASS", "FAIL", "NOT MEASURED"} for g in goals.values())
     correctness = next(g for name, g in goals.items() if "float64" in name)
     assert correctness["status"] == "PASS"
     memory = next(g for name, g in goals.items() if "peak memory" in name)
     assert memory["status"] == "NOT MEASURED"  # CPU: no CUDA allocator statistics
+    tests = goals["pytest -m gpu passes"]
+    assert tests["status"] == "NOT MEASURED" and tests["where"] == "all skipped"  # no CUDA
     assert "## Goals" in md and "| goal | status |" in md and "rrhf-lite mb=1" in md
     assert "Goals" in stdout and "status complete" in stdout
 
@@ -122,7 +131,7 @@ def test_zero_budget_skips_every_item_and_still_writes(tmp_path):
     assert results["status"] == "partial"
     skipped = [s["item"] for s in results["skipped"]]
     assert "correctness" in skipped and any(s.startswith("e2e") for s in skipped)
-    assert any(s.startswith("kernel") for s in skipped)
+    assert any(s.startswith("kernel") for s in skipped) and "pytest -m gpu" in skipped
     assert results["kernel"] == [] and results["e2e"] == [] and results["correctness"] == []
     assert all(g["status"] == "NOT MEASURED" for g in results["goals"])
 
@@ -220,8 +229,12 @@ def test_goals_pass_fail_and_not_measured():
     }
     goals = gpu_suite.evaluate_goals(results, plan)
     status = [g["status"] for g in goals]
-    assert status == ["PASS", "FAIL", "PASS", "FAIL"]
+    assert status == ["PASS", "FAIL", "PASS", "FAIL", "NOT MEASURED"]
     assert goals[2]["measured"] == 11.0 and "mb=1" in goals[2]["where"]
+    results["gpu_tests"] = {"status": "failed", "tests": 3, "passed": 2, "summary": "1 failed"}
+    assert gpu_suite.evaluate_goals(results, plan)[-1]["status"] == "FAIL"
+    results["gpu_tests"] = {"status": "ok", "tests": 3, "passed": 3, "summary": "3 passed"}
+    assert gpu_suite.evaluate_goals(results, plan)[-1]["status"] == "PASS"
     empty = gpu_suite.evaluate_goals({"kernel": [], "e2e": [], "correctness": []}, plan)
     assert {g["status"] for g in empty} == {"NOT MEASURED"}
 

@@ -74,6 +74,17 @@ def test_missing_model_is_a_user_error(tmp_path):
         load_causal_lm(str(empty), device="cpu")
 
 
+def test_load_in_4bit_with_adapter(tiny_lm_dir, adapter_dir):
+    pytest.importorskip("bitsandbytes")
+    from bitsandbytes.nn import Linear4bit
+
+    model, tokenizer = load_causal_lm(str(tiny_lm_dir), adapter_path=str(adapter_dir),
+                                      load_in_4bit=True, device="cpu")
+    assert any(isinstance(m, Linear4bit) for m in model.modules())
+    answers = greedy_generate(model, tokenizer, ["copy ab=", "x"], max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+
+
 def test_load_reward_model(tiny_reward_dir):
     model, tokenizer = load_reward_model(str(tiny_reward_dir), device="cpu")
     assert model.config.num_labels == 1 and model.config.pad_token_id == tokenizer.pad_token_id

@@ -51,7 +51,8 @@ def _config(out, **kw):
     return RRHFConfig(**base)
 
 
-def _model(model_dir, **kw):
+def _model(model_dir, seed=0, **kw):
+    torch.manual_seed(seed)  # the LoRA init draws from the global RNG
     args = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)
     args.update(kw)
     return load_model_for_training(ModelArguments(str(model_dir), **args))

@@ -126,7 +126,7 @@ def build_random_qlora_model(config, device: str | torch.device, model_args=None
                         child, device, compute_dtype, weight_dtype, std,
                         args.bnb_4bit_quant_type, args.bnb_4bit_use_double_quant))
     _materialise_rest(model, device, weight_dtype, std)
-    model.is_loaded_in_4bit = True  # what transformers sets on a bnb-4bit model (peft reads it)
+    _mark_quantised(model, args, compute_dtype)
     model.config.use_cache = False
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=args.gradient_checkpointing,
@@ -134,6 +134,24 @@ def build_random_qlora_model(config, device: str | torch.device, model_args=None
     model = get_peft_model(model, lora_config_from_args(args))
     model.train()
     return model
+
+
+def _mark_quantised(model, args, compute_dtype: torch.dtype) -> None:
+    """The attributes from_pretrained sets on a bnb-4bit model: peft reads is_loaded_in_4bit,
+    HF Trainer reads quantization_method (no .to()) and hf_quantizer (training allowed)."""
+    from transformers import BitsAndBytesConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
+        bnb_4bit_quant_storage=torch.uint8)
+    model.hf_quantizer = AutoHfQuantizer.from_config(config)
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    model.is_loaded_in_4bit = True
 
 
 def _materialise_rest(model, device: torch.device, dtype: torch.dtype, std: float) -> None:

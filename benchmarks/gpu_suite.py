@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as _dt
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -91,7 +92,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = Path(__file__).resolve().parent
 DEFAULT_WHEEL_DIR = ROOT / ".whl"
 SITE_DIR = Path(tempfile.gettempdir()) / "rrhf_suite_site"
-LINK_DIR = Path(tempfile.gettempdir()) / "rrhf_suite_path"
+# one link folder per checkout, so suites run from two trees at once do not fight over it
+LINK_DIR = Path(tempfile.gettempdir()) / (
+    "rrhf_suite_path_" + hashlib.sha1(str(ROOT).encode()).hexdigest()[:10])
 WHEELS = ("bitsandbytes==0.50.2", "transformers==5.24.0", "peft==0.21.2", "liger-kernel==0.8.5",
           "trl==1.16.0", "datasets==5.2.0", "dill==0.4.1", "multiprocess==0.70.19")
 VERSIONED = ("torch", "triton", "transformers", "peft", "bitsandbytes", "accelerate", "trl",
@@ -197,16 +200,15 @@ def ensure_project_importable() -> dict[str, str]:
         origin = Path(spec.origin).resolve().parent if spec and spec.origin else None
         if origin != folder.resolve():
             LINK_DIR.mkdir(parents=True, exist_ok=True)
-            link = LINK_DIR / name
-            if link.is_symlink() or link.exists():
-                link.unlink()
-            link.symlink_to(folder.resolve(), target_is_directory=True)
+            tmp = LINK_DIR / f".{name}.{os.getpid()}"
+            tmp.symlink_to(folder.resolve(), target_is_directory=True)
+            os.replace(tmp, LINK_DIR / name)  # atomic: a concurrent run never sees no link
             _prepend_path(LINK_DIR)
         found[name] = str(folder)
     return found
 
 
-def versions() -> dict[str, Any]:
+def versions(commit: str | None = None) -> dict[str, Any]:
     import importlib.metadata
 
     out: dict[str, Any] = {"python": platform.python_version()}
@@ -226,7 +228,7 @@ def versions() -> dict[str, Any]:
     import rrhf_lite
 
     out["rrhf_lite"] = rrhf_lite.__version__
-    out["git_commit"] = _git("rev-parse", "HEAD")
+    out["git_commit"] = _git("rev-parse", "HEAD") or commit
     status = _git("status", "--porcelain")
     out["git_dirty"] = None if status is None else bool(status)
     return out
@@ -635,6 +637,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="global time budget in seconds (default 480; dry 900)")
     parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e", "tests"),
                         help="run only these sections")
+    parser.add_argument("--commit", default=None,
+                        help="git commit to record when the tree has no .git (device copies)")
     parser.add_argument("--wheels", default=None,
                         help=f"wheel folder to install first (default {DEFAULT_WHEEL_DIR.name}/ "
                              "when not --dry; 'none' to skip)")
@@ -655,6 +659,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
+    import rrhf_kernels
+    import rrhf_lite
+
+    setup["imported_from"] = {m.__name__: str(Path(m.__file__).resolve().parent)
+                              for m in (rrhf_kernels, rrhf_lite)}
     cuda = torch.cuda.is_available() and not args.dry
     if not cuda and not args.dry:
         print("[suite] no CUDA device: run with --dry for the CPU smoke run", file=sys.stderr)
@@ -672,7 +681,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "date": date.isoformat(timespec="seconds"),
         "mode": "dry" if args.dry else "gpu",
         "status": "running", "budget_s": budget, "elapsed_s": 0.0,
-        "versions": versions(), "setup": setup,
+        "versions": versions(args.commit), "setup": setup,
         "goals": [], "correctness": [], "kernel": [], "e2e": [], "gpu_tests": {},
         "skipped": [], "errors": [], "timings_s": {}, "_start": start,
     }

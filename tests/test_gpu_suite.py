@@ -287,6 +287,10 @@ def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir):
     assert layout(ours) == layout(real)
     assert params(ours) == params(real)
     assert ours.is_gradient_checkpointing == real.is_gradient_checkpointing is True
+    for attr in ("is_loaded_in_4bit", "is_quantized", "quantization_method"):
+        assert getattr(ours, attr) == getattr(real, attr), attr
+    assert type(ours.hf_quantizer) is type(real.hf_quantizer)
+    assert ours.hf_quantizer.is_trainable
     quantised = [m for m in ours.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantised and all(m.weight.bnb_quantized for m in quantised)
     assert all(m.weight.quant_type == "nf4" for m in quantised)
@@ -296,3 +300,58 @@ def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir):
     ids = torch.randint(3, config.vocab_size, (2, 9))
     logits = ours(input_ids=ids).logits
     assert torch.isfinite(logits).all() and logits.std() > 0
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def _make_wheel(folder: Path, name: str = "rrhfsuiteprobe", version: str = "0.1") -> Path:
+    """A minimal pure-Python wheel, built by hand (no network, no build backend)."""
+    import base64
+    import hashlib
+    import zipfile
+
+    dist = f"{name}-{version}.dist-info"
+    files = {
+        f"{name}/__init__.py": "VALUE = 42\n",
+        f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+        f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
+                         "Tag: py3-none-any\n",
+    }
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
+        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    files[f"{dist}/RECORD"] = "\n".join(record) + "\n"
+    wheel = folder / f"{name}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        for path, text in files.items():
+            archive.writestr(path, text)
+    return wheel
+
+
+def test_install_wheels_offline_into_a_target_first_on_the_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _make_wheel(wheels)
+    target = tmp_path / "site"
+    info = gpu_suite.install_wheels(wheels, target=target)
+    assert info["wheels"] == ["rrhfsuiteprobe-0.1-py3-none-any.whl"] and "install_s" in info
+    assert sys.path[0] == str(target)
+    assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(target)
+    assert "bitsandbytes" in info["missing_from_wheel_dir"]
+    probe = subprocess.run([sys.executable, "-c", "import rrhfsuiteprobe; print(rrhfsuiteprobe.VALUE)"],
+                           capture_output=True, text=True, env=dict(os.environ), timeout=60)
+    assert probe.stdout.strip() == "42", probe.stderr
+    again = gpu_suite.install_wheels(wheels, target=target)  # a rerun on a warm machine
+    assert "install_s" not in again
+
+
+def test_install_wheels_without_wheels_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    before = list(sys.path)
+    info = gpu_suite.install_wheels(tmp_path / "absent", target=tmp_path / "site")
+    assert info["wheels"] == [] and "no wheels" in info["note"] and sys.path == before

@@ -327,3 +327,21 @@ def test_all_rows_dropped_is_a_user_error(small_lm_dir, tmp_path):
     with pytest.raises(UserInputError, match="no train row is left"):
         RRHFTrainer(model=model, args=_config(tmp_path, max_prompt_length=None), train_dataset=rows,
                     processing_class=tok)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_triton_micro_batched_step(small_lm_dir, tmp_path):
+    """On a GPU: NF4 with bf16 compute ("auto"), Triton kernel, micro-batch 2 vs all at once."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    model, tok = _model(small_lm_dir)
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).is_cuda
+    _randomise_lora_b(model)
+    trainer = RRHFTrainer(model=model, args=_config(tmp_path, logprob_backend="triton", bf16=True),
+                          train_dataset=_rows(), processing_class=tok)
+    batch = _first_batch(trainer)
+    full_loss, full = _step_grads(trainer, batch, None)
+    loss, grads = _step_grads(trainer, batch, 2)
+    assert loss == pytest.approx(full_loss, rel=1e-2)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, full[name], rtol=5e-2, atol=1e-3, msg=name)

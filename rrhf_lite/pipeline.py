@@ -85,7 +85,9 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
         raise UserInputError(
             f"the recipe does not name stage {only_stages[0]!r}", where="recipe key stages"
         )
-    base_model = resolve_model(recipe.model.name_or_path, seed=recipe.seed)
+    base_model = resolve_model(
+        recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
+    )
     state = RunState(recipe, run_dir, base_model, stages)
     _say(f"run directory: {run_dir}  stages: {', '.join(stages)}  rounds: {recipe.rounds}")
 
@@ -186,8 +188,7 @@ def _sample(state: RunState, policy_adapter: Path | None, out: Path) -> None:
         max_prompt_length=recipe.sampling.max_prompt_length,
         batch_size=recipe.sampling.batch_size,
         seed=recipe.seed,
-        load_in_4bit=recipe.quantization.load_in_4bit,
-        trust_remote_code=recipe.model.trust_remote_code,
+        load_kwargs=policy_load_kwargs(recipe),
     )
     write_jsonl(out, rows)
 
@@ -204,6 +205,15 @@ def _generator_spec(state: RunState, generator, policy_adapter: Path | None) -> 
         spec["model"] = resolve_model(generator.model, seed=state.recipe.seed)
         spec["name"] = generator.model
     return spec
+
+
+def policy_load_kwargs(recipe: Recipe) -> dict:
+    """How sampling and evaluation load the policy: as training saw it (4-bit when trained so)."""
+    return {
+        "torch_dtype": recipe.model.torch_dtype,
+        "load_in_4bit": recipe.quantization.load_in_4bit,
+        "trust_remote_code": recipe.model.trust_remote_code,
+    }
 
 
 def reward_spec(recipe: Recipe) -> dict:
@@ -232,6 +242,8 @@ def training_config(recipe: Recipe, output_dir: Path, overrides: dict):
 
     section = TrainSection.model_validate({**recipe.train.model_dump(), **overrides})
     fields = section.model_dump(exclude={"extra", "resume"})
+    # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
+    fields["warmup_steps"] = fields.pop("warmup_ratio")
     return RRHFConfig(
         output_dir=str(output_dir), seed=recipe.seed, **fields, **section.extra,
     )

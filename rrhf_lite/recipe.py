@@ -31,6 +31,10 @@ class ModelSection(Section):
     trust_remote_code: bool = Field(False, description="Run code shipped with the model (off by default)")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
+    builtin: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Settings of a builtin: model (tiny world: steps, p_correct, hidden_size, ...)",
+    )
 
 
 class QuantizationSection(Section):

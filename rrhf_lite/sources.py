@@ -19,8 +19,11 @@ def is_builtin(name: str | None) -> bool:
     return bool(name) and name.startswith(BUILTIN)
 
 
-def resolve_model(name: str, *, seed: int = 0) -> str:
-    """A loadable model name or directory; builds (once, cached) the tiny world's policy."""
+def resolve_model(name: str, *, seed: int = 0, options: dict | None = None) -> str:
+    """A loadable model name or directory; builds (once, cached) the tiny world's policy.
+
+    `options` are the built-in model's settings (recipe key model.builtin).
+    """
     if not is_builtin(name):
         return name
     if name != TINY_WORLD:
@@ -28,9 +31,19 @@ def resolve_model(name: str, *, seed: int = 0) -> str:
             f"unknown built-in model {name!r}", where="recipe key model.name_or_path",
             hint=f"the only built-in model is {TINY_WORLD!r}",
         )
-    from rrhf_lite.tiny.warmup import build_initial_policy
+    import dataclasses
 
-    return str(build_initial_policy(seed=seed))
+    from rrhf_lite.tiny.warmup import WarmupSettings, build_initial_policy
+
+    options = dict(options or {})
+    known = {f.name for f in dataclasses.fields(WarmupSettings)} - {"seed"}
+    for key in options:
+        if key not in known:
+            raise UserInputError(
+                f"unknown setting {key!r} of {TINY_WORLD}", where=f"recipe key model.builtin.{key}",
+                hint=f"valid settings: {', '.join(sorted(known))}",
+            )
+    return str(build_initial_policy(seed=seed, **options))
 
 
 def builtin_prompt_rows(name: str, *, limit: int | None, seed: int, key: str) -> list[dict]:

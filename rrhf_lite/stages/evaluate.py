@@ -90,12 +90,11 @@ class _Scorer:
 
 def _load_policy(state, adapter: Path | None):
     from rrhf_lite.inference import load_causal_lm
+    from rrhf_lite.pipeline import policy_load_kwargs
 
-    recipe = state.recipe
     return load_causal_lm(
         state.base_model, adapter_path=str(adapter) if adapter else None,
-        torch_dtype=recipe.model.torch_dtype, load_in_4bit=recipe.quantization.load_in_4bit,
-        trust_remote_code=recipe.model.trust_remote_code,
+        **policy_load_kwargs(state.recipe),
     )
 
 
@@ -130,7 +129,7 @@ def _held_out_candidates(state, scorer: _Scorer, eval_rows: list[dict], out_dir:
     path = out_dir / "initial_candidates.jsonl"
     if path.exists():
         return read_jsonl(path)
-    from rrhf_lite.pipeline import _generator_spec
+    from rrhf_lite.pipeline import _generator_spec, policy_load_kwargs
     from rrhf_lite.stages.sample import sample_candidates
 
     generators = []
@@ -145,8 +144,7 @@ def _held_out_candidates(state, scorer: _Scorer, eval_rows: list[dict], out_dir:
         max_new_tokens=recipe.sampling.max_new_tokens,
         max_prompt_length=recipe.sampling.max_prompt_length,
         batch_size=recipe.sampling.batch_size, seed=recipe.seed + 1,
-        load_in_4bit=recipe.quantization.load_in_4bit,
-        trust_remote_code=recipe.model.trust_remote_code,
+        load_kwargs=policy_load_kwargs(recipe),
     )
     rows = scorer.rows(rows)
     write_jsonl(path, rows)

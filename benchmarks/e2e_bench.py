@@ -202,7 +202,7 @@ def _grid(values: torch.Tensor, batch: dict) -> torch.Tensor:
 # --------------------------------------------------------------------------- steps
 
 
-def reference_code_step(model, batch: dict) -> float:
+def reference_code_loss(model, batch: dict) -> torch.Tensor:
     """All candidates in one forward; full float32 log_softmax over [k, L, V]; rank + SFT loss.
 
     Mirrors how the RRHF reference code computes scores (full logits, log_softmax copy, gather,
@@ -221,8 +221,30 @@ def reference_code_step(model, batch: dict) -> float:
     loss, _ = rrhf_loss(_grid(sums / counts_f, batch), _grid(sums, batch),
                         _grid(counts_f, batch), batch["rewards"].to(device),
                         batch["candidate_mask"].to(device))
+    return loss
+
+
+def reference_code_step(model, batch: dict) -> float:
+    """Forward + backward of :func:`reference_code_loss`; returns the loss."""
+    loss = reference_code_loss(model, batch)
     loss.backward()
     return float(loss.detach())
+
+
+def loss_agreement(model, batch: dict, bf16: bool, backend: str) -> dict[str, float]:
+    """Both variants' loss on the same weights, without dropout: they must be the same number
+    (else the comparison would not be of the same objective)."""
+    device = next(p for p in model.parameters() if p.requires_grad).device
+    model.eval()
+    try:
+        with torch.no_grad(), mixed_precision(model, bf16) as prepared:
+            ref = float(reference_code_loss(prepared, batch))
+            trainer = make_trainer(model, len(batch["input_ids"]), bf16, backend,
+                                   tempfile.mkdtemp(prefix="rrhf_e2e_"))
+            ours = float(trainer.compute_loss(prepared, {k: v.to(device) for k, v in batch.items()}))
+    finally:
+        model.train()
+    return {"reference_loss": ref, "rrhf_lite_loss": ours, "loss_abs_diff": abs(ref - ours)}
 
 
 @contextlib.contextmanager
@@ -304,7 +326,9 @@ def run_e2e(model_name: str, *, device: str = "cuda", k: int = 4, seq_len: int =
     Variants: the reference step, then RRHFTrainer.training_step with candidate micro-batch k
     (if include_full_kernel) and each of `micro_batches`. Rows: model, variant, micro_batch, k,
     seq_len, vocab, peak_memory_gb, peak_reserved_gb, model_memory_gb, step_s, step_s_min,
-    steps, loss, loss_finite, build_s, autocast, status ("ok", "oom" or "error: ..."), and
+    steps, loss, loss_finite, build_s, autocast, reference_loss / rrhf_lite_loss /
+    loss_abs_diff (both losses on the fresh weights, no dropout), status ("ok", "oom" or
+    "error: ..."), and
     memory_vs_reference / speedup_vs_reference once the reference is known. ``on_row`` gets
     each row as soon as it is measured (so a caller can save partial results). ``bf16``: run
     under accelerate's bf16 mixed precision as HF Trainer does (default: on CUDA with bf16).
@@ -320,6 +344,10 @@ def run_e2e(model_name: str, *, device: str = "cuda", k: int = 4, seq_len: int =
     use_bf16 = bool(bf16)
     base = {"model": model_name, "k": k, "seq_len": seq_len, "vocab": config.vocab_size,
             "build_s": build_s, "autocast": "bf16" if use_bf16 else None}
+    try:
+        base.update(loss_agreement(model, batch, use_bf16, backend))
+    except Exception as err:  # noqa: BLE001 - a sanity check must not cost the measurements
+        base.update(loss_abs_diff=None, loss_agreement_error=f"{type(err).__name__}: {err}"[:300])
 
     def reference_variant(prepared):
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -710,6 +710,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         write()
     _print_summary(results, out_dir, stem)
     failed = [r for r in results["correctness"] if not r.get("passed")]
+    failed += [r for r in results["e2e"] if str(r.get("status", "")).startswith("error")]
+    if (results.get("gpu_tests") or {}).get("status") == "failed":
+        failed.append(results["gpu_tests"])
     return 1 if failed or results["errors"] else 0
 
 
@@ -804,6 +807,9 @@ def _print_summary(results: dict[str, Any], out_dir: Path, stem: str) -> None:
         print()
     for err in results["errors"]:
         print(f"ERROR in {err['item']}: {err['error']}\n{err['traceback']}")
+    for row in results["e2e"]:
+        if row.get("error"):
+            print(f"e2e {row['model']} {row['variant']}: {row['status']}: {row['error']}")
     print_table(results["goals"], GOAL_COLUMNS, title="Goals")
     print(f"\nstatus {results['status']} after {results['elapsed_s']:.0f} s; wrote "
           f"{out_dir / (stem + '.json')} and .md", flush=True)

@@ -103,6 +103,8 @@ def test_dry_run_e2e_rows(dry_results):
         assert row["step_s"] > 0 and row["peak_memory_gb"] is None  # no CUDA: not measured
         assert row["loss_finite"] and math.isfinite(row["loss"])
         assert row["autocast"] == "bf16"
+        # the reference step and RRHFTrainer compute the same objective on the same weights
+        assert row["loss_abs_diff"] <= 1e-3 * abs(row["reference_loss"]), row
     # Every variant optimises the same loss on the same batch; the first (warm-up) losses
     # differ only by the optimizer steps in between, so all stay in the same range.
     losses = [r["loss"] for r in rows]

@@ -65,7 +65,7 @@ def test_reward_is_graded(prompt, response, expected):
 
 
 def test_reward_is_one_exactly_for_the_right_answer_on_every_task():
-    prompts = sample_prompts(200, seed=3)
+    prompts = sample_prompts(200, seed=3, tasks=TASKS)
     assert {parse_prompt(p)[0] for p in prompts} == set(TASKS)
     assert reward(prompts, [solve(p) for p in prompts]) == [1.0] * len(prompts)
 
@@ -129,7 +129,7 @@ def test_write_prompt_sets(tmp_path):
 
 def test_corruptions_are_wrong_but_close():
     rng = random.Random(0)
-    prompts = sample_prompts(300, seed=5)
+    prompts = sample_prompts(300, seed=5, tasks=TASKS)
     for prompt in prompts:
         bad = corrupt(prompt, solve(prompt), rng)
         assert bad != solve(prompt), prompt

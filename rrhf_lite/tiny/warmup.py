@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from rrhf_lite.io import atomic_directory, write_json
 from rrhf_lite.tiny.models import make_tiny_causal_lm
-from rrhf_lite.tiny.tasks import TASKS, parse_prompt, sample_prompts, solve
+from rrhf_lite.tiny.tasks import DEFAULT_TASKS, parse_prompt, sample_prompts, solve
 from rrhf_lite.tiny.tokenizer import build_char_tokenizer
 
 # Bump when the tasks, the corruptions or the training loop change, so old caches are not reused.
@@ -46,6 +46,7 @@ class WarmupSettings:
     p_correct: float = 0.5  # chance that a demonstration is right
     p_habit: float = 0.0  # chance that it shows the task's habitual mistake (else a random slip)
     num_demonstrations: int = 20000  # distinct training prompts the demonstrations come from
+    tasks: tuple[str, ...] = DEFAULT_TASKS
     hidden_size: int = 96
     num_layers: int = 3
     num_heads: int = 4
@@ -149,7 +150,8 @@ def train_initial_policy(settings: WarmupSettings = WarmupSettings(), progress: 
     model = make_tiny_causal_lm(seed=settings.seed, **settings.model_config())
     model.train()
     # Demonstrations come from training-side prompts only; held-out prompts stay unseen.
-    pool = sample_prompts(settings.num_demonstrations, seed=settings.seed + 1000, tasks=TASKS)
+    pool = sample_prompts(settings.num_demonstrations, seed=settings.seed + 1000,
+                          tasks=tuple(settings.tasks))
     rng = random.Random(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate,
                                   weight_decay=0.01)

@@ -175,7 +175,68 @@ def install_wheels(wheel_dir: Path, target: Path = SITE_DIR) -> dict[str, Any]:
     expected = {w.split("==")[0].replace("-", "_").lower() for w in WHEELS}
     have = {w.name.split("-")[0].lower() for w in wheels}
     info["missing_from_wheel_dir"] = sorted(expected - have)
+    info["dropped"] = drop_broken_optional(target)
     return info
+
+
+# Optional packages (only comparisons use them) and what breaks with them. A `datasets` that
+# cannot import (e.g. its pyarrow is older than it needs) would break `transformers.Trainer`,
+# which imports datasets whenever it is installed: then it is removed again, with trl.
+OPTIONAL_PROBES = (
+    ("datasets", "import datasets", ("datasets", "trl")),
+    ("trl", "import trl.trainer.utils", ("trl",)),
+    ("liger_kernel", "import liger_kernel.transformers.functional", ("liger_kernel",)),
+)
+
+
+def drop_broken_optional(target: Path) -> dict[str, str]:
+    """Import-test the optional packages installed into `target`; remove the broken ones."""
+    dropped: dict[str, str] = {}
+    for dist, code, remove in OPTIONAL_PROBES:
+        if dist in dropped or not _dist_info(target, dist):
+            continue
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              env=dict(os.environ), timeout=120)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or ["failed"])[-1][:300]
+            for name in remove:
+                if _remove_dist(target, name):
+                    dropped[name] = f"{code!r} failed: {reason}"
+    if dropped:
+        importlib.invalidate_caches()
+        print(f"[suite] removed optional packages that do not import here: {dropped}", flush=True)
+    return dropped
+
+
+def _dist_info(target: Path, dist: str) -> Path | None:
+    norm = dist.replace("-", "_").lower()
+    return next((d for d in target.glob("*.dist-info")
+                 if d.name.split("-")[0].replace("-", "_").lower() == norm), None)
+
+
+def _remove_dist(target: Path, dist: str) -> bool:
+    """Delete an installed distribution's files (from its RECORD) and its dist-info folder."""
+    import shutil
+
+    info = _dist_info(target, dist)
+    if info is None:
+        return False
+    record = info / "RECORD"
+    lines = record.read_text(encoding="utf-8").splitlines() if record.is_file() else []
+    tops = set()
+    for line in lines:
+        path = line.split(",", 1)[0]
+        if not path or path.startswith(".."):
+            continue
+        top = path.split("/", 1)[0]
+        if top == "bin" or "/" not in path:  # shared script folder, top-level modules
+            (target / path).unlink(missing_ok=True)
+        elif top != info.name:
+            tops.add(top)
+    for top in sorted(tops):
+        shutil.rmtree(target / top, ignore_errors=True)
+    shutil.rmtree(info, ignore_errors=True)
+    return True
 
 
 def _prepend_path(folder: Path) -> None:

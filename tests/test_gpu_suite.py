@@ -307,7 +307,8 @@ def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir):
 # ----------------------------------------------------------------------------- setup
 
 
-def _make_wheel(folder: Path, name: str = "rrhfsuiteprobe", version: str = "0.1") -> Path:
+def _make_wheel(folder: Path, name: str = "rrhfsuiteprobe", version: str = "0.1",
+                init: str = "VALUE = 42\n") -> Path:
     """A minimal pure-Python wheel, built by hand (no network, no build backend)."""
     import base64
     import hashlib
@@ -315,7 +316,7 @@ def _make_wheel(folder: Path, name: str = "rrhfsuiteprobe", version: str = "0.1"
 
     dist = f"{name}-{version}.dist-info"
     files = {
-        f"{name}/__init__.py": "VALUE = 42\n",
+        f"{name}/__init__.py": init,
         f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
         f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                          "Tag: py3-none-any\n",
@@ -357,3 +358,21 @@ def test_install_wheels_without_wheels_changes_nothing(tmp_path, monkeypatch):
     before = list(sys.path)
     info = gpu_suite.install_wheels(tmp_path / "absent", target=tmp_path / "site")
     assert info["wheels"] == [] and "no wheels" in info["note"] and sys.path == before
+
+
+def test_optional_packages_that_do_not_import_are_removed(tmp_path, monkeypatch):
+    # e.g. datasets built for a newer pyarrow than the GPU image has: transformers.Trainer
+    # would import it and break, so the suite uninstalls it again (liger stands in here)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _make_wheel(wheels)
+    _make_wheel(wheels, name="liger_kernel", version="9.9",
+                init="raise RuntimeError('built for another triton')\n")
+    target = tmp_path / "site"
+    info = gpu_suite.install_wheels(wheels, target=target)
+    assert list(info["dropped"]) == ["liger_kernel"]
+    assert "another triton" in info["dropped"]["liger_kernel"]
+    assert not (target / "liger_kernel").exists() and not list(target.glob("liger_kernel-*"))
+    assert (target / "rrhfsuiteprobe" / "__init__.py").is_file()

@@ -230,3 +230,23 @@ def test_random_shapes_match_reference(backend, examples):
         check_against_reference(logits, labels, lp, backend, **kw)
 
     check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk_rows", [None, 4])
+def test_garbage_in_ignored_rows_does_not_leak(backend, chunk_rows):
+    # Ignored positions (padding) may hold inf/NaN logits: scores and gradients stay clean.
+    logits, labels = make_case(2, 6, 40, seed=21, masked_frac=0.0)
+    labels[0, 2] = labels[1, 0] = labels[1, 5] = -100
+    logits[0, 2] = float("nan")
+    logits[1, 0] = float("inf")
+    logits[1, 5, :3] = float("-inf")
+    kw = {"chunk_rows": chunk_rows} if backend == "torch" and chunk_rows else {}
+    scores, grad = check_against_reference(logits.nan_to_num(0, 0, 0), labels, 1.0, backend)
+    x = logits.clone().requires_grad_(True)
+    sums, _ = K.candidate_logprob_sums(x, labels, backend=backend, **kw)
+    sums.sum().backward()
+    assert torch.isfinite(sums).all() and torch.isfinite(x.grad).all()
+    assert (x.grad[labels == -100] == 0).all()
+    ref_sums, _ = K.reference_logprob_sums(logits.nan_to_num(0, 0, 0), labels)
+    torch.testing.assert_close(sums.double(), ref_sums, rtol=1e-5, atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 
 import torch
@@ -119,8 +120,14 @@ def load_model_for_training(args: ModelArguments):
             bnb_4bit_compute_dtype=resolve_dtype(args.bnb_4bit_compute_dtype, device),
             bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
             bnb_4bit_quant_storage=torch.uint8)
-        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+        # one process per GPU: each loads its shards onto its own local device
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        kwargs["device_map"] = {"": local if device == "cuda" else "cpu"}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
+    except OSError as err:  # missing repo/dir, no safetensors weights, no network
+        raise UserInputError(f"could not load the model: {err}", where=args.model_name_or_path,
+                             hint="check the name or path; weights must be safetensors") from None
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path,
                                args.trust_remote_code)
     model.config.use_cache = False  # no KV cache while training (and it clashes with checkpointing)

@@ -1,4 +1,10 @@
-"""File helpers: atomic writes, JSON lines, and directories that only appear once complete."""
+"""File helpers: atomic writes, JSON lines, and directories that only appear once complete.
+
+Why each write goes through a temporary sibling and a rename: a run can be killed at any moment
+(SIGKILL, out of memory, a pre-empted cloud machine). A rename is atomic on POSIX file systems, so
+a reader (or the next, resumed run) sees either the old file or directory or the whole new one,
+never a half-written one that looks complete.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,25 @@ from typing import Any
 
 from rrhf_lite.errors import UserInputError
 
+_JSONL_HINT = "each line must be one JSON object"
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (best effort: not every platform can open a dir)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write `text` to `path` so that a reader sees either the old file or the whole new one."""
@@ -20,6 +45,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp creates the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -29,6 +56,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_dir(path.parent)
     return path
 
 
@@ -40,37 +68,92 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Read JSON lines; a bad line raises UserInputError naming the file and line number."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The file's text, or a UserInputError that names the file (and the line of bad UTF-8)."""
     if not path.exists():
         raise UserInputError("file not found", where=str(path), hint="check the path")
-    rows = []
+    if not path.is_file():
+        raise UserInputError("not a file", where=str(path), hint="give the path of a file")
     try:
-        text = path.read_bytes().decode("utf-8")
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserInputError(f"cannot read the file ({err.strerror})", where=str(path),
+                             hint="check the file's permissions") from None
+    try:
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not part of line 1.
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        line = data[: err.start].count(b"\n") + 1
         raise UserInputError(
             f"invalid UTF-8 at byte {err.start}", where=f"{path} line {line}",
             hint="re-save the file as UTF-8",
         ) from None
-    for number, line in enumerate(text.splitlines(), start=1):
+
+
+def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
+    """Read JSON lines as (1-based line number, object) pairs; blank lines are skipped.
+
+    Lines are split on "\\n" only: JSON text may hold raw U+2028 or other characters that
+    str.splitlines() would wrongly treat as line breaks. A bad line raises UserInputError naming
+    the file and line number.
+    """
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
+        where = f"{path} line {number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise UserInputError(
-                f"malformed JSON ({err.msg}, column {err.colno})", where=f"{path} line {number}",
-                hint="each line must be one JSON object",
+                f"malformed JSON ({err.msg}, column {err.colno})", where=where, hint=_JSONL_HINT,
             ) from None
+        except RecursionError:
+            raise UserInputError("JSON nested too deeply to read", where=where,
+                                 hint="flatten the row") from None
+        except ValueError as err:  # e.g. an integer with more digits than Python will convert
+            raise UserInputError(f"unreadable JSON value ({err})", where=where,
+                                 hint=_JSONL_HINT) from None
         if not isinstance(row, dict):
             raise UserInputError(
-                f"expected a JSON object, got {type(row).__name__}", where=f"{path} line {number}",
-                hint="each line must be one JSON object",
+                f"expected a JSON object, got {type(row).__name__}", where=where, hint=_JSONL_HINT,
             )
-        rows.append(row)
+        rows.append((number, row))
     return rows
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Read JSON lines; a bad line raises UserInputError naming the file and line number."""
+    return [row for _, row in read_jsonl_numbered(path)]
+
+
+_PARTIAL = ".partial-"
+
+
+def _remove_stale_partials(path: Path) -> None:
+    """Delete temporary siblings of `path` left by a process that was killed mid-write.
+
+    Their names carry the writer's pid; one whose process is gone can never be finished.
+    """
+    prefix = f".{path.name}{_PARTIAL}"
+    for sibling in path.parent.glob(f"{prefix}*"):
+        pid_text = sibling.name[len(prefix):].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        pid = int(pid_text)
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(sibling, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
+def _old_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
 
 
 @contextlib.contextmanager
@@ -78,25 +161,55 @@ def atomic_directory(path: str | Path, overwrite: bool = False) -> Iterator[Path
     """Yield a temporary sibling directory that is renamed to `path` only when the block succeeds.
 
     A crash inside the block leaves `path` untouched (old content or absent), never half-written.
+    With overwrite=False an existing `path` is refused before the block runs (and again at the
+    end, in case another process created it meanwhile). With overwrite=True the old directory is
+    moved aside, the new one renamed in, then the old one deleted; if the process dies between
+    the two renames, the next atomic_directory for the same path puts the old one back.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial"))
+    old = _old_name(path)
+    if old.exists() and not path.exists():
+        os.replace(old, path)  # a kill between the two renames of an overwrite: restore
+    _remove_stale_partials(path)
+    if path.exists() and not overwrite:
+        raise _exists_error(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}{_PARTIAL}{os.getpid()}-"))
+    # mkdtemp makes the directory private (0700); give it the permissions a plain mkdir would.
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        _fsync_tree(tmp)
         if path.exists():
             if not overwrite:
-                raise UserInputError(
-                    "output directory already exists", where=str(path),
-                    hint="choose another directory or pass --force",
-                )
-            old = path.with_name(f".{path.name}.old")
+                raise _exists_error(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exists_error(path: Path) -> UserInputError:
+    return UserInputError(
+        "output directory already exists", where=str(path),
+        hint="choose another directory or pass --force",
+    )
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` to disk, so the renamed directory is complete after a crash."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            with contextlib.suppress(OSError):
+                fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(directory))

@@ -433,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     from _common import print_table, write_result
 
     device = "cpu" if args.dry or not torch.cuda.is_available() else "cuda"
+    if device == "cpu":
+        torch.set_num_threads(1)  # a shared CPU: more threads mostly wait on each other
     models = args.models or (["tiny-llama3", "tiny-llama2"] if args.dry
                              else ["llama3-8b", "llama2-7b"])
     shape = dict(k=4, seq_len=32, prompt_len=8) if args.dry else dict(k=4, seq_len=512, prompt_len=64)

@@ -61,8 +61,12 @@ The device command (device tool `run`, carry [".whl"], timeout_s 560):
 
     set -o pipefail; PYTHONUNBUFFERED=1 python3 benchmarks/gpu_suite.py --out $OUT 2>&1 | tee $OUT/suite.log
 
-It leaves three files in $OUT (json, md, log). Copy the json and md into benchmarks/results/
-and commit them.
+(add `--commit <sha>` to record the commit: the device copy has no .git). It leaves three
+files in $OUT (json, md, log). Copy the json and md into benchmarks/results/ and commit them.
+With minutes left on a still-warm machine, rerun one section with a smaller budget (the wheels
+stay installed in /tmp, so setup is skipped), e.g. `... gpu_suite.py --out $OUT --only e2e
+--budget-s 200`. A machine starts with the 15-minute device allowance minus ~1-2 minutes, so
+one full run fits; plan no second full run.
 """
 
 from __future__ import annotations
@@ -714,7 +718,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["TRITON_INTERPRET"] = "1"
     wheel_dir = None if args.wheels == "none" else (
         Path(args.wheels) if args.wheels else (None if args.dry else DEFAULT_WHEEL_DIR))
-    setup = install_wheels(wheel_dir) if wheel_dir else {"note": "no wheel install"}
+    setup_errors = []
+    try:
+        setup = install_wheels(wheel_dir) if wheel_dir else {"note": "no wheel install"}
+    except Exception as err:  # noqa: BLE001 - run what still can (no NF4 e2e) and say why
+        setup = {"wheel_dir": str(wheel_dir), "error": str(err)[-2000:]}
+        setup_errors.append({"item": "setup", "error": f"{type(err).__name__}: {err}"[:2000],
+                             "traceback": traceback.format_exc()[-4000:]})
+        print(f"[suite] wheel install failed: {err}", flush=True)
     setup["project"] = ensure_project_importable()
     sys.path.insert(0, str(BENCH_DIR))
 
@@ -744,7 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": "running", "budget_s": budget, "elapsed_s": 0.0,
         "versions": versions(args.commit), "setup": setup,
         "goals": [], "correctness": [], "kernel": [], "e2e": [], "gpu_tests": {},
-        "skipped": [], "errors": [], "timings_s": {}, "_start": start,
+        "skipped": [], "errors": setup_errors, "timings_s": {}, "_start": start,
     }
     try:
         from _common import environment_info

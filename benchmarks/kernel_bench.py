@@ -112,21 +112,28 @@ def _liger_path() -> ScoreFn | None:
     return fn
 
 
-def available_paths(device: str, only: str | None = None) -> dict[str, ScoreFn]:
-    """name -> score function; 'naive' first (the baseline). `only` skips other imports."""
-    paths: dict[str, ScoreFn] = {"naive": _naive, "rrhf_torch": _rrhf("torch")}
-    if only in paths:
-        return {only: paths[only]}
-    if device.startswith("cuda"):
-        paths["naive_compiled"] = torch.compile(_naive, dynamic=False)
-        if rrhf_kernels.triton_available():
-            paths["rrhf_triton"] = _rrhf("triton")
-        liger = _liger_path()
-        if liger is not None:
-            paths["liger_cross_entropy"] = liger
-    trl = _trl_path()
-    if trl is not None:
-        paths["trl_selective_log_softmax"] = trl
+def available_paths(device: str, only: str | Sequence[str] | None = None) -> dict[str, ScoreFn]:
+    """name -> score function, 'naive' first (the baseline); paths whose library is missing
+    are left out. `only` names the paths wanted, so nothing else gets imported or compiled."""
+    wanted = None if only is None else {only} if isinstance(only, str) else set(only)
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    cuda = device.startswith("cuda")
+    candidates: dict[str, Callable[[], ScoreFn | None]] = {
+        "naive": lambda: _naive,
+        "rrhf_torch": lambda: _rrhf("torch"),
+        "naive_compiled": lambda: torch.compile(_naive, dynamic=False) if cuda else None,
+        "rrhf_triton": lambda: _rrhf("triton") if cuda and rrhf_kernels.triton_available() else None,
+        "liger_cross_entropy": lambda: _liger_path() if cuda else None,
+        "trl_selective_log_softmax": _trl_path,
+    }
+    paths = {}
+    for name, make in candidates.items():
+        fn = make() if want(name) else None
+        if fn is not None:
+            paths[name] = fn
     return paths
 
 
@@ -238,8 +245,9 @@ def run_kernel_bench(
     measure_memory: bool = True,
 ) -> list[dict]:
     """Time (and measure peak extra memory of) fwd+bwd for each path, shape and dtype."""
-    available = available_paths(device)
-    chosen = list(available) if paths is None else ["naive", *[p for p in paths if p != "naive"]]
+    chosen = None if paths is None else ["naive", *[p for p in paths if p != "naive"]]
+    available = available_paths(device, chosen)
+    chosen = list(available) if chosen is None else chosen
     rows = []
     for shape in shapes:
         for dtype_name in dtypes:

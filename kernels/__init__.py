@@ -12,13 +12,17 @@ Public API
     (memory-lean chunked fallback with its own chunked backward), ``"auto"`` (triton on CUDA,
     torch elsewhere).
 
+Memory (fwd+bwd, beyond the inputs): triton saves one fp32 logsumexp per token and writes the
+gradient once (one logits-sized buffer); torch adds one slab temporary of about a quarter of
+the logits (see benchmarks/kernel_bench.py and its recorded results).
+
 ``candidate_logprob_sums(logits, labels, ignore_index=-100, backend="auto") -> (sums, counts)``
     What the trainer needs besides the score: per row the token log-prob SUM (float32 [N],
     float64 for float64 logits; differentiable) and the valid-token COUNT (int64 [N], no grad).
     ``candidate_logprobs`` is exactly ``sums / counts.clamp(min=1) ** length_penalty``; the SFT
     loss of a candidate is ``-sums / counts.clamp(min=1)``. Call it once and derive both, rather
     than running the kernel twice. Optional keyword-only tuning knobs: ``block_size`` (triton
-    vocabulary tile) and ``chunk_rows`` (torch tokens per chunk).
+    vocabulary tile, a power of two) and ``chunk_rows`` (torch: token rows per slab).
 
 ``reference_candidate_logprobs(logits, labels, length_penalty=1.0, ignore_index=-100,
 compute_dtype=torch.float64)`` and ``reference_logprob_sums(...) -> (sums, counts)``

@@ -112,7 +112,7 @@ def candidate_logprob_sums(
     Returns ``sums`` [N] (float32; float64 when the logits are float64), differentiable w.r.t.
     logits, and ``counts`` [N] int64 (no gradient). A row with no valid token has sum 0 and
     count 0. ``block_size`` (triton: vocabulary tile, a power of two) and ``chunk_rows`` (torch:
-    tokens per chunk) are tuning knobs; None picks a default.
+    token rows per slab) are tuning knobs; None picks a default.
     """
     _check_inputs(logits, labels, ignore_index)
     counts = (labels != ignore_index).sum(dim=-1)

@@ -9,6 +9,13 @@ g_i = dL/dS_i from the loss on those detached sums, (3) re-runs each chunk with 
 backpropagates sum_{i in chunk} g_i * S_i. The sum over chunks is the full-batch gradient, while
 only one chunk's activations live at a time. Dropout masks match between the two passes because
 each chunk's RNG state is saved in pass 1 and restored in pass 3.
+
+Several processes (accelerate launch / torchrun with DDP, FSDP or DeepSpeed): the argument holds
+per rank, since each rank's gradient is exact for its own batch and the engine averages the
+ranks' gradients once per optimizer step (only the step's last backward synchronises). Engines
+that shard parameters (FSDP, ZeRO-3) or reduce gradients in every backward (ZeRO-2) need the same
+number of forwards and backwards on every rank, so ranks with fewer candidate chunks run
+zero-weight padding chunks. Logged metrics are reduced across ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import Trainer, TrainingArguments
 
 from rrhf_lite.data import RRHFCollator, load_listwise, tokenize_listwise
@@ -31,6 +39,8 @@ logger = logging.getLogger(__name__)
 
 # metrics averaged with the number of rank pairs as weight (a batch without pairs says nothing)
 _PAIR_WEIGHTED = ("rank/accuracy", "rank/margin")
+# counts that add up over ranks (the pairs of one global batch), instead of averaging
+_SUMMED_OVER_RANKS = ("rank/pairs",)
 
 
 @dataclass
@@ -201,6 +211,18 @@ class RRHFTrainer(Trainer):
         size = self.args.candidate_micro_batch_size or n
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
+    def _padding_chunks(self, chunks: list[slice]) -> int:
+        """How many zero-weight chunks this rank adds so that every rank runs as many chunks.
+
+        FSDP and DeepSpeed ZeRO-3 gather parameters in every forward, ZeRO-2 reduces gradients
+        in every backward: a rank running fewer chunks than another would leave it waiting.
+        Applied under every multi-process engine (one tiny all-gather per micro-batched step).
+        """
+        if self.args.candidate_micro_batch_size is None or self.accelerator.num_processes == 1:
+            return 0
+        count = torch.tensor([len(chunks)], device=self.accelerator.device)
+        return int(self.accelerator.gather(count).max()) - len(chunks)
+
     def _chunk_sums(self, model, inputs: dict, part: slice):
         with self.compute_loss_context_manager():
             return chunk_logprob_sums(
@@ -223,15 +245,46 @@ class RRHFTrainer(Trainer):
 
     def _full_loss(self, model, inputs: dict):
         """All chunks in one autograd graph (evaluation, or compute_loss for custom loops)."""
-        parts = [self._chunk_sums(model, inputs, part) for part in self._chunks(len(inputs["input_ids"]))]
+        chunks = self._chunks(len(inputs["input_ids"]))
+        parts = [self._chunk_sums(model, inputs, part) for part in chunks]
         sums = torch.cat([s for s, _ in parts])
         counts = torch.cat([c for _, c in parts])
-        return self.loss_from_sums(sums, counts, inputs)
+        loss, metrics = self.loss_from_sums(sums, counts, inputs)
+        for _ in range(self._padding_chunks(chunks)):  # keep sharded engines in step
+            loss = loss + 0.0 * self._chunk_sums(model, inputs, slice(0, 1))[0].sum()
+        return loss, metrics
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, metrics = self._full_loss(model, inputs)
         self._store_metrics(metrics, "train" if model.training else "eval")
         return (loss, metrics) if return_outputs else loss
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        # the loss is already scaled for gradient accumulation: DeepSpeed must not scale it again
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            self.accelerator.backward(loss, scale_wrt_gas=False)
+        else:
+            self.accelerator.backward(loss)
+
+    @contextlib.contextmanager
+    def _defer_gradient_sync(self, model):
+        """Accumulate this backward locally; the step's last backward synchronises the ranks."""
+        if not self.accelerator.sync_gradients:
+            yield  # the Trainer already defers: not the last batch of the accumulation window
+        elif self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # accelerate's DeepSpeed backward steps the optimizer when sync_gradients is set
+            state = self.accelerator.gradient_state
+            state._set_sync_gradients(False)
+            try:
+                yield
+            finally:
+                state._set_sync_gradients(True)
+        elif getattr(self, "is_distributed_loading_by_transformers", False):
+            with self._defer_fsdp_gradient_reduction():
+                yield
+        else:
+            with self.accelerator.no_sync(model):  # DDP, FSDP; a no-op in one process
+                yield
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         """Two-pass exact micro-batched step; returns the loss scaled for gradient accumulation."""
@@ -245,35 +298,40 @@ class RRHFTrainer(Trainer):
         if self.args.n_gpu > 1:
             raise NotImplementedError("RRHFTrainer runs one device per process (use DDP, not DataParallel)")
         chunks = self._chunks(len(inputs["input_ids"]))
-        if len(chunks) == 1:
+        padding = self._padding_chunks(chunks)
+        if len(chunks) == 1 and padding == 0:
             sums, counts = self._chunk_sums(model, inputs, chunks[0])
             loss, metrics = self.loss_from_sums(sums, counts, inputs)
-            self.accelerator.backward(loss * scale)
+            self._backward(loss * scale)
         else:
-            loss, metrics = self._micro_batched_backward(model, inputs, chunks, scale)
+            loss, metrics = self._micro_batched_backward(model, inputs, chunks, scale, padding)
         self._store_metrics(metrics, "train")
         return loss.detach() * scale
 
-    def _micro_batched_backward(self, model, inputs, chunks, scale):
+    def _micro_batched_backward(self, model, inputs, chunks, scale, padding=0):
         states, sums, counts = [], [], []
+        # padding chunks (one candidate, weight 0) only keep sharded engines in step across ranks
+        runs = chunks + [slice(0, 1)] * padding
         with torch.no_grad():  # pass 1: every score, no activations kept
-            for part in chunks:
+            for i, part in enumerate(runs):
                 states.append(_rng_state())
                 s, c = self._chunk_sums(model, inputs, part)
-                sums.append(s)
-                counts.append(c)
+                if i < len(chunks):
+                    sums.append(s)
+                    counts.append(c)
         after = _rng_state()
         leaf = torch.cat(sums).detach().requires_grad_(True)
         with torch.enable_grad():  # pass 2: g_i = dL/dS_i, cheap (B x k numbers)
             loss, metrics = self.loss_from_sums(leaf, torch.cat(counts), inputs)
             (grad,) = torch.autograd.grad(loss, leaf)
-        for i, (part, state) in enumerate(zip(chunks, states, strict=True)):  # pass 3: per chunk
+        for i, (part, state) in enumerate(zip(runs, states, strict=True)):  # pass 3: per chunk
             _set_rng_state(state)  # same dropout masks as in pass 1
-            # under DDP only the last chunk's backward all-reduces (the others accumulate locally)
-            sync = i == len(chunks) - 1
-            with contextlib.nullcontext() if sync else self.accelerator.no_sync(model):
+            weight = grad[part] if i < len(chunks) else torch.zeros_like(grad[:1])
+            # only the last backward synchronises ranks (the others accumulate locally)
+            sync = i == len(runs) - 1
+            with contextlib.nullcontext() if sync else self._defer_gradient_sync(model):
                 s, _ = self._chunk_sums(model, inputs, part)
-                self.accelerator.backward((grad[part].to(s.dtype) * s).sum() * scale)
+                self._backward((weight.to(s.dtype) * s).sum() * scale)
         _set_rng_state(after)
         return loss, metrics
 
@@ -291,24 +349,48 @@ class RRHFTrainer(Trainer):
             self._metrics[mode][key].append(value)
 
     @staticmethod
-    def aggregate_metrics(stored: dict[str, list]) -> dict[str, float]:
-        """Mean over the steps since the last log; accuracy and margin weighted by pair count."""
-        out = {}
+    def _metric_totals(stored: dict[str, list]) -> dict[str, tuple[float, float]]:
+        """key -> (numerator, denominator) over the steps since the last log."""
+        totals = {}
         pairs = stored.get("rank/pairs", [])
         for key, values in stored.items():
             if not values:
                 continue
             if key in _PAIR_WEIGHTED and pairs and len(pairs) == len(values):
-                total = sum(pairs)
-                out[key] = sum(v * w for v, w in zip(values, pairs, strict=True)) / total if total else 0.0
+                totals[key] = (sum(v * w for v, w in zip(values, pairs, strict=True)), float(sum(pairs)))
             else:
-                out[key] = sum(values) / len(values)
+                totals[key] = (float(sum(values)), float(len(values)))
+        return totals
+
+    @staticmethod
+    def aggregate_metrics(stored: dict[str, list]) -> dict[str, float]:
+        """Mean over the steps since the last log; accuracy and margin weighted by pair count."""
+        totals = RRHFTrainer._metric_totals(stored)
+        return {key: num / den if den else 0.0 for key, (num, den) in totals.items()}
+
+    def _aggregate_across_ranks(self, stored: dict[str, list]) -> dict[str, float]:
+        """aggregate_metrics over every rank's steps (rank/pairs: summed over the ranks, so it
+        counts the pairs of one global batch, as a single process with that batch would)."""
+        totals = self._metric_totals(stored)
+        if self.accelerator.num_processes == 1:
+            return {key: num / den if den else 0.0 for key, (num, den) in totals.items()}
+        from rrhf_lite.distributed import all_gather_object
+
+        out = {}
+        every = all_gather_object(totals)  # every rank logs at the same steps (Trainer.log)
+        for key in sorted({k for rank_totals in every for k in rank_totals}):
+            parts = [t[key] for t in every if key in t]
+            if key in _SUMMED_OVER_RANKS:
+                out[key] = sum(num / den for num, den in parts if den)
+            else:
+                num, den = sum(p[0] for p in parts), sum(p[1] for p in parts)
+                out[key] = num / den if den else 0.0
         return out
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         stored = self._metrics[mode]
-        aggregated = self.aggregate_metrics(stored)
+        aggregated = self._aggregate_across_ranks(stored)
         prefix = "eval_" if mode == "eval" else ""
         # in place: Trainer.evaluate() returns this same dict, so eval metrics reach the caller
         logs.update({prefix + k: v for k, v in aggregated.items()})

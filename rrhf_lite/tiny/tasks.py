@@ -5,8 +5,8 @@ Every prompt names its task and ends with "=", and the answer follows with no sp
     copy kqzt=      -> kqzt
     reverse kqzt=   -> tzqk
     sort 31852=     -> 12358
-    add 47+8=       -> 55
     count b abbcb=  -> 3
+    add 47+8=       -> 55     (understood by the reward, not drawn by default: DEFAULT_TASKS)
 
 `reward(prompts, responses)` reads the task and its input back from the prompt text, works out
 the right answer, and gives partial credit in [0, 1], so that k samples from an imperfect model

@@ -437,23 +437,30 @@ def make_correctness_inputs(n: int, t: int, v: int, dtype_name: str, device: str
     return logits, labels, coef
 
 
-def _reference_row(logits_row, labels_row, coef: float):
-    """float64 sum and gradient of one candidate row, chunked over tokens."""
+def _compare_row(logits_row, labels_row, coef: float, grad_row, grad_rtol: float):
+    """One candidate row against float64, chunk by chunk (the reference's float64 copy, its
+    log_softmax and gradient stay under REFERENCE_CHUNK_BYTES together).
+
+    Returns (reference sum, max abs gradient error, max gradient error / tolerance).
+    """
     import torch
 
     from rrhf_kernels import reference_logprob_sums
 
     t, v = logits_row.shape
-    step = max(1, REFERENCE_CHUNK_BYTES // (v * 8 * 3))  # x, log_softmax and grad in float64
-    total = torch.zeros((), dtype=torch.float64, device=logits_row.device)
-    grads = []
+    step = max(1, REFERENCE_CHUNK_BYTES // (v * 8 * 3))
+    total, max_err, ratio = 0.0, 0.0, 0.0
     for start in range(0, t, step):
         x = logits_row[start:start + step].to(torch.float64).unsqueeze(0).requires_grad_(True)
         sums, _ = reference_logprob_sums(x, labels_row[start:start + step].unsqueeze(0))
         (sums * coef).sum().backward()
-        total += sums.detach()[0]
-        grads.append(x.grad[0])
-    return total, grads, step
+        total += float(sums.detach()[0])
+        ref = x.grad[0]
+        diff = (grad_row[start:start + step].to(torch.float64) - ref).abs()
+        max_err = max(max_err, float(diff.max()))
+        ratio = max(ratio, float((diff / (grad_rtol * ref.abs() + GRAD_ATOL)).max()))
+        del x, sums, ref, diff
+    return total, max_err, ratio
 
 
 def check_case(dtype_name: str, n: int, t: int, v: int, device: str,
@@ -487,18 +494,13 @@ def check_case(dtype_name: str, n: int, t: int, v: int, device: str,
     for i in range(n):
         if not valid[i].all():  # row by row: a boolean-mask copy of all rows could be GBs
             ignored_grad_max = max(ignored_grad_max, float(grad[i][~valid[i]].abs().max()))
-        ref_sum, ref_grads, step = _reference_row(logits[i], labels[i], float(coef[i]))
-        err = abs(float(sums[i]) - float(ref_sum))
+        ref_sum, row_err, row_ratio = _compare_row(logits[i], labels[i], float(coef[i]),
+                                                   grad[i], rtol_g)
+        err = abs(float(sums[i]) - ref_sum)
         max_sum_err = max(max_sum_err, err)
-        allowed = rtol_s * abs(float(ref_sum)) + 1e-5 * max(1, int(valid[i].sum()))
+        allowed = rtol_s * abs(ref_sum) + 1e-5 * max(1, int(valid[i].sum()))
         sum_ratio = max(sum_ratio, err / allowed)
-        for j, ref_g in enumerate(ref_grads):
-            got = grad[i, j * step:(j + 1) * step].to(torch.float64)
-            diff = (got - ref_g).abs()
-            max_grad_err = max(max_grad_err, float(diff.max()))
-            grad_ratio = max(grad_ratio, float((diff / (rtol_g * ref_g.abs() + GRAD_ATOL)).max()))
-            del got, diff
-        del ref_grads
+        max_grad_err, grad_ratio = max(max_grad_err, row_err), max(grad_ratio, row_ratio)
     empty_row_sum = float(sums[0]) if not valid[0].any() else None
     passed = (finite and counts_ok and sum_ratio <= 1.0 and grad_ratio <= 1.0
               and ignored_grad_max == 0.0 and (empty_row_sum in (None, 0.0)))

@@ -26,6 +26,11 @@ class ModelArguments:
     bnb_4bit_quant_type: "nf4" or "fp4". bnb_4bit_compute_dtype: "auto" | "bfloat16" | "float16"
         | "float32" ("auto": bf16 on a CUDA device that supports it, fp16 on other CUDA, fp32 on
         CPU). bnb_4bit_use_double_quant: quantise the quantisation constants too.
+    bnb_4bit_quant_storage: dtype the packed 4-bit weights are stored in: "auto" | "uint8" |
+        "bfloat16" | "float16" | "float32". FSDP flattens each wrapped block into one tensor of
+        one dtype (and ZeRO-3 partitions in one dtype), so there the storage must equal the
+        other weights' dtype (torch_dtype); "auto" picks that under FSDP / ZeRO-3 (read from
+        the environment accelerate launch sets) and uint8 otherwise.
     torch_dtype: dtype of the non-quantised weights, same choices and "auto" rule.
     use_lora, lora_r, lora_alpha, lora_dropout, lora_target_modules: PEFT LoRA settings;
         target modules "all-linear" or a list / comma-separated string of module names.
@@ -41,6 +46,7 @@ class ModelArguments:
     bnb_4bit_quant_type: str = "nf4"
     bnb_4bit_compute_dtype: str = "auto"
     bnb_4bit_use_double_quant: bool = True
+    bnb_4bit_quant_storage: str = "auto"
     torch_dtype: str = "auto"
     use_lora: bool = True
     lora_r: int = 16
@@ -66,6 +72,39 @@ def resolve_dtype(name: str | torch.dtype, device: str | None = None) -> torch.d
         raise UserInputError(f"unknown dtype {name!r}", where="torch_dtype",
                              hint=f"use 'auto' or one of {sorted(_DTYPES)}")
     return _DTYPES[name]
+
+
+def sharded_engine() -> str | None:
+    """"fsdp" or "zero3" when accelerate launched an engine that shards the weights, else None.
+
+    Read from the environment accelerate launch exports (ACCELERATE_USE_FSDP,
+    ACCELERATE_DEEPSPEED_ZERO_STAGE), since the model loads before the Trainer exists.
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        return "fsdp"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "zero3"
+    return None
+
+
+def resolve_quant_storage(name: str, weight_dtype: torch.dtype) -> torch.dtype:
+    """bnb_4bit_quant_storage: "auto" -> the weights' dtype under FSDP / ZeRO-3, else uint8."""
+    engine = sharded_engine()
+    if name == "auto":
+        return weight_dtype if engine else torch.uint8
+    storages = {**_DTYPES, "uint8": torch.uint8}
+    if name not in storages:
+        raise UserInputError(f"unknown bnb_4bit_quant_storage {name!r}",
+                             where="bnb_4bit_quant_storage",
+                             hint="use 'auto', 'uint8', 'bfloat16', 'float16' or 'float32'")
+    storage = storages[name]
+    if engine and storage != weight_dtype:
+        raise UserInputError(
+            f"under {engine} bnb_4bit_quant_storage ({name}) must equal the weights' dtype "
+            f"({str(weight_dtype).removeprefix('torch.')})", where="bnb_4bit_quant_storage",
+            hint="use 'auto', or set torch_dtype and bnb_4bit_quant_storage to the same dtype")
+    return storage
 
 
 def _target_modules(value: str | list[str]) -> str | list[str]:
@@ -103,6 +142,11 @@ def load_model_for_training(args: ModelArguments):
     fp32, input grads on), then a PEFT LoRA adapter. load_in_4bit=False: full-precision LoRA.
     use_lora=False: full fine-tuning (4-bit then is refused: quantised weights cannot train).
     Gradient checkpointing is non-reentrant. Weights load from safetensors only.
+
+    Several processes (torchrun / accelerate launch): each rank loads one 4-bit copy onto its own
+    GPU (LOCAL_RANK), or the CPU without CUDA. Under FSDP / ZeRO-3 the 4-bit storage dtype
+    follows the weights' dtype (see bnb_4bit_quant_storage) and the fp32 up-cast of the k-bit
+    preparation is skipped (one dtype per sharded block); checkpointing is enabled directly.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -119,7 +163,7 @@ def load_model_for_training(args: ModelArguments):
             load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
             bnb_4bit_compute_dtype=resolve_dtype(args.bnb_4bit_compute_dtype, device),
             bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
-            bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_quant_storage=resolve_quant_storage(args.bnb_4bit_quant_storage, dtype))
         # one process per GPU: each loads its shards onto its own local device
         local = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs["device_map"] = {"": local if device == "cuda" else "cpu"}
@@ -132,7 +176,7 @@ def load_model_for_training(args: ModelArguments):
                                args.trust_remote_code)
     model.config.use_cache = False  # no KV cache while training (and it clashes with checkpointing)
     ckpt_kwargs = {"use_reentrant": False}
-    if args.load_in_4bit:
+    if args.load_in_4bit and not sharded_engine():
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

@@ -357,7 +357,8 @@ class RRHFTrainer(Trainer):
             if not values:
                 continue
             if key in _PAIR_WEIGHTED and pairs and len(pairs) == len(values):
-                totals[key] = (sum(v * w for v, w in zip(values, pairs, strict=True)), float(sum(pairs)))
+                weighted = sum(v * w for v, w in zip(values, pairs, strict=True))
+                totals[key] = (float(weighted), float(sum(pairs)))
             else:
                 totals[key] = (float(sum(values)), float(len(values)))
         return totals
@@ -368,24 +369,29 @@ class RRHFTrainer(Trainer):
         totals = RRHFTrainer._metric_totals(stored)
         return {key: num / den if den else 0.0 for key, (num, den) in totals.items()}
 
-    def _aggregate_across_ranks(self, stored: dict[str, list]) -> dict[str, float]:
-        """aggregate_metrics over every rank's steps (rank/pairs: summed over the ranks, so it
-        counts the pairs of one global batch, as a single process with that batch would)."""
-        totals = self._metric_totals(stored)
-        if self.accelerator.num_processes == 1:
-            return {key: num / den if den else 0.0 for key, (num, den) in totals.items()}
-        from rrhf_lite.distributed import all_gather_object
-
+    @staticmethod
+    def combine_rank_totals(every: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
+        """Metrics from each rank's _metric_totals: weighted means over all ranks' steps, except
+        rank/pairs, summed over the ranks (the pairs of one global batch, as one process with
+        that batch would count them). One rank gives exactly aggregate_metrics."""
         out = {}
-        every = all_gather_object(totals)  # every rank logs at the same steps (Trainer.log)
-        for key in sorted({k for rank_totals in every for k in rank_totals}):
-            parts = [t[key] for t in every if key in t]
+        for key in sorted({k for totals in every for k in totals}):
+            parts = [totals[key] for totals in every if key in totals]
             if key in _SUMMED_OVER_RANKS:
                 out[key] = sum(num / den for num, den in parts if den)
             else:
                 num, den = sum(p[0] for p in parts), sum(p[1] for p in parts)
                 out[key] = num / den if den else 0.0
         return out
+
+    def _aggregate_across_ranks(self, stored: dict[str, list]) -> dict[str, float]:
+        totals = self._metric_totals(stored)
+        if self.accelerator.num_processes == 1:
+            return self.combine_rank_totals([totals])
+        from rrhf_lite.distributed import all_gather_object
+
+        # a collective: every rank calls Trainer.log at the same points of training/evaluation
+        return self.combine_rank_totals(all_gather_object(totals))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"

@@ -36,6 +36,10 @@ def run_train(
             for full fine-tuning; it appears only once complete (atomic rename);
         metrics.jsonl: the trainer's log history, one JSON object per logged step;
         train_summary.json: data counts, tokenisation/truncation counts, final metrics.
+
+    Under accelerate launch / torchrun every rank calls run_train; only the main process writes
+    these files (the weights are gathered first when FSDP or DeepSpeed ZeRO-3 shards them), and
+    every rank returns once they exist.
     """
     from rrhf_lite.trainer import RRHFTrainer
 
@@ -46,18 +50,26 @@ def run_train(
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     out = Path(config.output_dir)
     target = out / ("adapter" if model_args.use_lora else "model")
-    # save_pretrained directly (not trainer.save_model) so that no pickled training_args.bin
-    # lands beside the weights: the result holds safetensors, JSON and the tokenizer only.
-    with atomic_directory(target, overwrite=True) as tmp:
-        trainer.accelerator.unwrap_model(trainer.model).save_pretrained(tmp)  # safetensors
-        tokenizer.save_pretrained(tmp)
-    write_jsonl(out / "metrics.jsonl", trainer.state.log_history)
-    write_json(out / "train_summary.json", {
-        "data": summarize_listwise(examples),
-        "tokenization": trainer.tokenize_stats.get("train", {}),
-        "global_step": trainer.state.global_step,
-        "train_metrics": result.metrics,
-        "output": str(target),
-    })
+    accelerator = trainer.accelerator
+    # sharded engines hold a slice of each weight per rank: gather full weights (collective)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
+    if accelerator.is_main_process:
+        # save_pretrained directly (not trainer.save_model) so that no pickled training_args.bin
+        # lands beside the weights: the result holds safetensors, JSON and the tokenizer only.
+        with atomic_directory(target, overwrite=True) as tmp:
+            accelerator.unwrap_model(trainer.model).save_pretrained(  # safetensors
+                tmp, state_dict=state_dict)
+            tokenizer.save_pretrained(tmp)
+        write_jsonl(out / "metrics.jsonl", trainer.state.log_history)
+        write_json(out / "train_summary.json", {
+            "data": summarize_listwise(examples),
+            "tokenization": trainer.tokenize_stats.get("train", {}),
+            "global_step": trainer.state.global_step,
+            "train_metrics": result.metrics,
+            "world_size": accelerator.num_processes,
+            "output": str(target),
+        })
+    accelerator.wait_for_everyone()  # the other ranks return once the result exists
     logger.info("saved %s", target)
     return target

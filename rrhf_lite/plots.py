@@ -111,6 +111,8 @@ def plot_training_curves(
             points = sorted(curves[name][split])
             if points:
                 xs, ys = zip(*points, strict=True)
+                if len(points) < 30 and "o" not in style:
+                    style += "o"  # a short run: a line alone would not show a single point
                 ax.plot(xs, ys, style, label=split, markersize=3)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("step", fontsize=8)

@@ -259,9 +259,12 @@ def evaluate_run(state) -> dict:
     write_run_report(
         state.run_dir, metrics, title=f"rrhf-lite run: {recipe.name}",
         tables=[("Results (held-out prompts unless named)", rows)],
-        notes=_notes(state, plots), images=plots,
+        notes=_notes(state, plots, metrics), images=plots,
     )
-    print_summary_table(rows)
+    from rich.console import Console
+
+    # A wide console even when piped (CI logs, notebooks): the table stays readable.
+    print_summary_table(rows, console=Console(width=160))
     return metrics
 
 
@@ -273,7 +276,7 @@ def _summary_rows(metrics: dict) -> list[dict]:
         rows.append(row)
     if "best_of_n" in metrics:
         best = metrics["best_of_n"]
-        rows.append({"variant": f"best-of-{best['n']:g} (initial samples)",
+        rows.append({"variant": "best-of-k (initial samples)",
                      "reward/held_out": round(best["reward/held_out"], 4)})
     return rows
 
@@ -292,7 +295,7 @@ def _plots(state, out_dir: Path, rewards_by_variant: dict, candidate_rewards) ->
     return made
 
 
-def _notes(state, plots: list[Path]) -> list[str]:
+def _notes(state, plots: list[Path], metrics: dict) -> list[str]:
     recipe = state.recipe
     notes = [
         f"base model: {recipe.model.name_or_path}; rounds: {recipe.rounds}; "
@@ -300,6 +303,11 @@ def _notes(state, plots: list[Path]) -> list[str]:
         f"sft_weight {recipe.train.sft_weight}",
         "ranking/accuracy: fraction of reward-ordered pairs of held-out candidates that the "
         "model's own length-normalised log-probs order the same way (ties count half)",
+        "perplexity: exp(-mean per-token log-prob) of each variant's greedy answers under "
+        f"{recipe.evaluate.perplexity_model or 'the initial model'}",
     ]
+    if "best_of_n" in metrics:
+        notes.append(f"best-of-k: k = {metrics['best_of_n']['n']:g} distinct initial-model "
+                     "samples per held-out prompt on average (duplicates removed)")
     notes += [f"plot: {p.name}" for p in plots]
     return notes

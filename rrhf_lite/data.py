@@ -278,14 +278,15 @@ def _eos_id(tokenizer) -> int:
 
 
 def _render_prompt(prompt: str | list[dict], tokenizer) -> tuple[str, bool]:
-    """(prompt text, whether it came from the chat template)."""
-    if isinstance(prompt, str):
-        return prompt, False
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), True
-    # No template: a plain readable transcript, ending where the assistant speaks.
-    turns = "".join(f"{m['role']}: {m['content']}\n" for m in prompt)
-    return turns + "assistant: ", False
+    """(prompt text, whether it came from the chat template).
+
+    The same rendering as sampling and evaluation (rrhf_lite.inference.render_prompt), so the
+    trainer sees exactly the prompts the candidates were generated for; chat messages without
+    a chat template are an error there and here.
+    """
+    from rrhf_lite.inference import render_prompt
+
+    return render_prompt(tokenizer, prompt)
 
 
 def _response_text(prompt: str | list[dict], prompt_text: str, response, tokenizer, templated) -> str:

@@ -73,10 +73,13 @@ class GeneratorSection(Section):
     adapter: str | None = None
     method: Literal["greedy", "beam", "diverse_beam", "top_p"] = "diverse_beam"
     num_candidates: int = Field(4, gt=0)
+    num_beams: int | None = Field(None, gt=0, description="Beams (beam methods); None = num_candidates")
     num_beam_groups: int = Field(4, gt=0)
     diversity_penalty: float = Field(1.0, ge=0.0)
+    length_penalty: float = Field(1.0, description="Beam score = log-prob sum / length ** this")
     temperature: float = Field(0.8, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="top_p sampling: 0 = no top-k cut")
 
 
 class SamplingSection(Section):

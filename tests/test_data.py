@@ -182,9 +182,9 @@ def test_chat_template_is_applied():
     assert tok.decode(feat["prompt_ids"]) == "<user>hi\n<assistant>"
     assert tok.decode(feat["responses_ids"][0], skip_special_tokens=True) == "yo\n"
     assert feat["responses_ids"][0][-1] == tok.eos_token_id
-    # without a template the messages become a plain transcript
-    plain = tokenize_example(example, build_char_tokenizer(), max_length=None, max_prompt_length=None)
-    assert build_char_tokenizer().decode(plain["prompt_ids"]) == "user: hi\nassistant: "
+    # without a template, messages are an error (as in sampling): no invented transcript format
+    with pytest.raises(UserInputError, match="no chat template"):
+        tokenize_example(example, build_char_tokenizer(), max_length=None, max_prompt_length=None)
 
 
 def test_truncation_sides_counts_and_drops(caplog):

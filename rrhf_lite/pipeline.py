@@ -241,12 +241,24 @@ def training_config(recipe: Recipe, output_dir: Path, overrides: dict):
     from rrhf_lite.trainer import RRHFConfig
 
     section = TrainSection.model_validate({**recipe.train.model_dump(), **overrides})
-    fields = section.model_dump(exclude={"extra", "resume"})
+    fields = section.model_dump(exclude={"extra", "resume", "mixed_precision"})
+    fields.update(_mixed_precision(section.mixed_precision))
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
     fields["warmup_steps"] = fields.pop("warmup_ratio")
     return RRHFConfig(
         output_dir=str(output_dir), seed=recipe.seed, **fields, **section.extra,
     )
+
+
+def _mixed_precision(choice: str) -> dict:
+    import torch
+
+    if choice == "auto":
+        if not torch.cuda.is_available():
+            choice = "no"
+        else:
+            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 
 def model_arguments(recipe: Recipe, base_model: str, init_adapter: Path | None = None):

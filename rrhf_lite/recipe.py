@@ -139,6 +139,9 @@ class TrainSection(Section):
     )
     logprob_backend: Literal["auto", "triton", "torch"] = "auto"
     gradient_checkpointing: bool = True
+    mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
+        "auto", description="auto = bf16 on GPUs that have it, fp16 on others (T4), none on CPU"
+    )
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(100, gt=0)
     save_total_limit: int | None = 2

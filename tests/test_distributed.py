@@ -231,6 +231,32 @@ def test_padding_chunks_add_nothing_to_the_gradient(tiny_lm_dir, tmp_path):
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0)
 
 
+RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "accelerate"
+
+
+def test_accelerate_recipes_load_with_the_settings_qlora_needs():
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    kinds = {"ddp": "MULTI_GPU", "fsdp_qlora": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+             "deepspeed_zero3": "DEEPSPEED"}
+    assert sorted(p.stem for p in RECIPES.glob("*.yaml")) == sorted(kinds)
+    for name, kind in kinds.items():
+        config = load_config_from_file(str(RECIPES / f"{name}.yaml"))  # accelerate's own parser
+        assert config.distributed_type.name == kind, name
+        raw = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
+        # mixed precision and accumulation come from the recipe, never from two places
+        assert raw["mixed_precision"] == "no"
+        assert "gradient_accumulation_steps" not in raw.get("deepspeed_config", {})
+    fsdp = load_config_from_file(str(RECIPES / "fsdp_qlora.yaml")).fsdp_config
+    assert fsdp["fsdp_use_orig_params"] is False
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_activation_checkpointing"] is False  # rrhf-lite checkpoints itself
+    zero3 = load_config_from_file(str(RECIPES / "deepspeed_zero3.yaml")).deepspeed_config
+    assert zero3["zero_stage"] == 3 and zero3["zero3_save_16bit_model"] is True
+
+
 # ------------------------------------------------------------------------------ 2 processes
 
 

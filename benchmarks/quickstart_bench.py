@@ -1,0 +1,109 @@
+"""The quickstart over several seeds: its results table (mean and spread) and its wall time.
+
+Each seed runs `rrhf-lite run recipes/quickstart.yaml` in a fresh subprocess with its own run
+directory and its own tiny-world cache (so the warm-up is part of the time, as on a fresh
+machine). The baseline is the initial policy of the same seed, measured in the same run.
+
+    python benchmarks/quickstart_bench.py                   # seeds 0 1 2, the full recipe
+    python benchmarks/quickstart_bench.py --seeds 0 --set data.max_prompts=32   # quicker
+
+Writes benchmarks/results/<date>-<device>-quickstart.json and prints the table. Also
+records CPU load while it ran: timings on a busy machine are pessimistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+try:
+    from benchmarks._common import print_table, write_result
+except ImportError:
+    from _common import print_table, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+
+
+def run_seed(seed: int, overrides: list[str], workdir: Path) -> dict:
+    out = workdir / f"seed-{seed}"
+    env = {**os.environ, "RRHF_LITE_CACHE": str(workdir / f"cache-{seed}")}
+    cmd = [sys.executable, "-m", "rrhf_lite.cli", "run", str(RECIPE), "--output-dir", str(out),
+           "--set", f"seed={seed}"]
+    for item in overrides:
+        cmd += ["--set", item]
+    load_before = os.getloadavg()[0]
+    start, cpu_start = time.time(), os.times()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.time() - start
+    cpu_end = os.times()
+    cpu = (cpu_end.children_user - cpu_start.children_user) + (
+        cpu_end.children_system - cpu_start.children_system
+    )
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
+        raise SystemExit(f"seed {seed}: rrhf-lite run failed with exit code {proc.returncode}")
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    return {"seed": seed, "wall_s": wall, "cpu_s": cpu, "load_avg_1m_before": load_before,
+            "load_avg_1m_after": os.getloadavg()[0], "metrics": metrics}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One row per variant: mean and spread (sample std) of each measure over seeds."""
+    variants = list(runs[0]["metrics"]["variants"])
+    rows = []
+    for variant in variants + ["best_of_n"]:
+        row = {"variant": variant}
+        keys = (runs[0]["metrics"].get(variant) if variant == "best_of_n"
+                else runs[0]["metrics"]["variants"][variant]) or {}
+        for key in keys:
+            if key == "n":
+                continue
+            values = [
+                (r["metrics"][variant] if variant == "best_of_n"
+                 else r["metrics"]["variants"][variant])[key] for r in runs
+            ]
+            row[f"{key} mean"] = statistics.mean(values)
+            row[f"{key} std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--results-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="rrhf-quickstart-bench-") as tmp:
+        for seed in args.seeds:
+            print(f"seed {seed} ...", flush=True)
+            runs.append(run_seed(seed, args.overrides, Path(tmp)))
+            print(f"seed {seed}: {runs[-1]['wall_s']:.0f} s wall, {runs[-1]['cpu_s']:.0f} s CPU",
+                  flush=True)
+    rows = summarise(runs)
+    columns = ["variant"] + [c for c in rows[0] if c.startswith("reward/held_out")]
+    columns += [c for c in rows[0] if c.startswith(("reward/train", "ranking/accuracy"))]
+    print_table(rows, columns=columns, title="quickstart over seeds " + str(args.seeds))
+    times = [{"seed": r["seed"], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
+              "load_avg_1m_before": r["load_avg_1m_before"]} for r in runs]
+    print_table(times, title="time per seed (whole run: warm-up, 2 rounds, ablation, eval, merge)")
+    path = write_result("quickstart", {
+        "recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "seeds": args.seeds,
+        "table": rows, "runs": runs,
+    }, results_dir=args.results_dir)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -39,3 +39,17 @@ def tiny_chat_lm_dir(tmp_path_factory):
 def tiny_reward_dir(tmp_path_factory):
     """A tiny random LLaMA sequence classifier (1 label) used as a reward model."""
     return save_tiny_reward_model(tmp_path_factory.mktemp("tiny_rm") / "model", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_world_cache(request):
+    """One tiny-world warm-up cache for the whole session (quickstart and notebook tests share
+    it), kept in pytest's cache folder so a second local run reuses the warmed-up policy."""
+    path = request.config.cache.mkdir("rrhf-lite-cache")
+    previous = os.environ.get("RRHF_LITE_CACHE")
+    os.environ["RRHF_LITE_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("RRHF_LITE_CACHE", None)
+    else:
+        os.environ["RRHF_LITE_CACHE"] = previous

@@ -10,10 +10,29 @@ from rrhf_lite.tiny.models import (
     save_tiny_reward_model,
     tiny_llama_config,
 )
+from rrhf_lite.tiny.tasks import (
+    DEFAULT_TASKS,
+    TASKS,
+    make_splits,
+    reward,
+    solve,
+    write_prompt_sets,
+)
 from rrhf_lite.tiny.tokenizer import CHAT_TEMPLATE, build_char_tokenizer
+from rrhf_lite.tiny.warmup import WarmupSettings, build_initial_policy
+from rrhf_lite.tiny.world import measure_policy
 
 __all__ = [
     "CHAT_TEMPLATE",
+    "DEFAULT_TASKS",
+    "TASKS",
+    "WarmupSettings",
+    "build_initial_policy",
+    "make_splits",
+    "measure_policy",
+    "reward",
+    "solve",
+    "write_prompt_sets",
     "build_char_tokenizer",
     "make_tiny_causal_lm",
     "make_tiny_reward_model",

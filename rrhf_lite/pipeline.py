@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rrhf_lite import distributed
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import atomic_write_text, read_jsonl, write_jsonl
 from rrhf_lite.recipe import Recipe, TrainSection, dump_recipe
@@ -50,7 +51,8 @@ class RunState:
 
 
 def _say(message: str) -> None:
-    print(f"[rrhf-lite] {message}", flush=True)
+    if distributed.is_main_process():
+        print(f"[rrhf-lite] {message}", flush=True)
 
 
 def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
@@ -69,8 +71,11 @@ def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
             "output directory exists and is not an rrhf-lite run directory", where=str(run_dir),
             hint="choose an empty or new directory with --output-dir, or pass --force",
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, text)
+    distributed.barrier()  # every rank has checked before the main one writes
+    if distributed.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, text)
+    distributed.barrier()
     return run_dir
 
 
@@ -78,6 +83,7 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
     """Run the recipe's stages (or just `only_stages`); return the evaluation metrics, if any."""
     from transformers import set_seed
 
+    distributed.init_distributed()  # a no-op in one process; sampling runs before any Trainer
     set_seed(recipe.seed)
     run_dir = prepare_run_dir(recipe, force)
     stages = [s for s in recipe.stages if only_stages is None or s in only_stages]
@@ -98,12 +104,15 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
             _train_ablation(state, ablation.name, ablation.train)
 
     metrics: dict = {}
-    if "evaluate" in stages:
-        from rrhf_lite.stages.evaluate import evaluate_run
+    # Evaluation and merging are not sharded: the main process does them, the others wait.
+    if distributed.is_main_process():
+        if "evaluate" in stages:
+            from rrhf_lite.stages.evaluate import evaluate_run
 
-        metrics = evaluate_run(state)
-    if "merge" in stages:
-        _merge(state)
+            metrics = evaluate_run(state)
+        if "merge" in stages:
+            _merge(state)
+    distributed.barrier()
     _say(f"done: {run_dir}")
     return metrics
 
@@ -180,17 +189,36 @@ def _sample(state: RunState, policy_adapter: Path | None, out: Path) -> None:
         recipe.data.prompts, split=recipe.data.prompts_split, limit=recipe.data.max_prompts,
         seed=recipe.seed, key="data.prompts",
     )
-    rows = sample_candidates(
-        prompts,
-        generators=[_generator_spec(state, g, policy_adapter) for g in recipe.sampling.generators],
-        include_dataset_responses=recipe.sampling.include_dataset_responses,
-        max_new_tokens=recipe.sampling.max_new_tokens,
-        max_prompt_length=recipe.sampling.max_prompt_length,
-        batch_size=recipe.sampling.batch_size,
-        seed=recipe.seed,
-        load_kwargs=policy_load_kwargs(recipe),
+    generators = [_generator_spec(state, g, policy_adapter) for g in recipe.sampling.generators]
+    load_kwargs = policy_load_kwargs(recipe)
+    if distributed.is_distributed():
+        load_kwargs["device"] = distributed.local_device()  # each rank samples on its own GPU
+
+    def sample_shard(shard: list, offset: int) -> list:
+        # Shards start on batch boundaries; seed + offset gives each batch the seed it would
+        # have in a single process, so the candidates do not depend on the number of ranks.
+        shifted = [{**g, "seed": g["seed"] + offset} if g.get("seed") is not None else g
+                   for g in generators]
+        return sample_candidates(
+            shard, generators=shifted,
+            include_dataset_responses=recipe.sampling.include_dataset_responses,
+            max_new_tokens=recipe.sampling.max_new_tokens,
+            max_prompt_length=recipe.sampling.max_prompt_length,
+            batch_size=recipe.sampling.batch_size, seed=recipe.seed + offset,
+            load_kwargs=load_kwargs, progress=distributed.is_main_process(),
+        )
+
+    rows = distributed.distributed_map(
+        sample_shard, prompts, block_size=recipe.sampling.batch_size, pass_offset=True
     )
-    write_jsonl(out, rows)
+    _write_on_main(out, rows)
+
+
+def _write_on_main(path: Path, rows: list[dict]) -> None:
+    """Only the main process writes; every rank waits so the next stage can read the file."""
+    if distributed.is_main_process():
+        write_jsonl(path, rows)
+    distributed.barrier()
 
 
 def _generator_spec(state: RunState, generator, policy_adapter: Path | None) -> dict:
@@ -233,7 +261,14 @@ def _score(state: RunState, source: Path, out: Path) -> None:
     from rrhf_lite.stages.score import score_candidates
 
     rows = read_jsonl(source)
-    write_jsonl(out, score_candidates(rows, reward=reward_spec(state.recipe)))
+    spec = reward_spec(state.recipe)
+    if distributed.is_distributed() and "model" in spec:
+        spec["device"] = distributed.local_device()
+    scored = distributed.distributed_map(
+        lambda shard: score_candidates(shard, reward=spec, progress=distributed.is_main_process()),
+        rows,
+    )
+    _write_on_main(out, scored)
 
 
 def training_config(recipe: Recipe, output_dir: Path, overrides: dict):
@@ -272,6 +307,7 @@ def model_arguments(recipe: Recipe, base_model: str, init_adapter: Path | None =
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_compute_dtype=q.compute_dtype,
         bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_quant_storage=q.quant_storage,
         torch_dtype=recipe.model.torch_dtype,
         use_lora=lora.enabled,
         lora_r=lora.r,

@@ -42,6 +42,10 @@ class QuantizationSection(Section):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     double_quant: bool = True
+    quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="dtype holding the packed 4-bit weights; auto = model.torch_dtype "
+        "under FSDP / DeepSpeed ZeRO-3 (one dtype per sharded block), uint8 otherwise",
+    )
 
 
 class LoraSection(Section):

@@ -213,3 +213,21 @@ def _fsync_tree(root: Path) -> None:
                 finally:
                     os.close(fd)
         _fsync_dir(Path(directory))
+
+
+def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest `checkpoint-N` directory that was saved to the end, or None.
+
+    transformers writes a checkpoint in place (weights, optimizer, RNG, then trainer_state.json
+    last), so a run killed while saving leaves a `checkpoint-N` without trainer_state.json.
+    transformers' get_last_checkpoint would pick it and the resume would fail; skip it instead.
+    """
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    steps = []
+    for child in root.iterdir():
+        step = child.name.removeprefix("checkpoint-")
+        if child.is_dir() and step.isdigit() and (child / "trainer_state.json").is_file():
+            steps.append((int(step), child))
+    return max(steps)[1] if steps else None

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import read_jsonl
+from rrhf_lite.io import read_jsonl_numbered, read_text_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def _rows_from_source(source: Any, split: str) -> tuple[list[dict], str, str]:
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix == ".jsonl":
-            return read_jsonl(path), str(path), "line"
+            return read_jsonl_numbered(path), str(path), "line"
         if suffix == ".json":
             return _read_json(path)
         if suffix == ".parquet":
@@ -73,23 +73,17 @@ def _rows_from_source(source: Any, split: str) -> tuple[list[dict], str, str]:
     return ds.to_list(), f"{source}[{split}]", "row"
 
 
-def _read_json(path: Path) -> tuple[list[dict], str, str]:
-    text = path.read_text(encoding="utf-8")
+def _read_json(path: Path) -> tuple[list, str, str]:
+    text = read_text_utf8(path)
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
-        return read_jsonl(path), str(path), "line"  # JSON lines saved as .json
+    except (json.JSONDecodeError, RecursionError, ValueError):
+        return read_jsonl_numbered(path), str(path), "line"  # JSON lines saved as .json
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise UserInputError("expected a JSON array of objects", where=str(path), hint=_FORMATS_HINT)
     return data, str(path), "item"
-
-
-def _line_numbers(path: Path, count: int) -> list[int]:
-    numbers = [n for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-               if line.strip()]
-    return numbers if len(numbers) == count else list(range(1, count + 1))
 
 
 def _is_message(obj: Any) -> bool:
@@ -127,11 +121,21 @@ def _prompt(obj: Any, where: str) -> str | list[dict]:
                          where=where, hint=_FORMATS_HINT)
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real, finite number (bools are not scores; 10**400 overflows a float: not finite)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _score(value: Any, where: str, index: int) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserInputError(f"scores[{index}] = {value!r} is not a number", where=where,
                              hint="scores must be finite numbers, one per response")
-    if not math.isfinite(value):
+    if not is_finite_number(value):
         raise UserInputError(f"scores[{index}] = {value!r} is not finite", where=where,
                              hint="replace NaN/inf scores or drop those responses")
     return float(value)
@@ -259,8 +263,10 @@ def load_listwise(source: Any, *, split: str = "train", require_scores: bool = T
     rows, name, unit = _rows_from_source(source, split)
     if not rows:
         raise UserInputError("the dataset is empty", where=name, hint="give at least one row")
-    numbers = (_line_numbers(Path(name), len(rows)) if unit == "line"
-               else list(range(1, len(rows) + 1)))
+    if unit == "line":  # (line number, row) pairs: messages name the file's real line
+        numbers, rows = [n for n, _ in rows], [row for _, row in rows]
+    else:
+        numbers = list(range(1, len(rows) + 1))
     examples = [normalize_row(row, f"{name} {unit} {n}", require_scores)
                 for row, n in zip(rows, numbers, strict=True)]
     _warn_counts(summarize_listwise(examples), name)

@@ -68,8 +68,9 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _read_text(path: Path) -> str:
+def read_text_utf8(path: str | Path) -> str:
     """The file's text, or a UserInputError that names the file (and the line of bad UTF-8)."""
+    path = Path(path)
     if not path.exists():
         raise UserInputError("file not found", where=str(path), hint="check the path")
     if not path.is_file():
@@ -99,7 +100,7 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
     """
     path = Path(path)
     rows = []
-    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+    for number, line in enumerate(read_text_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from rrhf_lite import distributed
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import atomic_write_text, read_jsonl, write_jsonl
+from rrhf_lite.io import atomic_write_text, last_complete_checkpoint, read_jsonl, write_jsonl
 from rrhf_lite.recipe import Recipe, TrainSection, dump_recipe
 from rrhf_lite.sources import load_prompt_rows, resolve_model
 
@@ -60,7 +60,10 @@ def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
     run_dir = Path(recipe.output_dir)
     text = dump_recipe(recipe)
     saved = run_dir / "recipe.yaml"
-    if saved.exists() and saved.read_text(encoding="utf-8") != text and not force:
+    # Only a run that got past its first stage is protected: a run that failed on bad input
+    # left nothing but recipe.yaml, and the corrected recipe may take its place.
+    has_results = run_dir.exists() and any(p.name != "recipe.yaml" for p in run_dir.iterdir())
+    if has_results and saved.exists() and saved.read_text(encoding="utf-8") != text and not force:
         raise UserInputError(
             "the run directory holds the results of a different recipe",
             where=str(run_dir),
@@ -152,13 +155,24 @@ def _run_round(state: RunState, round_index: int) -> None:
             state.adapters[name] = adapter_dir
 
 
-def _given_candidates(recipe: Recipe) -> Path:
-    if not recipe.data.candidates:
+def _given_candidates(recipe: Recipe) -> Path | str:
+    """The recipe's own listwise data: a file (checked here) or a `datasets` hub name."""
+    source = recipe.data.candidates
+    if not source:
         raise UserInputError(
             "no candidates to score or train on", where="recipe key data.candidates",
             hint="name a listwise file, or add 'sample' to stages",
         )
-    return Path(recipe.data.candidates)
+    path = Path(source).expanduser()
+    looks_like_file = path.suffix in (".jsonl", ".json", ".parquet") or source.startswith(
+        (".", "/", "~")
+    )
+    if looks_like_file and not path.exists():
+        raise UserInputError(
+            "file not found", where=f"recipe key data.candidates ({source})",
+            hint="check the path (relative paths start from the directory you run rrhf-lite in)",
+        )
+    return path if path.exists() else source
 
 
 def _training_data(state: RunState, scored: Path, candidates: Path) -> Path:
@@ -170,8 +184,8 @@ def _training_data(state: RunState, scored: Path, candidates: Path) -> Path:
     return _given_candidates(recipe)
 
 
-def _require(path: Path, earlier_stage: str) -> None:
-    if not Path(path).exists():
+def _require(path: Path | str, earlier_stage: str) -> None:
+    if isinstance(path, Path) and not path.exists():
         raise UserInputError(
             "input file not found", where=str(path),
             hint=f"run the '{earlier_stage}' stage first (or the whole recipe with `rrhf-lite run`)",
@@ -265,7 +279,9 @@ def _score(state: RunState, source: Path, out: Path) -> None:
     if distributed.is_distributed() and "model" in spec:
         spec["device"] = distributed.local_device()
     scored = distributed.distributed_map(
-        lambda shard: score_candidates(shard, reward=spec, progress=distributed.is_main_process()),
+        lambda shard: score_candidates(
+            shard, reward=spec, progress=distributed.is_main_process(), where=str(source)
+        ),
         rows,
     )
     _write_on_main(out, scored)
@@ -331,15 +347,14 @@ def _train(state: RunState, data: Path, out: Path, init_adapter: Path | None, ov
     config = training_config(recipe, out, overrides)
     resume = None
     if recipe.train.resume:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        resume = get_last_checkpoint(str(out)) if out.exists() else None
+        # a checkpoint killed while being saved has no trainer_state.json: skip it
+        resume = last_complete_checkpoint(out) if out.exists() else None
         if resume:
             _say(f"resuming training from {resume}")
     _say(f"training on {data} -> {out}")
     return run_train(
         str(data), model_arguments(recipe, state.base_model, init_adapter), config,
-        resume_from_checkpoint=resume,
+        resume_from_checkpoint=str(resume) if resume else None,
     )
 
 

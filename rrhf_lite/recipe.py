@@ -342,12 +342,21 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        raise UserInputError("recipe is not valid UTF-8", where=str(path)) from None
+        raise UserInputError(
+            "recipe is not valid UTF-8", where=str(path), hint="re-save the recipe as UTF-8"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path} line {mark.line + 1}" if mark else str(path)
-        raise UserInputError(f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where) from None
-    raw = apply_overrides(raw if raw is not None else {}, overrides or [])
+        raise UserInputError(
+            f"invalid YAML: {getattr(exc, 'problem', exc)}", where=where,
+            hint="fix the YAML at that line; recipes are read with yaml.safe_load, so tags "
+            "such as !!python/... are not allowed",
+        ) from None
+    raw = raw if raw is not None else {}
+    if not isinstance(raw, dict):
+        parse_recipe(raw, str(path))  # raises the "a recipe is a mapping" error
+    raw = apply_overrides(raw, overrides or [])
     return parse_recipe(raw, str(path))
 
 

@@ -117,10 +117,7 @@ DATA_ERRORS = [
     ("bool_score", _row(scores=[True, False]), "is not a number"),
     pytest.param(
         "huge_int_score", '{"prompt": "a", "responses": ["x", "y"], "scores": [1' + "0" * 400
-        + ", 0]}", "scores[0]",
-        marks=pytest.mark.xfail(strict=True, reason=(
-            "data.py _score: math.isfinite(10**400) raises OverflowError (exit 1); catch it and "
-            "report the score as not finite"))),
+        + ", 0]}", "scores[0]"),
     ("deeply_nested", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
     ("no_shared_prefix", {"chosen": "abc", "rejected": "xyz"}, "share no prompt prefix"),
     ("invalid_utf8", b'{"prompt": "caf\xe9", "responses": ["x", "y"], "scores": [1, 0]}',
@@ -167,9 +164,6 @@ def test_train_subcommand_reports_the_same_error(tmp_path, tiny_lm_dir, capsys):
     _no_results(tmp_path / "run")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline.py _score does not pass where=str(source) to score_candidates (message says "
-    "'candidates row 2'), and score.py check_given_scores gives no hint"))
 def test_score_stage_given_scores_name_the_file(tmp_path, tiny_lm_dir, capsys):
     """A NaN among given scores, caught by the score stage: the message names the file."""
     data = tmp_path / "cands.jsonl"
@@ -184,9 +178,7 @@ def test_score_stage_given_scores_name_the_file(tmp_path, tiny_lm_dir, capsys):
 @pytest.mark.parametrize(
     "content, words",
     [("{not json\n", "malformed JSON"), ('{"text": "no prompt"}\n', '"prompt"'),
-     pytest.param(b'{"prompt": "\xff"}\n', "invalid UTF-8", marks=pytest.mark.xfail(
-         strict=True, reason="sample.py _rows_from reads the file with read_text before "
-         "read_jsonl: UnicodeDecodeError, exit 1; use rrhf_lite.io.read_jsonl_numbered"))],
+     (b'{"prompt": "\xff"}\n', "invalid UTF-8")],
     ids=["malformed", "no_prompt", "invalid_utf8"],
 )
 def test_sample_stage_bad_prompts_file(tmp_path, tiny_lm_dir, capsys, content, words):
@@ -250,14 +242,9 @@ RECIPE_ERRORS = [
     ("missing_model", "stages: [train]\ndata: {candidates: c.jsonl}\nmodel: {}\n",
      ["model.name_or_path", "required"]),
     ("not_a_mapping", "- just\n- a list\n", ["a recipe is a YAML mapping"]),
-    pytest.param("yaml_syntax", "model:\n  name_or_path: x\ntrain: [unclosed\n", ["line"],
-                 marks=pytest.mark.xfail(strict=True, reason=(
-            "recipe.py load_recipe: the YAML/UTF-8 errors carry no hint; add hint= (see report)"))),
-    pytest.param("python_tag", "model: !!python/object/apply:os.system ['echo owned']\n",
-                 ["python/object"], marks=pytest.mark.xfail(strict=True, reason=(
-            "recipe.py load_recipe: the YAML/UTF-8 errors carry no hint; add hint= (see report)"))),
-    pytest.param("invalid_utf8", b"name: caf\xe9\n", ["UTF-8"], marks=pytest.mark.xfail(strict=True, reason=(
-            "recipe.py load_recipe: the YAML/UTF-8 errors carry no hint; add hint= (see report)"))),
+    ("yaml_syntax", "model:\n  name_or_path: x\ntrain: [unclosed\n", ["line"]),
+    ("python_tag", "model: !!python/object/apply:os.system ['echo owned']\n", ["python/object"]),
+    ("invalid_utf8", b"name: caf\xe9\n", ["UTF-8"]),
 ]
 
 
@@ -286,9 +273,6 @@ def test_bad_set_override_names_the_key(tmp_path, tiny_lm_dir, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "recipe.py load_recipe: apply_overrides runs before the mapping check, so a list recipe "
-    "with --set raises TypeError (exit 1); check isinstance(raw, dict) first"))
 def test_set_on_a_non_mapping_recipe(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("- a\n- b\n")
@@ -304,9 +288,6 @@ def test_missing_recipe_file(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- paths
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline.py: a missing data.candidates file is reported as 'run the score stage first'; "
-    "_given_candidates should check it exists and name recipe key data.candidates"))
 def test_missing_data_file(tmp_path, tiny_lm_dir, capsys):
     missing = tmp_path / "nope.jsonl"
     code, _, err = _cli(["run", _recipe(tmp_path, tiny_lm_dir, missing)], capsys)
@@ -339,9 +320,6 @@ def test_generate_with_missing_model(tmp_path, capsys):
     _assert_user_error(code, err, str(missing))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipeline.py prepare_run_dir writes recipe.yaml before any input is read; after a failed "
-    "run the corrected recipe is refused as 'a different recipe' unless --force"))
 def test_fixing_a_recipe_after_a_failed_run_is_not_refused(tmp_path, tiny_lm_dir, capsys):
     """A run that failed on bad input produced nothing, so the corrected recipe must be allowed
     into the same run directory without --force."""

@@ -20,7 +20,7 @@ import torch
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.generation import METHODS, generate_candidates
-from rrhf_lite.io import read_jsonl, write_jsonl
+from rrhf_lite.io import read_jsonl_numbered, read_text_utf8, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +59,11 @@ def _rows_from(source: Any, split: str) -> tuple[list[dict], list[str]]:
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix == ".jsonl":
-            numbers = [n for n, line in enumerate(path.read_text("utf-8").splitlines(), 1)
-                       if line.strip()]
-            return read_jsonl(path), [f"{path} line {n}" for n in numbers]
+            numbered = read_jsonl_numbered(path)
+            return [row for _, row in numbered], [f"{path} line {n}" for n, _ in numbered]
         if suffix == ".json":
             try:
-                data = json.loads(path.read_text("utf-8"))
+                data = json.loads(read_text_utf8(path))
             except json.JSONDecodeError as err:
                 raise UserInputError(f"malformed JSON ({err.msg}, line {err.lineno})",
                                      where=str(path), hint="a JSON array of objects") from None

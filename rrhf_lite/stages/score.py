@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from rrhf_lite.data import is_finite_number
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import write_jsonl
 
@@ -125,10 +126,12 @@ def check_given_scores(rows: Sequence[dict], where: str = "candidates") -> None:
             raise UserInputError(f"{len(row['responses'])} responses but {len(scores)} scores",
                                  where=place, hint="one score per response")
         for j, value in enumerate(scores):
-            if isinstance(value, bool) or not isinstance(value, int | float) \
-                    or not math.isfinite(value):
-                raise UserInputError(f"scores[{j}] = {value!r} is not a finite number",
-                                     where=place)
+            if not is_finite_number(value):
+                raise UserInputError(
+                    f"scores[{j}] = {value!r} is not a finite number", where=place,
+                    hint="give one finite number per response (no NaN, inf or strings), or "
+                    "score with scoring.reward_model / reward_function",
+                )
 
 
 # --- reward model -----------------------------------------------------------------------------

@@ -42,10 +42,11 @@ def tiny_reward_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_world_cache(request):
+def tiny_world_cache(request, tmp_path_factory):
     """One tiny-world warm-up cache for the whole session (quickstart and notebook tests share
     it), kept in pytest's cache folder so a second local run reuses the warmed-up policy."""
-    path = request.config.cache.mkdir("rrhf-lite-cache")
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    path = cache.mkdir("rrhf-lite-cache") if cache else tmp_path_factory.mktemp("rrhf-lite-cache")
     previous = os.environ.get("RRHF_LITE_CACHE")
     os.environ["RRHF_LITE_CACHE"] = str(path)
     yield path

@@ -88,6 +88,10 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
 
     distributed.init_distributed()  # a no-op in one process; sampling runs before any Trainer
     set_seed(recipe.seed)
+    if recipe.cpu_threads:
+        import torch
+
+        torch.set_num_threads(recipe.cpu_threads)
     run_dir = prepare_run_dir(recipe, force)
     stages = [s for s in recipe.stages if only_stages is None or s in only_stages]
     if only_stages and not stages:

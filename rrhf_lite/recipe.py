@@ -199,6 +199,10 @@ class Recipe(Section):
     name: str = "rrhf"
     output_dir: str = "runs/rrhf"
     seed: int = 0
+    cpu_threads: int | None = Field(
+        None, gt=0, description="torch threads on CPU; None = torch's default (tiny models run "
+        "faster on 1: thread start-up costs more than their small matrix products gain)",
+    )
     stages: list[Literal["sample", "score", "train", "evaluate", "merge"]] = Field(
         default_factory=lambda: list(STAGES)
     )

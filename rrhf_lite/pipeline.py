@@ -63,7 +63,8 @@ def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
     # Only a run that got past its first stage is protected: a run that failed on bad input
     # left nothing but recipe.yaml, and the corrected recipe may take its place.
     has_results = run_dir.exists() and any(p.name != "recipe.yaml" for p in run_dir.iterdir())
-    if has_results and saved.exists() and saved.read_text(encoding="utf-8") != text and not force:
+    other_recipe = has_results and saved.exists() and saved.read_text(encoding="utf-8") != text
+    if other_recipe and not force:
         raise UserInputError(
             "the run directory holds the results of a different recipe",
             where=str(run_dir),
@@ -76,10 +77,25 @@ def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
         )
     distributed.barrier()  # every rank has checked before the main one writes
     if distributed.is_main_process():
+        if other_recipe:  # --force: the old results must not be skipped into the new run
+            _remove_run_outputs(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(saved, text)
     distributed.barrier()
     return run_dir
+
+
+RUN_OUTPUTS = ("round-*", "ablations", "eval", "merged", "report.md", "metrics.json", "*.png")
+
+
+def _remove_run_outputs(run_dir: Path) -> None:
+    """Delete what a run writes (see the module docstring), and nothing else."""
+    import shutil
+
+    for pattern in RUN_OUTPUTS:
+        for path in run_dir.glob(pattern):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    _say(f"--force: removed the previous recipe's results from {run_dir}")
 
 
 def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool = False) -> dict:

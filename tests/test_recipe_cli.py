@@ -111,3 +111,36 @@ def test_every_shipped_recipe_validates():
     assert recipes, "recipes/ holds no YAML recipe"
     for path in recipes:
         load_recipe(path)
+
+
+def _sample_score_recipe(tmp_path, tiny_lm_dir, k: int) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "sort 321="}\n{"prompt": "copy abc="}\n')
+    return write(tmp_path, {
+        "model": {"name_or_path": str(tiny_lm_dir)},
+        "output_dir": str(tmp_path / "run"),
+        "stages": ["sample", "score"],
+        "data": {"prompts": str(prompts)},
+        "quantization": {"load_in_4bit": False},
+        "sampling": {"generators": [{"method": "top_p", "num_candidates": k}],
+                     "max_new_tokens": 4, "include_dataset_responses": False},
+        "scoring": {"reward_function": "rrhf_lite.tiny.tasks:reward"},
+    }, name=f"recipe-{k}.yaml")
+
+
+def test_rerun_resumes_other_recipe_refused_force_replaces(tmp_path, tiny_lm_dir, capsys):
+    first = _sample_score_recipe(tmp_path, tiny_lm_dir, k=2)
+    assert main(["run", str(first)]) == 0
+    scored = tmp_path / "run" / "round-1" / "scored.jsonl"
+    before = scored.read_text()
+    assert main(["run", str(first)]) == 0  # same recipe: resumes, nothing redone
+    assert "score skipped" in capsys.readouterr().out and scored.read_text() == before
+
+    second = _sample_score_recipe(tmp_path, tiny_lm_dir, k=3)
+    assert main(["run", str(second)]) == 2  # another recipe's results are protected
+    assert "different recipe" in capsys.readouterr().err and scored.read_text() == before
+
+    assert main(["run", str(second), "--force"]) == 0  # replaced, not skipped into the new run
+    out = capsys.readouterr().out
+    assert "removed the previous recipe's results" in out and "score skipped" not in out
+    assert "num_candidates: 3" in (tmp_path / "run" / "recipe.yaml").read_text()

@@ -116,6 +116,16 @@ def test_gpu_branch_builds_data_and_a_valid_t4_recipe(tmp_path, monkeypatch):
     assert [text for text, _ in dataset_answers(first)] == ["good answer 0", "bad answer 0"]
     assert held_out[0]["chosen"] == "good answer 0" and "rejected" not in held_out[0]
 
+    def run_dir_after(**settings):
+        namespace.update(settings)
+        for tag in ("data", "recipe"):
+            exec(compile(_cell(nb, tag).source, f"notebook cell {tag}", "exec"), namespace)
+        return namespace["recipe"].output_dir
+
+    # Same settings and data resume the same run; other data (same file names) gets a new one.
+    assert run_dir_after() == recipe.output_dir
+    assert run_dir_after(MAX_PROMPT_CHARS=23) != recipe.output_dir
+
 
 # ----------------------------------------------------------------------------- CPU run
 

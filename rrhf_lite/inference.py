@@ -96,7 +96,9 @@ def _quantization_config(load_in_4bit: bool, compute_dtype):
     from transformers import BitsAndBytesConfig
 
     if compute_dtype in (None, "auto"):
-        compute_dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        from rrhf_lite.modeling import resolve_dtype as training_dtype
+
+        compute_dtype = training_dtype("auto")  # what training used: fp16 on a T4, not bf16
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",

@@ -67,7 +67,9 @@ def resolve_dtype(name: str | torch.dtype, device: str | None = None) -> torch.d
         on_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
         if not on_cuda:
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # including_emulation=False: a T4 emulates bf16 slowly; it must get fp16
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native_bf16 else torch.float16
     if name not in _DTYPES:
         raise UserInputError(f"unknown dtype {name!r}", where="torch_dtype",
                              hint=f"use 'auto' or one of {sorted(_DTYPES)}")

@@ -328,7 +328,9 @@ def _mixed_precision(choice: str) -> dict:
         if not torch.cuda.is_available():
             choice = "no"
         else:
-            choice = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            # including_emulation=False: a T4 "supports" bf16 only by slow emulation
+            native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+            choice = "bf16" if native_bf16 else "fp16"
     return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
 
 

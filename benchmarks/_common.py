@@ -50,11 +50,12 @@ import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from rrhf_lite.io import atomic_write_text
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -141,18 +142,7 @@ def write_result(
     date = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d")
     path = out_dir / f"{date}-{device_tag(device)}-{name}.json"
     record = {"name": name, "environment": environment_info(), **payload}
-    text = json.dumps(record, indent=2, default=str) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
     return path
 
 

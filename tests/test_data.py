@@ -21,15 +21,6 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.tiny import build_char_tokenizer, make_tiny_causal_lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: one intra-op thread is much faster than two fighting other jobs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _write_jsonl(path, rows, blank_first=False):
     lines = ([""] if blank_first else []) + [r if isinstance(r, str) else json.dumps(r) for r in rows]
     path.write_text("\n".join(lines) + "\n")

@@ -46,16 +46,6 @@ def _leftovers(parent, name):
     return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and on a busy 2-core box two OpenMP threads
-    spin-wait each other: a 64x64 linear goes from 0.1 ms to 20 ms."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def adapter_dir(tiny_lm_dir, tmp_path_factory):
     return _make_adapter(tiny_lm_dir, tmp_path_factory.mktemp("adapter") / "a", seed=1)

@@ -17,15 +17,6 @@ from rrhf_lite.tiny import save_tiny_causal_lm
 from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: one intra-op thread is much faster than two fighting other jobs
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def small_lm_dir(tmp_path_factory):
     return save_tiny_causal_lm(tmp_path_factory.mktemp("small_lm") / "model", seed=0,

@@ -1,0 +1,91 @@
+"""The quickstart study's measuring functions (not its results): answer kinds, per-token
+log-probs checked against the library's own candidate scores, the right-vs-habit measures, and
+the paired table."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def study():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        yield importlib.import_module("quickstart_study")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+
+def test_answer_kind(study):
+    assert study.answer_kind("copy abcd=", "abcd") == "right"
+    assert study.answer_kind("copy abcd=", "abc") == "habit"  # copy's habit drops the last char
+    assert study.answer_kind("reverse abc=", "abc") == "habit"  # reverse's habit echoes
+    assert study.answer_kind("count a aab=", "3") == "habit"  # one too many
+    assert study.answer_kind("count a aab=", "1") == "other"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_lm_dir):
+    from rrhf_lite.inference import load_causal_lm
+
+    model, tokenizer = load_causal_lm(str(tiny_lm_dir), torch_dtype="float32")
+    return model.eval(), tokenizer
+
+
+def test_token_logprobs_match_library_scores(study, tiny_model):
+    from rrhf_lite.data import score_candidates
+
+    model, tokenizer = tiny_model
+    prompt, answers = "copy abcd=", ["abcd", "abc", "x"]
+    per_token = study.token_logprobs(model, tokenizer, prompt, answers)
+    assert [len(t) for t in per_token] == [5, 4, 2]  # characters + EOS
+    sums = score_candidates(model, tokenizer, [{"prompt": prompt, "responses": answers,
+                                                "scores": None}], length_penalty=0.0)[0]
+    for ours, theirs in zip(per_token, sums, strict=True):
+        assert math.isclose(float(ours.sum()), theirs, rel_tol=1e-4, abs_tol=1e-4)
+
+
+def test_mechanism_measures(study, tiny_model):
+    model, tokenizer = tiny_model
+    prompts = ["copy abcd=", "copy xy=", "sort 3112=", "count a aab=", "sort 123="]
+    got = study.mechanism_measures(model, tokenizer, prompts)
+    # "sort 123=" has no habit distinct from the answer, so it is skipped; count has no prefix
+    assert set(got) == {f"{t}.{k}" for t in ("copy", "sort", "count")
+                        for k in ("prefix_logprob", "decision_margin", "right_logprob")}
+    assert got["count.prefix_logprob"] is None
+    assert got["copy.prefix_logprob"] < 0 and got["sort.prefix_logprob"] < 0
+    # copy abcd -> right "abcd", habit "abc": they part at "d" vs EOS
+    lp_right, lp_habit = study.token_logprobs(model, tokenizer, "copy abcd=", ["abcd", "abc"])
+    lp_right2, lp_habit2 = study.token_logprobs(model, tokenizer, "copy xy=", ["xy", "x"])
+    expected = ((lp_right[3] - lp_habit[3]) + (lp_right2[1] - lp_habit2[1])) / 2
+    assert math.isclose(got["copy.decision_margin"], float(expected), rel_tol=1e-5)
+    assert math.isclose(float(lp_right[:3].mean()), float(lp_habit[:3].mean()), rel_tol=1e-5)
+
+
+def _fake_run(seed: int, rewards: dict[str, float]) -> dict:
+    def measures(reward):
+        return {"reward": reward, "right": 0.5, "habit": 0.2, "other": 0.3,
+                **{f"reward.{t}": reward for t in ("copy", "reverse", "sort", "count")}}
+
+    return {"arm": "paper", "seed": seed, "best_of_k": 0.8, "variants": {
+        name: {"held_out": measures(r), "train": measures(r), "ranking_accuracy": 0.6,
+               "mechanism": {"copy.prefix_logprob": -0.5, "copy.decision_margin": 0.1}}
+        for name, r in rewards.items()}}
+
+
+def test_paired_table(study):
+    runs = [_fake_run(0, {"initial": 0.5, "rrhf": 0.6, "no_rank_loss": 0.65}),
+            _fake_run(1, {"initial": 0.5, "rrhf": 0.7, "no_rank_loss": 0.65})]
+    tables = study.tables(runs)
+    paired = {row["variant - rrhf"]: row for row in tables["paired"]}
+    assert paired["no_rank_loss"]["seeds above rrhf"] == "1/2"
+    assert paired["no_rank_loss"]["mean diff"].startswith("0.000")
+    assert paired["initial"]["mean diff"].startswith("-0.150")
+    assert tables["held_out"][-1]["variant"] == "best-of-k (initial samples)"

@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 try:
@@ -67,6 +67,11 @@ ARMS: dict[str, list[str]] = {
     ],
     # four times the prompts for one epoch: is IP-2's loss over-fitting of 200 prompts?
     "prompts800": ["data.max_prompts=800", "train.num_train_epochs=1"],
+    # two candidates: the best is often not right, so imitating it alone teaches less
+    "k2": ["sampling.generators=[{model: policy, method: top_p, num_candidates: 2,"
+           " temperature: 1.0, top_p: 1.0}]"],
+    # a quarter of the learning rate: does the rank loss help where training is gentler?
+    "lr5e-4": ["train.learning_rate=5e-4"],
 }
 TASK_ORDER = ("copy", "reverse", "sort", "count")
 
@@ -177,16 +182,32 @@ def mechanism_measures(model, tokenizer, prompts: list[str]) -> dict:
     return result
 
 
+def training_trend(history_file: Path) -> dict:
+    """Rank accuracy on the training candidates and SFT loss of the best one, at the start and
+    the end of training (means of the first and of the last two logged steps)."""
+    from rrhf_lite.io import read_jsonl
+
+    logs = [h for h in read_jsonl(history_file) if "rank/accuracy" in h]
+    if len(logs) < 2:
+        return {}
+    trend = {}
+    for key, name in (("rank/accuracy", "train_rank_acc"), ("loss/sft", "best_nll")):
+        trend[f"{name}_start"] = statistics.fmean(h[key] for h in logs[:2])
+        trend[f"{name}_end"] = statistics.fmean(h[key] for h in logs[-2:])
+    return trend
+
+
 def analyze_run(out: Path, arm: str, seed: int) -> dict:
+    import torch
+
     from rrhf_lite.inference import load_causal_lm
     from rrhf_lite.io import read_jsonl
     from rrhf_lite.sources import resolve_model
 
+    torch.set_num_threads(1)  # tiny models; runs are analysed in parallel processes
     base = resolve_model("builtin:tiny-world", seed=seed)
     prompts = [r["prompt"] for r in read_jsonl(out / "eval" / "initial.held_out.jsonl")]
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    history = read_jsonl(out / "round-1" / "train" / "metrics.jsonl")
-    first = next((h for h in history if "rank/accuracy" in h), {})
     variants = {}
     for variant, adapter in adapters_of(out).items():
         model, tokenizer = load_causal_lm(base, adapter_path=str(adapter) if adapter else None,
@@ -197,11 +218,11 @@ def analyze_run(out: Path, arm: str, seed: int) -> dict:
             "train": greedy_measures(out, variant, "train"),
             "ranking_accuracy": metrics["variants"][variant]["ranking/accuracy"],
             "mechanism": mechanism_measures(model, tokenizer, prompts),
+            "training": training_trend(adapter.parent / "metrics.jsonl") if adapter else {},
         }
         del model
     return {"arm": arm, "seed": seed, "variants": variants,
-            "best_of_k": metrics["best_of_n"]["reward/held_out"],
-            "train_rank_accuracy_first_log": first.get("rank/accuracy")}
+            "best_of_k": metrics["best_of_n"]["reward/held_out"]}
 
 
 # ----------------------------------------------------------------------------------- tables
@@ -217,7 +238,7 @@ def mean_std(values: list[float]) -> str:
 
 def tables(results: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {"held_out": [], "paired": [], "per_task": [], "kinds": [],
-                                  "mechanism": []}
+                                  "mechanism": [], "likelihood": []}
     for arm in dict.fromkeys(r["arm"] for r in results):
         runs = [r for r in results if r["arm"] == arm]
         names = list(runs[0]["variants"])
@@ -251,6 +272,15 @@ def tables(results: list[dict]) -> dict[str, list[dict]]:
                     if any(v is not None for v in got):
                         row[f"{task} {label}"] = mean_std(got)
             out["mechanism"].append(row)
+            row = {"arm": arm, "variant": variant}
+            for key in ("train_rank_acc_start", "train_rank_acc_end", "best_nll_start",
+                        "best_nll_end"):
+                got = [r["variants"][variant]["training"].get(key) for r in runs]
+                row[key.replace("_", " ")] = mean_std(got)
+            for task in TASK_ORDER:
+                row[f"{task} right logprob"] = mean_std(
+                    [r["variants"][variant]["mechanism"].get(f"{task}.right_logprob") for r in runs])
+            out["likelihood"].append(row)
         out["held_out"].append({"arm": arm, "variant": "best-of-k (initial samples)",
                                 "seeds": len(runs),
                                 "held-out reward": mean_std([r["best_of_k"] for r in runs])})
@@ -280,14 +310,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {timing['arm']} seed {timing['seed']}: {timing['wall_s']:.0f} s", flush=True)
                 timings.append(timing)
 
-    import torch
-
-    torch.set_num_threads(1)
-    results = []
-    for arm, seed in jobs:
-        out = run_dir(args.workdir, arm, seed)
-        if (out / "metrics.json").exists():
-            results.append(analyze_run(out, arm, seed))
+    finished = [(run_dir(args.workdir, a, s), a, s) for a, s in jobs
+                if (run_dir(args.workdir, a, s) / "metrics.json").exists()]
+    print(f"analysing {len(finished)} runs", flush=True)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(analyze_run, *zip(*finished, strict=True))) if finished else []
     if not results:
         raise SystemExit(f"no finished runs in {args.workdir}")
     made = tables(results)
@@ -298,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         "kinds": "greedy answers on held-out prompts: right / the warm-up's habit / other",
         "mechanism": "right vs habit on held-out prompts: log-prob of the shared prefix, and the "
                      "decision margin where they part",
+        "likelihood": "training: rank accuracy on the training candidates and NLL of the best one "
+                      "(start -> end); held-out: mean token log-prob of the right answer",
     }
     for key, rows in made.items():
         print_table(rows, title=titles[key])

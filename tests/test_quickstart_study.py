@@ -76,7 +76,8 @@ def _fake_run(seed: int, rewards: dict[str, float]) -> dict:
 
     return {"arm": "paper", "seed": seed, "best_of_k": 0.8, "variants": {
         name: {"held_out": measures(r), "train": measures(r), "ranking_accuracy": 0.6,
-               "mechanism": {"copy.prefix_logprob": -0.5, "copy.decision_margin": 0.1}}
+               "mechanism": {"copy.prefix_logprob": -0.5, "copy.decision_margin": 0.1},
+               "training": {"best_nll_start": 0.7, "best_nll_end": 0.5}}
         for name, r in rewards.items()}}
 
 
@@ -89,3 +90,17 @@ def test_paired_table(study):
     assert paired["no_rank_loss"]["mean diff"].startswith("0.000")
     assert paired["initial"]["mean diff"].startswith("-0.150")
     assert tables["held_out"][-1]["variant"] == "best-of-k (initial samples)"
+    likelihood = {row["variant"]: row for row in tables["likelihood"]}
+    assert likelihood["rrhf"]["best nll end"].startswith("0.500")
+
+
+def test_training_trend(study, tmp_path):
+    from rrhf_lite.io import write_jsonl
+
+    logs = [{"loss": 1.0}] + [{"rank/accuracy": a, "loss/sft": s}
+                              for a, s in [(0.6, 0.9), (0.7, 0.8), (0.8, 0.6), (0.9, 0.5)]]
+    write_jsonl(tmp_path / "metrics.jsonl", logs)
+    trend = study.training_trend(tmp_path / "metrics.jsonl")
+    assert math.isclose(trend["train_rank_acc_start"], 0.65)
+    assert math.isclose(trend["train_rank_acc_end"], 0.85)
+    assert math.isclose(trend["best_nll_start"], 0.85) and math.isclose(trend["best_nll_end"], 0.55)

@@ -182,6 +182,20 @@ def mechanism_measures(model, tokenizer, prompts: list[str]) -> dict:
     return result
 
 
+def candidate_measures(scored_file: Path) -> dict:
+    """What a round trained on: best and mean reward of its candidates, how many distinct
+    candidates a prompt kept, and the share of prompts whose candidates all tie (no pair)."""
+    from rrhf_lite.io import read_jsonl
+
+    rows = read_jsonl(scored_file)
+    return {
+        "best": statistics.fmean(max(r["scores"]) for r in rows),
+        "mean": statistics.fmean(statistics.fmean(r["scores"]) for r in rows),
+        "distinct": statistics.fmean(len(r["responses"]) for r in rows),
+        "all_tied": statistics.fmean(len(set(r["scores"])) == 1 for r in rows),
+    }
+
+
 def training_trend(history_file: Path) -> dict:
     """Rank accuracy on the training candidates and SFT loss of the best one, at the start and
     the end of training (means of the first and of the last two logged steps)."""
@@ -221,7 +235,9 @@ def analyze_run(out: Path, arm: str, seed: int) -> dict:
             "training": training_trend(adapter.parent / "metrics.jsonl") if adapter else {},
         }
         del model
-    return {"arm": arm, "seed": seed, "variants": variants,
+    rounds = {path.parent.name: candidate_measures(path)
+              for path in sorted(out.glob("round-*/scored.jsonl"))}
+    return {"arm": arm, "seed": seed, "variants": variants, "candidates": rounds,
             "best_of_k": metrics["best_of_n"]["reward/held_out"]}
 
 
@@ -238,7 +254,7 @@ def mean_std(values: list[float]) -> str:
 
 def tables(results: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {"held_out": [], "paired": [], "per_task": [], "kinds": [],
-                                  "mechanism": [], "likelihood": []}
+                                  "mechanism": [], "likelihood": [], "candidates": []}
     for arm in dict.fromkeys(r["arm"] for r in results):
         runs = [r for r in results if r["arm"] == arm]
         names = list(runs[0]["variants"])
@@ -281,6 +297,10 @@ def tables(results: list[dict]) -> dict[str, list[dict]]:
                 row[f"{task} right logprob"] = mean_std(
                     [r["variants"][variant]["mechanism"].get(f"{task}.right_logprob") for r in runs])
             out["likelihood"].append(row)
+        for name in runs[0]["candidates"]:
+            out["candidates"].append({"arm": arm, "round": name, **{
+                key: mean_std([r["candidates"][name][key] for r in runs if name in r["candidates"]])
+                for key in ("best", "mean", "distinct", "all_tied")}})
         out["held_out"].append({"arm": arm, "variant": "best-of-k (initial samples)",
                                 "seeds": len(runs),
                                 "held-out reward": mean_std([r["best_of_k"] for r in runs])})
@@ -325,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         "kinds": "greedy answers on held-out prompts: right / the warm-up's habit / other",
         "mechanism": "right vs habit on held-out prompts: log-prob of the shared prefix, and the "
                      "decision margin where they part",
+        "candidates": "training candidates of each round (rewards on its training prompts)",
         "likelihood": "training: rank accuracy on the training candidates and NLL of the best one "
                       "(start -> end); held-out: mean token log-prob of the right answer",
     }

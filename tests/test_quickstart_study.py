@@ -74,7 +74,8 @@ def _fake_run(seed: int, rewards: dict[str, float]) -> dict:
         return {"reward": reward, "right": 0.5, "habit": 0.2, "other": 0.3,
                 **{f"reward.{t}": reward for t in ("copy", "reverse", "sort", "count")}}
 
-    return {"arm": "paper", "seed": seed, "best_of_k": 0.8, "variants": {
+    return {"arm": "paper", "seed": seed, "best_of_k": 0.8, "candidates": {"round-1": {
+        "best": 0.8, "mean": 0.5, "distinct": 5.5, "all_tied": 0.1}}, "variants": {
         name: {"held_out": measures(r), "train": measures(r), "ranking_accuracy": 0.6,
                "mechanism": {"copy.prefix_logprob": -0.5, "copy.decision_margin": 0.1},
                "training": {"best_nll_start": 0.7, "best_nll_end": 0.5}}
@@ -92,6 +93,9 @@ def test_paired_table(study):
     assert tables["held_out"][-1]["variant"] == "best-of-k (initial samples)"
     likelihood = {row["variant"]: row for row in tables["likelihood"]}
     assert likelihood["rrhf"]["best nll end"].startswith("0.500")
+    assert tables["candidates"] == [{"arm": "paper", "round": "round-1", "best": "0.800 ± 0.000",
+                                     "mean": "0.500 ± 0.000", "distinct": "5.500 ± 0.000",
+                                     "all_tied": "0.100 ± 0.000"}]
 
 
 def test_training_trend(study, tmp_path):
@@ -104,3 +108,14 @@ def test_training_trend(study, tmp_path):
     assert math.isclose(trend["train_rank_acc_start"], 0.65)
     assert math.isclose(trend["train_rank_acc_end"], 0.85)
     assert math.isclose(trend["best_nll_start"], 0.85) and math.isclose(trend["best_nll_end"], 0.55)
+
+
+def test_candidate_measures(study, tmp_path):
+    from rrhf_lite.io import write_jsonl
+
+    write_jsonl(tmp_path / "scored.jsonl", [
+        {"prompt": "copy ab=", "responses": ["ab", "a", "b"], "scores": [1.0, 0.5, 0.0]},
+        {"prompt": "copy cd=", "responses": ["x", "y"], "scores": [0.0, 0.0]},
+    ])
+    got = study.candidate_measures(tmp_path / "scored.jsonl")
+    assert got == {"best": 0.5, "mean": 0.25, "distinct": 2.5, "all_tied": 0.5}

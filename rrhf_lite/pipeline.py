@@ -121,7 +121,8 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
     _say(f"run directory: {run_dir}  stages: {', '.join(stages)}  rounds: {recipe.rounds}")
 
     for round_index in range(1, recipe.rounds + 1):
-        _run_round(state, round_index)
+        if not _run_round(state, round_index):
+            break
     if recipe.ablations and "train" in recipe.stages:
         for ablation in recipe.ablations:
             _train_ablation(state, ablation.name, ablation.train)
@@ -143,11 +144,20 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
 # ------------------------------------------------------------------------------------ rounds
 
 
-def _run_round(state: RunState, round_index: int) -> None:
+def _run_round(state: RunState, round_index: int) -> bool:
+    """Run one round's stages; False when it cannot start yet (the rounds after it neither)."""
     recipe = state.recipe
     out = state.round_dir(round_index)
     candidates = out / "candidates.jsonl"
     scored = out / "scored.jsonl"
+    previous = state.round_dir(round_index - 1) / "train" / "adapter"
+    if round_index > 1 and not previous.exists():
+        # Round N samples from round N-1's policy. Sampling from the base instead would make
+        # "IP-2" the same data as round 1 under another name, so stop and say what is missing.
+        _say(f"round {round_index}: not started, it samples from round {round_index - 1}'s "
+             f"adapter, which is not trained yet ({previous}); run the 'train' stage, then this "
+             "command again")
+        return False
     policy = state.final_adapter  # None in round 1: the policy is the initial model
 
     if "sample" in state.stages:
@@ -173,6 +183,7 @@ def _run_round(state: RunState, round_index: int) -> None:
             _train(state, data, out / "train", init_adapter=policy, overrides={})
         if adapter_dir.exists():
             state.adapters[name] = adapter_dir
+    return True
 
 
 def _given_candidates(recipe: Recipe) -> Path | str:

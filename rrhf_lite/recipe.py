@@ -232,8 +232,11 @@ class Recipe(Section):
                 "stages 'score'/'evaluate' need a reward: set scoring.reward_model, "
                 "scoring.reward_function or scoring.given"
             )
-        if self.rounds > 1 and "sample" not in stages:
-            raise ValueError("rounds > 1 re-samples from the trained policy: add 'sample' to stages")
+        if self.rounds > 1 and not {"sample", "train"} <= stages:
+            raise ValueError(
+                "rounds > 1 re-samples from the trained policy and trains again: add 'sample' "
+                "and 'train' to stages"
+            )
         return self
 
     @field_validator("stages")

@@ -144,3 +144,17 @@ def test_rerun_resumes_other_recipe_refused_force_replaces(tmp_path, tiny_lm_dir
     out = capsys.readouterr().out
     assert "removed the previous recipe's results" in out and "score skipped" not in out
     assert "num_candidates: 3" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+
+def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys):
+    """Stage by stage: `sample` alone cannot sample round 2 before round 1 is trained; it says
+    so instead of sampling round 2 from the base model (which would make IP-2 a relabelled
+    round 1)."""
+    raw = yaml.safe_load(_sample_score_recipe(tmp_path, tiny_lm_dir, k=2).read_text())
+    raw.update({"rounds": 2, "stages": ["sample", "score", "train"]})
+    recipe = write(tmp_path, raw, name="two-rounds.yaml")
+    assert main(["sample", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "run" / "round-1" / "candidates.jsonl").exists()
+    assert not (tmp_path / "run" / "round-2").exists()
+    assert "round 2: not started" in out and "'train' stage" in out

@@ -171,6 +171,8 @@ def _run_round(state: RunState, round_index: int) -> bool:
         if scored.exists():
             _say(f"round {round_index}: score skipped, found {scored}")
         else:
+            if _later_round_waits(round_index, source, "sample"):
+                return False
             _require(source, "sample")
             _say(f"round {round_index}: scoring candidates")
             _score(state, source, scored)
@@ -179,11 +181,24 @@ def _run_round(state: RunState, round_index: int) -> bool:
         name = "rrhf" if round_index == 1 else f"rrhf_round{round_index}"
         adapter_dir = out / "train" / "adapter"
         if "train" in state.stages:
-            _require(data, "score")
+            if not adapter_dir.exists():
+                if _later_round_waits(round_index, data, "score"):
+                    return False
+                _require(data, "score")
             _train(state, data, out / "train", init_adapter=policy, overrides={})
         if adapter_dir.exists():
             state.adapters[name] = adapter_dir
     return True
+
+
+def _later_round_waits(round_index: int, needed: Path | str, earlier_stage: str) -> bool:
+    """Stage by stage, a later round's input appears only once its earlier stages ran: say so
+    and stop the rounds (round 1's missing input stays an error, raised by _require)."""
+    if round_index > 1 and isinstance(needed, Path) and not needed.exists():
+        _say(f"round {round_index}: stopped, {needed.name} is not there yet; run the "
+             f"'{earlier_stage}' stage for it, then this command again")
+        return True
+    return False
 
 
 def _given_candidates(recipe: Recipe) -> Path | str:

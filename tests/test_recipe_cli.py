@@ -146,10 +146,12 @@ def test_rerun_resumes_other_recipe_refused_force_replaces(tmp_path, tiny_lm_dir
     assert "num_candidates: 3" in (tmp_path / "run" / "recipe.yaml").read_text()
 
 
-def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys):
+def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys, monkeypatch):
     """Stage by stage: `sample` alone cannot sample round 2 before round 1 is trained; it says
     so instead of sampling round 2 from the base model (which would make IP-2 a relabelled
     round 1)."""
+    from rrhf_lite import pipeline
+
     raw = yaml.safe_load(_sample_score_recipe(tmp_path, tiny_lm_dir, k=2).read_text())
     raw.update({"rounds": 2, "stages": ["sample", "score", "train"]})
     recipe = write(tmp_path, raw, name="two-rounds.yaml")
@@ -158,3 +160,18 @@ def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys):
     assert (tmp_path / "run" / "round-1" / "candidates.jsonl").exists()
     assert not (tmp_path / "run" / "round-2").exists()
     assert "round 2: not started" in out and "'train' stage" in out
+
+    # The whole cycle, one stage per command; no command fails on round 2's missing inputs.
+    run = tmp_path / "run"
+    assert main(["score", str(recipe)]) == 0 and not (run / "round-2").exists()
+    assert main(["train", str(recipe)]) == 0
+    assert (run / "round-1" / "train" / "adapter").exists()
+    assert "round 2: stopped, scored.jsonl is not there yet" in capsys.readouterr().out
+    sampled_from = []
+    real_sample = pipeline._sample
+    monkeypatch.setattr(pipeline, "_sample", lambda state, policy, out: (
+        sampled_from.append(policy), real_sample(state, policy, out)))
+    for stage in ("sample", "score", "train"):
+        assert main([stage, str(recipe)]) == 0
+    assert (run / "round-2" / "train" / "adapter").exists()
+    assert sampled_from == [run / "round-1" / "train" / "adapter"]  # round 2, from round 1's

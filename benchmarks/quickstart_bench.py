@@ -76,6 +76,28 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
+# (first, second): the paper's directions, as per-seed differences of held-out reward
+PAIRS = (("rrhf", "initial"), ("rrhf", "no_rank_loss"), ("rrhf_round2", "rrhf"))
+
+
+def paired(runs: list[dict], key: str = "reward/held_out") -> list[dict]:
+    """Per-seed differences first - second: mean, spread, and on how many seeds it is > 0.
+    Seeds share their initial policy within a pair, so this is less noisy than the means."""
+    rows = []
+    for first, second in PAIRS:
+        if not all({first, second} <= set(r["metrics"]["variants"]) for r in runs):
+            continue
+        diffs = [r["metrics"]["variants"][first][key] - r["metrics"]["variants"][second][key]
+                 for r in runs]
+        rows.append({
+            "difference": f"{first} - {second}", "mean": statistics.mean(diffs),
+            "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+            "seeds above 0": f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
+            "per seed": " ".join(f"{d:+.3f}" for d in diffs),
+        })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -94,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["variant"] + [c for c in rows[0] if c.startswith("reward/held_out")]
     columns += [c for c in rows[0] if c.startswith(("reward/train", "ranking/accuracy"))]
     print_table(rows, columns=columns, title="quickstart over seeds " + str(args.seeds))
+    differences = paired(runs)
+    print_table(differences, title="paired by seed: held-out reward differences")
     times = [{"seed": r["seed"], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
               "load_avg_1m_before": r["load_avg_1m_before"]} for r in runs]
     print_table(times, title="time per seed (whole run: warm-up, 2 rounds, ablation, eval, merge)")
     path = write_result("quickstart", {
         "recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "seeds": args.seeds,
-        "table": rows, "runs": runs,
+        "table": rows, "paired": differences, "runs": runs,
     }, results_dir=args.results_dir)
     print(f"wrote {path}")
     return 0

@@ -1,6 +1,6 @@
-"""The quickstart study's measuring functions (not its results): answer kinds, per-token
-log-probs checked against the library's own candidate scores, the right-vs-habit measures, and
-the paired table."""
+"""The quickstart study's and benchmark's measuring functions (not their results): answer
+kinds, per-token log-probs checked against the library's own candidate scores, the
+right-vs-habit measures, training trends, and the paired-by-seed tables."""
 
 from __future__ import annotations
 
@@ -119,3 +119,24 @@ def test_candidate_measures(study, tmp_path):
     ])
     got = study.candidate_measures(tmp_path / "scored.jsonl")
     assert got == {"best": 0.5, "mean": 0.25, "distinct": 2.5, "all_tied": 0.5}
+
+
+def test_quickstart_bench_paired_differences():
+    sys.path.insert(0, str(BENCH_DIR))
+    try:
+        bench = importlib.import_module("quickstart_bench")
+    finally:
+        sys.path.remove(str(BENCH_DIR))
+
+    def run(initial, rrhf, ablation):
+        return {"metrics": {"variants": {"initial": {"reward/held_out": initial},
+                                         "rrhf": {"reward/held_out": rrhf},
+                                         "no_rank_loss": {"reward/held_out": ablation}}}}
+
+    rows = bench.paired([run(0.5, 0.6, 0.55), run(0.6, 0.65, 0.7)])
+    by_name = {row["difference"]: row for row in rows}
+    assert set(by_name) == {"rrhf - initial", "rrhf - no_rank_loss"}  # no IP-2 in these runs
+    assert math.isclose(by_name["rrhf - initial"]["mean"], 0.075)
+    assert by_name["rrhf - initial"]["seeds above 0"] == "2/2"
+    assert by_name["rrhf - no_rank_loss"]["seeds above 0"] == "1/2"
+    assert by_name["rrhf - no_rank_loss"]["per seed"] == "+0.050 -0.050"

@@ -117,6 +117,9 @@ def dispatch(args) -> int:
         return EXIT_OK
 
     recipe = _load(args)
+    # Importing torch and transformers takes seconds on a cold start; say something first.
+    print(f"[rrhf-lite] recipe {recipe.name!r} is valid; loading torch and transformers",
+          flush=True)
     from rrhf_lite.pipeline import run_recipe
 
     stages = None if args.command == "run" else [args.command]

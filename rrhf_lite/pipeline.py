@@ -317,10 +317,21 @@ def reward_spec(recipe: Recipe) -> dict:
     return {"given": True}
 
 
-def _score(state: RunState, source: Path, out: Path) -> None:
+def _candidate_rows(recipe: Recipe, source: Path | str) -> list[dict]:
+    """Rows to score: JSON lines as they are (keeping "sources" and other keys), or the
+    recipe's given candidates in any format `load_listwise` reads (.json, .parquet, a hub data
+    set; chosen/rejected pairs become two responses)."""
+    if isinstance(source, Path) and source.suffix == ".jsonl":
+        return read_jsonl(source)
+    from rrhf_lite.data import load_listwise
+
+    return load_listwise(source, split=recipe.data.candidates_split, require_scores=False)
+
+
+def _score(state: RunState, source: Path | str, out: Path) -> None:
     from rrhf_lite.stages.score import score_candidates
 
-    rows = read_jsonl(source)
+    rows = _candidate_rows(state.recipe, source)
     spec = reward_spec(state.recipe)
     if distributed.is_distributed() and "model" in spec:
         spec["device"] = distributed.local_device()

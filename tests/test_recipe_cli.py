@@ -175,3 +175,31 @@ def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys, mo
         assert main([stage, str(recipe)]) == 0
     assert (run / "round-2" / "train" / "adapter").exists()
     assert sampled_from == [run / "round-1" / "train" / "adapter"]  # round 2, from round 1's
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "json"])
+def test_score_stage_reads_given_candidates_in_any_format(tmp_path, fmt):
+    """Responses from elsewhere (no scores), rated by the score stage: not only JSON lines."""
+    import datasets
+
+    rows = [{"prompt": "sort 321=", "responses": ["123", "321"]},
+            {"prompt": "copy ab=", "chosen": "ab", "rejected": "a"}]
+    path = tmp_path / f"candidates.{fmt}"
+    if fmt == "parquet":
+        # one schema per file: the chosen/rejected row becomes a listwise one here
+        datasets.Dataset.from_list([rows[0], {"prompt": "copy ab=", "responses": ["ab", "a"]}]
+                                   ).to_parquet(str(path))
+    else:
+        path.write_text(json.dumps(rows))
+    recipe = write(tmp_path, {
+        "model": {"name_or_path": "unused-for-scoring"},
+        "output_dir": str(tmp_path / "run"),
+        "stages": ["score"],
+        "data": {"candidates": str(path)},
+        "scoring": {"reward_function": "rrhf_lite.tiny.tasks:reward"},
+    }, name=f"score-{fmt}.yaml")
+    assert main(["run", str(recipe)]) == 0
+    scored = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "scored.jsonl").open()]
+    assert [r["responses"] for r in scored] == [["123", "321"], ["ab", "a"]]
+    assert scored[0]["scores"][0] == 1.0 and scored[0]["scores"][1] < 1.0
+    assert scored[1]["scores"] == [1.0, 0.5]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 
@@ -117,9 +118,11 @@ def dispatch(args) -> int:
         return EXIT_OK
 
     recipe = _load(args)
-    # Importing torch and transformers takes seconds on a cold start; say something first.
-    print(f"[rrhf-lite] recipe {recipe.name!r} is valid; loading torch and transformers",
-          flush=True)
+    # Importing torch and transformers takes seconds on a cold start; say something first
+    # (once: under accelerate/torchrun only rank 0 speaks, read from the launcher's env).
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[rrhf-lite] recipe {recipe.name!r} is valid; loading torch and transformers",
+              flush=True)
     from rrhf_lite.pipeline import run_recipe
 
     stages = None if args.command == "run" else [args.command]

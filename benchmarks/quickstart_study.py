@@ -72,6 +72,8 @@ ARMS: dict[str, list[str]] = {
            " temperature: 1.0, top_p: 1.0}]"],
     # a quarter of the learning rate: does the rank loss help where training is gentler?
     "lr5e-4": ["train.learning_rate=5e-4"],
+    # twice the epochs at that rate: is the gap to best-of-k one of training or of transfer?
+    "lr5e-4_4ep": ["train.learning_rate=5e-4", "train.num_train_epochs=4"],
 }
 TASK_ORDER = ("copy", "reverse", "sort", "count")
 

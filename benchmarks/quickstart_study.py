@@ -16,8 +16,10 @@ Training variants, all trained on the same round-1 candidates of a run (recipe `
     rank_w0.2      the rank loss down-weighted to 0.2
     rrhf_round2    IP-2: one more round on the RRHF policy's own samples (same prompts)
 
-Arms (settings of the whole run): `paper` is the quickstart recipe; the others are listed in
-ARMS below.
+Arms (settings of the whole run): `paper` is the quickstart as first recorded (learning rate
+2e-3); the others are listed in ARMS below. The recorded study (2026-11-27) ran `paper`,
+`diverse_beam`, `prompts800` and `k2` while the recipe itself said 2e-3, which the arms now pin
+(each run directory's recipe.yaml shows the rate it used).
 
 Mechanism measures, on held-out prompts whose habitual wrong answer (the warm-up's
 `habit`) differs from the right one, per task:
@@ -58,17 +60,21 @@ VARIANT_ABLATIONS = (
     " {name: sum_scores, train: {length_penalty: 0.0}},"
     " {name: rank_w0.2, train: {rank_weight: 0.2}}]"
 )
+# The quickstart as first recorded (2026-11-26) trained at 2e-3; the recipe now says 5e-4 (this
+# study's finding), so the arms pin the rate they were recorded with.
+FIRST_RATE = "train.learning_rate=2e-3"
 ARMS: dict[str, list[str]] = {
-    "paper": [],
+    "paper": [FIRST_RATE],
     # the paper's main sampler: diverse beam search instead of top-p at temperature 1
     "diverse_beam": [
+        FIRST_RATE,
         "sampling.generators=[{model: policy, method: diverse_beam, num_candidates: 6,"
         " num_beams: 6, num_beam_groups: 3, diversity_penalty: 1.0}]",
     ],
     # four times the prompts for one epoch: is IP-2's loss over-fitting of 200 prompts?
-    "prompts800": ["data.max_prompts=800", "train.num_train_epochs=1"],
+    "prompts800": [FIRST_RATE, "data.max_prompts=800", "train.num_train_epochs=1"],
     # two candidates: the best is often not right, so imitating it alone teaches less
-    "k2": ["sampling.generators=[{model: policy, method: top_p, num_candidates: 2,"
+    "k2": [FIRST_RATE, "sampling.generators=[{model: policy, method: top_p, num_candidates: 2,"
            " temperature: 1.0, top_p: 1.0}]"],
     # a quarter of the learning rate: does the rank loss help where training is gentler?
     "lr5e-4": ["train.learning_rate=5e-4"],

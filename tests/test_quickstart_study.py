@@ -140,3 +140,16 @@ def test_quickstart_bench_paired_differences():
     assert by_name["rrhf - initial"]["seeds above 0"] == "2/2"
     assert by_name["rrhf - no_rank_loss"]["seeds above 0"] == "1/2"
     assert by_name["rrhf - no_rank_loss"]["per seed"] == "+0.050 -0.050"
+
+
+def test_every_arm_is_a_valid_quickstart_recipe(study):
+    """The arms are --set overrides of the shipped recipe; they must stay valid as it changes,
+    and the arms recorded at the first learning rate must keep it."""
+    from rrhf_lite.recipe import load_recipe
+
+    for arm, overrides in study.ARMS.items():
+        recipe = load_recipe(study.RECIPE, [*overrides, study.VARIANT_ABLATIONS])
+        assert [a.name for a in recipe.ablations] == [
+            "no_rank_loss", "rank_only", "sum_scores", "rank_w0.2"], arm
+        expected = 5e-4 if arm.startswith("lr5e-4") else 2e-3
+        assert recipe.train.learning_rate == expected, arm

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import torch
 
@@ -16,6 +19,23 @@ from rrhf_lite.tiny import build_char_tokenizer, save_tiny_causal_lm, save_tiny_
 
 # Tiny models: one thread is faster than two (no sync overhead), and the CI box has 2 cores.
 torch.set_num_threads(1)
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="session")
+def benchmark_module():
+    """Import a script of benchmarks/ by name (they import their `_common` helper as a sibling,
+    so the folder is on sys.path only while the import runs)."""
+
+    def load(name: str):
+        sys.path.insert(0, str(BENCHMARKS_DIR))
+        try:
+            return importlib.import_module(name)
+        finally:
+            sys.path.remove(str(BENCHMARKS_DIR))
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -3,23 +3,15 @@ file helpers in benchmarks/_common.py, and the CPU peak-memory probe."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module("kernel_bench")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+def bench(benchmark_module):
+    return benchmark_module("kernel_bench")
 
 
 @pytest.fixture(scope="module")

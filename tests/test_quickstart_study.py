@@ -4,23 +4,14 @@ right-vs-habit measures, training trends, and the paired-by-seed tables."""
 
 from __future__ import annotations
 
-import importlib
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
-def study():
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        yield importlib.import_module("quickstart_study")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+def study(benchmark_module):
+    return benchmark_module("quickstart_study")
 
 
 def test_answer_kind(study):
@@ -121,12 +112,8 @@ def test_candidate_measures(study, tmp_path):
     assert got == {"best": 0.5, "mean": 0.25, "distinct": 2.5, "all_tied": 0.5}
 
 
-def test_quickstart_bench_paired_differences():
-    sys.path.insert(0, str(BENCH_DIR))
-    try:
-        bench = importlib.import_module("quickstart_bench")
-    finally:
-        sys.path.remove(str(BENCH_DIR))
+def test_quickstart_bench_paired_differences(benchmark_module):
+    bench = benchmark_module("quickstart_bench")
 
     def run(initial, rrhf, ablation):
         return {"metrics": {"variants": {"initial": {"reward/held_out": initial},

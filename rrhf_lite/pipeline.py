@@ -171,9 +171,8 @@ def _run_round(state: RunState, round_index: int) -> bool:
         if scored.exists():
             _say(f"round {round_index}: score skipped, found {scored}")
         else:
-            if _later_round_waits(round_index, source, "sample"):
+            if not _round_input_ready(round_index, source, "sample"):
                 return False
-            _require(source, "sample")
             _say(f"round {round_index}: scoring candidates")
             _score(state, source, scored)
     if "train" in recipe.stages:
@@ -182,23 +181,24 @@ def _run_round(state: RunState, round_index: int) -> bool:
         adapter_dir = out / "train" / "adapter"
         if "train" in state.stages:
             if not adapter_dir.exists():
-                if _later_round_waits(round_index, data, "score"):
+                if not _round_input_ready(round_index, data, "score"):
                     return False
-                _require(data, "score")
             _train(state, data, out / "train", init_adapter=policy, overrides={})
         if adapter_dir.exists():
             state.adapters[name] = adapter_dir
     return True
 
 
-def _later_round_waits(round_index: int, needed: Path | str, earlier_stage: str) -> bool:
-    """Stage by stage, a later round's input appears only once its earlier stages ran: say so
-    and stop the rounds (round 1's missing input stays an error, raised by _require)."""
+def _round_input_ready(round_index: int, needed: Path | str, earlier_stage: str) -> bool:
+    """Whether a round's input is there. Stage by stage, a later round's input appears only once
+    its earlier stages ran: say so and return False (the rounds stop). Round 1's missing input
+    is the user's error, raised by _require."""
     if round_index > 1 and isinstance(needed, Path) and not needed.exists():
         _say(f"round {round_index}: stopped, {needed.name} is not there yet; run the "
              f"'{earlier_stage}' stage for it, then this command again")
-        return True
-    return False
+        return False
+    _require(needed, earlier_stage)
+    return True
 
 
 def _given_candidates(recipe: Recipe) -> Path | str:

@@ -75,7 +75,6 @@ def test_missing_model_is_a_user_error(tmp_path):
 
 
 def test_load_in_4bit_with_adapter(tiny_lm_dir, adapter_dir):
-    pytest.importorskip("bitsandbytes")
     from bitsandbytes.nn import Linear4bit
 
     model, tokenizer = load_causal_lm(str(tiny_lm_dir), adapter_path=str(adapter_dir),

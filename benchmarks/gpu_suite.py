@@ -255,10 +255,10 @@ def _prepend_path(folder: Path) -> None:
 def ensure_project_importable() -> dict[str, str]:
     """rrhf_lite and rrhf_kernels from THIS tree (installed or not), via links in a temp dir.
 
-    The repository root itself is never put on sys.path: its kernels/ folder would shadow
-    Hugging Face's `kernels` package (see pyproject.toml).
+    Links, not the repository root: the root on sys.path would make its kernels/ folder an
+    (empty) namespace package named `kernels` where Hugging Face's package is not installed.
     """
-    wanted = {"rrhf_kernels": ROOT / "kernels", "rrhf_lite": ROOT / "rrhf_lite"}
+    wanted = {"rrhf_kernels": ROOT / "kernels" / "rrhf_kernels", "rrhf_lite": ROOT / "rrhf_lite"}
     found = {}
     for name, folder in wanted.items():
         spec = importlib.util.find_spec(name)

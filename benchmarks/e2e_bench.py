@@ -107,6 +107,7 @@ def build_random_qlora_model(config, device: str | torch.device, model_args=None
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaForCausalLM
 
+    from rrhf_lite.cpu_4bit import configure_for_training
     from rrhf_lite.modeling import ModelArguments, lora_config_from_args, resolve_dtype
 
     args = model_args or ModelArguments(model_name_or_path="<random>")
@@ -132,6 +133,7 @@ def build_random_qlora_model(config, device: str | torch.device, model_args=None
         model, use_gradient_checkpointing=args.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, lora_config_from_args(args))
+    configure_for_training(model)  # as the real loader: never bitsandbytes' packed CPU layout
     model.train()
     return model
 

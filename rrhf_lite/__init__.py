@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import importlib
 
+from rrhf_lite.cpu_4bit import quiet_optional_kernel_warning
+
 __version__ = "0.1.0"
+
+# Before anything imports bitsandbytes: its "Failed to load CPU gemm_4bit_forward" warning on
+# AVX512-BF16 CPUs reads like an error but only means an optional package is absent.
+quiet_optional_kernel_warning()
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
 
 _DTYPES = {
@@ -108,7 +109,7 @@ def _quantization_config(load_in_4bit: bool, compute_dtype):
 
 
 def _from_pretrained(auto_class, name_or_path: str, *, torch_dtype, load_in_4bit, trust_remote_code,
-                     device, what: str):
+                     device, what: str, fused_cpu_4bit: bool = True, quantization_config=None):
     _check_model_source(str(name_or_path), what)
     dtype = resolve_dtype(torch_dtype)
     kwargs: dict[str, Any] = {
@@ -116,7 +117,7 @@ def _from_pretrained(auto_class, name_or_path: str, *, torch_dtype, load_in_4bit
         "trust_remote_code": trust_remote_code,
         "dtype": dtype,
     }
-    quant = _quantization_config(load_in_4bit, dtype)
+    quant = quantization_config or _quantization_config(load_in_4bit, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}  # 4-bit weights are placed at load time
@@ -129,6 +130,8 @@ def _from_pretrained(auto_class, name_or_path: str, *, torch_dtype, load_in_4bit
         ) from None
     if quant is None:
         model.to(device)
+    else:  # which of bitsandbytes' CPU paths each 4-bit layer takes (no-op on a GPU)
+        cpu_4bit.configure_for_inference(model, fused=fused_cpu_4bit)
     return model.eval()
 
 
@@ -169,6 +172,8 @@ def load_causal_lm(
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    fused_cpu_4bit: bool = True,
+    quantization_config=None,
 ):
     """Load a causal LM and its tokenizer for generation.
 
@@ -180,6 +185,11 @@ def load_causal_lm(
             against when training used 4-bit).
         trust_remote_code: run model code shipped with the checkpoint (off by default).
         device: where to put the model; default cuda if available, else cpu.
+        fused_cpu_4bit: 4-bit on a CPU with AVX512-BF16: let the layers whose shapes allow it
+            use bitsandbytes' fused bf16 kernel (faster; logits within bf16 rounding of
+            training's). False: dequantise + matmul everywhere, as training computes.
+        quantization_config: a transformers BitsAndBytesConfig to load with (the training's
+            quantisation settings); default NF4 with double quantisation when load_in_4bit.
 
     Returns:
         (model, tokenizer): model in eval mode; tokenizer pads on the left and has a pad token
@@ -194,7 +204,7 @@ def load_causal_lm(
     model = _from_pretrained(
         AutoModelForCausalLM, model_name_or_path, torch_dtype=torch_dtype,
         load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, device=device,
-        what="causal LM",
+        what="causal LM", fused_cpu_4bit=fused_cpu_4bit, quantization_config=quantization_config,
     )
     if adapter_path:
         from peft import PeftModel
@@ -214,6 +224,7 @@ def load_reward_model(
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
+    fused_cpu_4bit: bool = True,
 ):
     """Load a Hugging Face sequence-classification reward model (one label) and its tokenizer.
 
@@ -232,7 +243,7 @@ def load_reward_model(
     model = _from_pretrained(
         AutoModelForSequenceClassification, path, torch_dtype=torch_dtype,
         load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, device=device,
-        what="reward model",
+        what="reward model", fused_cpu_4bit=fused_cpu_4bit,
     )
     if model.config.num_labels != 1:
         raise UserInputError(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
 
 logger = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ def load_model_for_training(args: ModelArguments):
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path,
                                args.trust_remote_code)
     model.config.use_cache = False  # no KV cache while training (and it clashes with checkpointing)
+    cpu_4bit.configure_for_training(model)  # never bitsandbytes' packed CPU inference layout
     ckpt_kwargs = {"use_reentrant": False}
     if args.load_in_4bit and not sharded_engine():
         from peft import prepare_model_for_kbit_training

@@ -30,6 +30,7 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainingArguments
 
+from rrhf_lite import cpu_4bit
 from rrhf_lite.data import RRHFCollator, load_listwise, tokenize_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.loss import rrhf_loss
@@ -150,6 +151,10 @@ class RRHFTrainer(Trainer):
             raise TypeError(f"args must be an RRHFConfig, got {type(args).__name__}")
         if peft_config is not None:
             model = self._wrap_peft(model, peft_config, args)
+        if model is not None:
+            # Evaluation runs in eval mode without grad, where bitsandbytes would switch CPU
+            # 4-bit layers to its packed bf16 inference kernel: no backward, other numbers.
+            cpu_4bit.configure_for_training(model)
         tokenizer = processing_class
         self.tokenize_stats: dict[str, dict[str, int]] = {}
         train_dataset = self._prepare_dataset(train_dataset, tokenizer, args, "train")

@@ -23,6 +23,28 @@ torch.set_num_threads(1)
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.fixture(params=["dequantize", "fused"])
+def cpu_4bit_path(request, monkeypatch):
+    """Run a test on each of bitsandbytes' two CPU paths for 4-bit layers, on any machine.
+
+    "dequantize": the capability check says no AVX512-BF16 (what most CI machines see).
+    "fused": it says yes, as on Zen 4 / Sapphire Rapids and later, so bitsandbytes repacks
+    eval-mode layers and calls its fused kernel; where this CPU lacks the kernel, that one call
+    is emulated in plain torch (tests/fused_4bit_emulation.py), everything else is the real code.
+    """
+    import bitsandbytes.functional as bnb_functional
+    import bitsandbytes.nn.modules as bnb_modules
+    from fused_4bit_emulation import emulated_gemv_4bit
+
+    fused = request.param == "fused"
+    native = bool(bnb_functional.has_avx512bf16())
+    for module in (bnb_functional, bnb_modules):
+        monkeypatch.setattr(module, "has_avx512bf16", lambda: fused)
+    if fused and not native:
+        monkeypatch.setattr(bnb_functional, "gemv_4bit", emulated_gemv_4bit(bnb_functional.gemv_4bit))
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def benchmark_module():
     """Import a script of benchmarks/ by name (they import their `_common` helper as a sibling,

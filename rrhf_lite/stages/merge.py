@@ -9,6 +9,10 @@ Why the steps are in this order:
 - Reference logits come from the unmerged PeftModel (base + adapter as it ran in training);
   the merged model is saved, reloaded from disk and compared with them. That checks the
   artefact a user will ship, not an object in memory.
+- With the round trip, the reloaded model is also compared with the trained policy itself:
+  the 4-bit base through bitsandbytes + the adapter. Its tolerance follows the precision those
+  4-bit layers actually computed in (bf16 where bitsandbytes' fused CPU kernel ran, else their
+  compute dtype), and the report names that path.
 - Everything is written to a temporary sibling directory and renamed at the end, so a crash
   or a failed verification never leaves a half-written model behind.
 """
@@ -23,8 +27,11 @@ from typing import Any
 
 import torch
 
+from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.inference import load_causal_lm
 from rrhf_lite.io import atomic_directory, write_json
+from rrhf_lite.modeling import resolve_dtype as training_dtype
 from rrhf_lite.report import environment_versions
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -35,6 +42,12 @@ ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "fl
 # (at least 1.0 of scale, so near-zero logits of tiny models do not make it absurdly tight).
 # fp32 only sees summation-order noise; fp16/bf16 see the rounding of W + BA to 10/7 bits.
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 8e-2}
+
+# The same, for the merged model against the 4-bit policy, by the precision its 4-bit layers
+# computed in. Activations rounded at every layer (bf16: 8 bits) drift more than weights rounded
+# once, yet a merge that skipped the NF4 round trip must still fail: on the tiny test model the
+# fused bf16 path lands 3e-3 from the round-tripped merge and 0.12 from a plain one.
+POLICY_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 
 DEFAULT_VERIFY_PROMPTS = [
     "The capital of France is",
@@ -272,6 +285,38 @@ def _adapter_effect(base: list[torch.Tensor], reference: list[torch.Tensor]) -> 
     return max(d.max().item() for d in diffs)
 
 
+def policy_check(base_model: str, adapter_path: Path, tokenizer, prompts: list[str],
+                 merged_logits: list[torch.Tensor], *, merged_dtype: str, device: str,
+                 quant_type: str, double_quant: bool, trust_remote_code: bool,
+                 tolerance: float | None) -> dict:
+    """Merged logits against the trained policy: the 4-bit base (bitsandbytes) + the adapter.
+
+    The policy runs as inference runs it: on a CPU with AVX512-BF16, the layers whose shapes
+    allow it take bitsandbytes' fused bf16 kernel. The tolerance is the looser of the merged
+    dtype's and the precision those 4-bit layers computed in; `compute_path` in the result says
+    which path ran on how many layers.
+    """
+    from transformers import BitsAndBytesConfig
+
+    dtype = training_dtype("auto", device)  # what training computed in on this device
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=dtype)
+    policy, _ = load_causal_lm(
+        base_model, adapter_path=str(adapter_path), load_in_4bit=True, device=device,
+        torch_dtype=dtype, quantization_config=quantization, trust_remote_code=trust_remote_code)
+    reference = prompt_logits(policy, tokenizer, prompts)
+    path = cpu_4bit.compute_path(policy)
+    del policy
+    precision = "bfloat16" if path["fused_layers"] else (path["compute_dtype"] or "float32")
+    relative = max(RELATIVE_TOLERANCE[merged_dtype], POLICY_TOLERANCE.get(precision, 8e-2))
+    if tolerance is None:
+        tolerance = relative * max(max(r.abs().max().item() for r in reference), 1.0)
+    check = compare_logits(reference, merged_logits, tolerance=tolerance)
+    check["compute_path"] = path
+    return check
+
+
 # ----------------------------------------------------------------------------- loading / saving
 
 
@@ -314,6 +359,7 @@ def merge_adapter(
     *,
     torch_dtype: str | torch.dtype = "float16",
     roundtrip_nf4: bool = False,
+    check_4bit_policy: bool | None = None,
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
@@ -332,6 +378,8 @@ def merge_adapter(
     roundtrip_nf4: pass the base's linear weights through 4-bit quantisation first (use the
       quant_type / blocksize / double_quant the adapter was trained with; defaults are
       rrhf-lite's QLoRA settings), so the merged model matches the policy that was trained.
+    check_4bit_policy: also compare the merged model with the 4-bit base (bitsandbytes, same
+      quant settings) + adapter, i.e. the policy as it ran; default: when roundtrip_nf4.
     verify_prompts: prompts whose logits are compared; None uses a few defaults, [] skips it.
     tolerance: absolute max logit difference allowed (default: per-dtype, relative to scale).
     allow_mismatch: keep the output even when verification fails (report ok=False);
@@ -399,12 +447,20 @@ def merge_adapter(
             check = compare_logits(reference, got, dtype=_dtype_name(dtype), tolerance=tolerance)
             check["adapter_effect"] = _adapter_effect(base_logits, reference)
             check["prompts"] = len(reference)
+            check["compute_path"] = {"path": "full precision", "compute_dtype": _dtype_name(dtype)}
             if check["adapter_effect"] == 0.0:
                 report["warnings"].append("the adapter does not change any logit: it is a no-op "
                                           "(untrained, or its LoRA B weights are all zero)")
             report["verification"] = check
             report["ok"] = check["ok"]
             report["max_abs_diff"] = check["max_abs_diff"]
+            if roundtrip_nf4 if check_4bit_policy is None else check_4bit_policy:
+                report["policy_verification"] = policy_check(
+                    base_model, adapter_path, tokenizer, prompts, got,
+                    merged_dtype=_dtype_name(dtype), device=device, quant_type=quant_type,
+                    double_quant=double_quant, trust_remote_code=trust_remote_code,
+                    tolerance=tolerance)
+                report["ok"] = report["ok"] and report["policy_verification"]["ok"]
         else:
             report["verification"] = None
             report["ok"] = True
@@ -413,11 +469,17 @@ def merge_adapter(
         write_json(tmp / REPORT_NAME, report)
         if not report["ok"] and not allow_mismatch:
             check = report["verification"]
+            against = "base + adapter"
+            if check["ok"]:  # the 4-bit policy check is the one that failed
+                check = report["policy_verification"]
+                path = check["compute_path"]
+                against = (f"the 4-bit policy ({path['path']} path on "
+                           f"{path['fused_layers'] + path['dequantize_layers']} 4-bit layers)")
             what = (f"{check['nonfinite_logits']} NaN/inf logits" if check["nonfinite_logits"]
                     else f"max |logit diff| {check['max_abs_diff']:.4g} > tolerance "
                     f"{check['tolerance']:.4g}")
             raise MergeVerificationError(
-                f"merged model does not reproduce base + adapter: {what} "
+                f"merged model does not reproduce {against}: {what} "
                 f"(top-1 agreement {check['top1_agreement']:.1%}); nothing was written",
                 where=str(adapter_path),
                 hint="the adapter may be corrupted or trained on another base; if the "

@@ -9,15 +9,10 @@ import pytest
 import torch
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.inference import (
-    encode_prompts,
-    format_prompt,
-    load_causal_lm,
-    load_reward_model,
-    prompt_token_ids,
-)
+from rrhf_lite.inference import encode_prompts, load_causal_lm, load_reward_model
 from rrhf_lite.stages.generate import chat_loop, generate, greedy_generate, run_generate_command
 from rrhf_lite.tiny import build_char_tokenizer
+from rrhf_lite.tokenization import format_prompt, prompt_token_ids
 
 MESSAGES = [{"role": "user", "content": "copy ab="}]
 

@@ -225,3 +225,41 @@ def test_model_candidate_scores_matches_manual(length_penalty):
         assert scores == pytest.approx(expected, rel=1e-4, abs=1e-4)
     assert len(got[2]) == 1 and got[2][0] != got[2][0]  # NaN
     assert not model.training
+
+
+# ----------------------------------------------------------------------------- one shape
+
+
+def test_malformed_json_gives_one_error_for_training_data_and_prompts(tmp_path):
+    from rrhf_lite.stages.sample import load_prompts
+
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"prompt": "a", "responses": ["x"], "scores": [1]},\n  {"prompt": "b",\n]\n')
+    messages = []
+    for load in (load_listwise, load_prompts):
+        with pytest.raises(UserInputError) as info:
+            load(path)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert f"{path} line 4" in messages[0] and "malformed JSON" in messages[0]
+    assert "what to do" in messages[0] and "JSON array" in messages[0]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
+@pytest.mark.parametrize("max_prompt_length", [None, 5], ids=["whole", "truncated"])
+def test_training_and_sampling_tokenise_prompts_alike(chat, max_prompt_length):
+    from rrhf_lite.inference import encode_prompts
+    from rrhf_lite.tokenization import prompt_token_ids
+
+    tok = build_char_tokenizer(chat_template=chat)
+    prompts = ([[{"role": "user", "content": "copy abc="}], [{"role": "user", "content": ""}]]
+               if chat else ["copy abc=", ""])
+    batch = encode_prompts(tok, prompts, max_prompt_length=max_prompt_length)
+    for row, prompt in enumerate(prompts):
+        feature = tokenize_example({"prompt": prompt, "responses": ["x"], "scores": [1.0]}, tok,
+                                   max_length=None, max_prompt_length=max_prompt_length)
+        sampled = prompt_token_ids(tok, prompt, max_prompt_length=max_prompt_length)
+        in_batch = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert feature["prompt_ids"] == sampled == in_batch
+        if max_prompt_length is not None and row == 0:
+            assert len(sampled) == max_prompt_length

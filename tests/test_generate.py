@@ -23,18 +23,9 @@ def tiny_lm(tiny_lm_dir):
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_lm_dir, tmp_path_factory):
-    """A LoRA adapter with non-zero weights (so it changes the model), saved as safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir))
-    torch.manual_seed(0)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, init_lora_weights=False,
-                                                 target_modules=["q_proj", "v_proj"]))
-    path = tmp_path_factory.mktemp("adapter") / "adapter"
-    peft_model.save_pretrained(path, safe_serialization=True)
-    return path
+def adapter_dir(make_adapter):
+    """A LoRA adapter with non-zero weights and a large alpha (so it changes the model)."""
+    return make_adapter(r=4, alpha=64)
 
 
 def test_load_causal_lm_sets_padding_and_eval(tiny_lm):

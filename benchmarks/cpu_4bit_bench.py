@@ -28,7 +28,6 @@ except ImportError:
     from _common import print_table, time_fn, write_result
 
 from rrhf_lite import cpu_4bit
-from rrhf_lite.inference import load_causal_lm
 
 SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
              intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,

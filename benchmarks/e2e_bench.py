@@ -182,7 +182,7 @@ def _materialise_rest(model, device: torch.device, dtype: torch.dtype, std: floa
 
 def make_batch(vocab_size: int, k: int, seq_len: int, prompt_len: int, seed: int = 0) -> dict:
     """One prompt with k full-length candidates (random ids), collated by rrhf-lite's collator."""
-    from rrhf_lite.data import RRHFCollator
+    from rrhf_lite.tokenization import RRHFCollator
 
     if not 0 < prompt_len < seq_len:
         raise ValueError(f"need 0 < prompt_len < seq_len, got {prompt_len}, {seq_len}")
@@ -268,7 +268,7 @@ def mixed_precision(model, bf16: bool):
 
 def make_trainer(model, micro_batch: int, bf16: bool, backend: str, output_dir: str):
     """An RRHFTrainer over `model` (a PeftModel), ready for `training_step` calls."""
-    from rrhf_lite.data import RRHFCollator
+    from rrhf_lite.tokenization import RRHFCollator
     from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
 
     config = RRHFConfig(output_dir=output_dir, candidate_micro_batch_size=micro_batch,

@@ -290,7 +290,7 @@ def generate_candidates(
 
     Args:
         model, tokenizer: from rrhf_lite.inference.load_causal_lm (left padding, pad token set).
-        prompts: strings or chat-message lists (see rrhf_lite.inference.format_prompt).
+        prompts: strings or chat-message lists (see rrhf_lite.tokenization.format_prompt).
         method: "greedy" (one candidate, whatever num_candidates says), "beam" (transformers'
             beam search), "diverse_beam" (diverse_beam_search above) or "top_p" (sampling with
             temperature and nucleus top_p; top_k 0 = off). Seed torch beforehand for sampling.

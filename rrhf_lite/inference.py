@@ -4,10 +4,8 @@ Training loads its own model (4-bit + LoRA, trainable); this module loads frozen
 mode: a causal LM (optionally with a PEFT adapter on top) and a sequence-classification reward
 model. Only safetensors weights are ever read.
 
-Prompt text must match what the trainer sees: a prompt is either a string used as is, or a list
-of chat messages rendered with the tokenizer's chat template (add_generation_prompt=True). The
-trainer tokenises a candidate as prompt text + response text + EOS, so the response we generate
-is exactly what follows that prompt text.
+Prompts are tokenised by rrhf_lite.tokenization.prompt_token_ids, the function the trainer uses,
+so the response we generate is exactly what follows the prompt the trainer sees.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import torch
 
 from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.tokenization import prompt_token_ids
 
 _DTYPES = {
     "float32": torch.float32,
@@ -256,72 +255,6 @@ def load_reward_model(
 
 
 # --- prompts ---------------------------------------------------------------------------------
-
-def _check_messages(messages: Sequence, where: str | None) -> list[dict]:
-    checked = []
-    for index, message in enumerate(messages):
-        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                and isinstance(message.get("content"), str)):
-            raise UserInputError(
-                f"message {index} must be an object with string 'role' and 'content'",
-                where=where, hint='e.g. [{"role": "user", "content": "Hi"}]',
-            )
-        checked.append(message)
-    return checked
-
-
-def render_prompt(tokenizer, prompt: str | Sequence[dict], *, where: str | None = None
-                  ) -> tuple[str, bool]:
-    """(prompt text, whether the chat template wrote it). See format_prompt."""
-    if isinstance(prompt, str):
-        return prompt, False
-    if isinstance(prompt, Sequence) and not isinstance(prompt, (bytes, bytearray)):
-        messages = _check_messages(prompt, where)
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserInputError(
-                "the prompt is a list of chat messages but the tokenizer has no chat template",
-                where=where,
-                hint="use plain-string prompts, or a tokenizer/model that ships a chat template",
-            )
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return text, True
-    raise UserInputError(
-        f"a prompt must be a string or a list of messages, got {type(prompt).__name__}",
-        where=where,
-    )
-
-
-def format_prompt(tokenizer, prompt: str | Sequence[dict], *, where: str | None = None) -> str:
-    """The text a model is asked to continue.
-
-    Args:
-        tokenizer: the model's tokenizer.
-        prompt: a string (used as is) or a list of chat messages {"role", "content"}, rendered
-            with the tokenizer's chat template and add_generation_prompt=True.
-        where: names the data row in error messages ("prompts.jsonl line 3").
-
-    Raises:
-        UserInputError: messages but the tokenizer has no chat template, or a malformed prompt.
-    """
-    return render_prompt(tokenizer, prompt, where=where)[0]
-
-
-def prompt_token_ids(tokenizer, prompt: str | Sequence[dict], *,
-                     max_prompt_length: int | None = None, where: str | None = None) -> list[int]:
-    """Token ids of a prompt exactly as the trainer builds them (rrhf_lite.data).
-
-    Plain text gets the tokenizer's special tokens (its BOS); chat-template text does not (the
-    template writes its own). An empty prompt becomes [BOS]. A prompt longer than
-    max_prompt_length keeps its end (what the answer follows), as the reference code did.
-    """
-    text, templated = render_prompt(tokenizer, prompt, where=where)
-    ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-    if not ids and tokenizer.bos_token_id is not None:
-        ids = [int(tokenizer.bos_token_id)]
-    if max_prompt_length is not None and len(ids) > max_prompt_length:
-        ids = ids[-max_prompt_length:]
-    return ids
-
 
 def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[dict]],
                    max_prompt_length: int | None = None,

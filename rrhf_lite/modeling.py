@@ -201,28 +201,3 @@ def load_model_for_training(args: ModelArguments):
         else:
             model = get_peft_model(model, lora_config_from_args(args))
     return model, tokenizer
-
-
-def chunk_logprob_sums(model, input_ids, attention_mask, labels, *, backend: str = "auto"):
-    """Forward one chunk of candidates; return (sums [n] float32, counts [n] int64).
-
-    `labels` are unshifted (HF convention, -100 on prompt and padding). Only the logits that can
-    predict a response token are computed (`logits_to_keep`), so prompt positions never reach
-    the lm_head or the log-softmax; the kernel takes the shifted views without a copy.
-    """
-    from rrhf_kernels import candidate_logprob_sums
-
-    # trim right padding shared by the whole chunk
-    width = int(attention_mask.sum(dim=1).max())
-    input_ids, attention_mask, labels = (t[:, :width] for t in (input_ids, attention_mask, labels))
-    valid = labels != -100
-    # first position with a label; logits at t-1 predict it (position 0 can never be predicted)
-    first = int(torch.where(valid.any(dim=1), valid.float().argmax(dim=1), width).min())
-    first = max(first, 1)
-    if first >= width:  # nothing to score in this chunk
-        zeros = torch.zeros(len(input_ids), device=input_ids.device)
-        return zeros, torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
-    keep = width - first + 1  # logits for positions first-1 .. width-1
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    sums, counts = candidate_logprob_sums(logits[:, :-1], labels[:, first:], backend=backend)
-    return sums, counts

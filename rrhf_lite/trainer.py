@@ -31,10 +31,11 @@ from accelerate.utils import DistributedType
 from transformers import Trainer, TrainingArguments
 
 from rrhf_lite import cpu_4bit
-from rrhf_lite.data import RRHFCollator, load_listwise, tokenize_listwise
+from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.logprobs import chunk_logprob_sums
 from rrhf_lite.loss import rrhf_loss
-from rrhf_lite.modeling import chunk_logprob_sums
+from rrhf_lite.tokenization import RRHFCollator, tokenize_listwise
 
 logger = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 from rrhf_lite.tiny import build_char_tokenizer, save_tiny_causal_lm, save_tiny_reward_model  # noqa: E402
 
@@ -43,6 +44,31 @@ def cpu_4bit_path(request, monkeypatch):
     if fused and not native:
         monkeypatch.setattr(bnb_functional, "gemv_4bit", emulated_gemv_4bit(bnb_functional.gemv_4bit))
     return request.param
+
+
+def train_recipe(path: Path, model_dir, candidates, output_dir, **sections) -> Path:
+    """Write a train-only recipe on a tiny model to `path` (full precision: fastest on CPU, one
+    step). Each keyword replaces a recipe section; a mapping is merged into a mapping section.
+    Test modules import it: `from conftest import train_recipe`."""
+    raw = {
+        "output_dir": str(output_dir), "seed": 0,
+        "model": {"name_or_path": str(model_dir)},
+        "stages": ["train"],
+        "quantization": {"load_in_4bit": False},
+        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
+        "data": {"candidates": str(candidates)},
+        "train": {"max_steps": 1, "gradient_checkpointing": False, "logprob_backend": "torch",
+                  "max_length": 64, "max_prompt_length": 32, "gradient_accumulation_steps": 1,
+                  "save_steps": 1000, "warmup_ratio": 0.0},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    path = Path(path)
+    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +122,33 @@ def tiny_world_cache(request, tmp_path_factory):
         os.environ.pop("RRHF_LITE_CACHE", None)
     else:
         os.environ["RRHF_LITE_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def make_adapter(tiny_lm_dir, tmp_path_factory):
+    """make_adapter(out_dir=None, *, seed=0, r=4, alpha=8, target_modules=("q_proj", "v_proj"),
+    random_b=True) saves a LoRA adapter for the tiny model as safetensors and returns its folder.
+
+    random_b: A and B both random (init_lora_weights=False), so the adapter changes the model;
+    False keeps PEFT's default init, B = 0, a no-op adapter.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def make(out_dir=None, *, seed=0, r=4, alpha=8, target_modules=("q_proj", "v_proj"),
+             random_b=True) -> Path:
+        out = Path(out_dir) if out_dir else tmp_path_factory.mktemp("adapter") / "adapter"
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir), dtype=torch.float32)
+        torch.manual_seed(seed)
+        config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules),
+                            init_lora_weights=not random_b)
+        get_peft_model(base, config).save_pretrained(str(out), safe_serialization=True)
+        return out
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter_dir(make_adapter):
+    """A small LoRA adapter for the tiny model (r = 2 on q_proj, non-zero weights)."""
+    return make_adapter(r=2, alpha=4, target_modules=["q_proj"])

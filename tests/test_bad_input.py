@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import train_recipe
 
 from rrhf_lite.cli import main
 
@@ -25,26 +25,8 @@ GOOD_LINE = json.dumps(GOOD)
 
 
 def _recipe(tmp_path: Path, model_dir, candidates, name="recipe.yaml", **sections) -> Path:
-    """A train-only recipe on the tiny model (full precision: fastest on CPU, one step)."""
-    raw = {
-        "output_dir": str(tmp_path / "run"),
-        "model": {"name_or_path": str(model_dir)},
-        "stages": ["train"],
-        "quantization": {"load_in_4bit": False},
-        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
-        "data": {"candidates": str(candidates)},
-        "train": {"max_steps": 1, "gradient_checkpointing": False, "logprob_backend": "torch",
-                  "max_length": 64, "max_prompt_length": 32, "gradient_accumulation_steps": 1,
-                  "save_steps": 1000, "warmup_ratio": 0.0},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
+    """A train-only recipe on the tiny model, writing its run to tmp_path / "run"."""
+    return train_recipe(tmp_path / name, model_dir, candidates, tmp_path / "run", **sections)
 
 
 def _cli(argv, capsys) -> tuple[int, str, str]:
@@ -364,21 +346,6 @@ def test_non_run_dir_is_left_alone(tmp_path, tiny_lm_dir, capsys):
     code, _, err = _cli(["run", _recipe(tmp_path, tiny_lm_dir, data)], capsys)
     _assert_user_error(code, err, str(run_dir))
     assert _snapshot(run_dir) == {"thesis.tex": b"years of work"}
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter_dir(tmp_path_factory, tiny_lm_dir):
-    """A LoRA adapter for the tiny model, saved as safetensors."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir))
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    peft_model.save_pretrained(str(out))
-    return out
 
 
 def test_merge_into_non_empty_dir_is_refused(tmp_path, tiny_lm_dir, tiny_adapter_dir, capsys):

@@ -8,17 +8,11 @@ import logging
 import pytest
 import torch
 
-from rrhf_lite.data import (
-    IGNORE_INDEX,
-    RRHFCollator,
-    load_listwise,
-    score_candidates,
-    summarize_listwise,
-    tokenize_example,
-    tokenize_listwise,
-)
+from rrhf_lite.data import load_listwise, summarize_listwise
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.logprobs import model_candidate_scores
 from rrhf_lite.tiny import build_char_tokenizer, make_tiny_causal_lm
+from rrhf_lite.tokenization import IGNORE_INDEX, RRHFCollator, tokenize_example, tokenize_listwise
 
 
 def _write_jsonl(path, rows, blank_first=False):
@@ -182,7 +176,7 @@ def test_truncation_sides_counts_and_drops(caplog):
     tok = build_char_tokenizer()
     rows = [{"prompt": "0123456789", "responses": ["abcdef", "x"], "scores": [1, 0]},
             {"prompt": "p" * 30, "responses": ["a"], "scores": [1]}]
-    with caplog.at_level(logging.WARNING, logger="rrhf_lite.data"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_lite.tokenization"):
         left, stats = tokenize_listwise(rows, tok, max_length=8, max_prompt_length=4, truncation_side="left")
     assert tok.decode(left[0]["prompt_ids"]) == "6789"
     assert tok.decode(left[0]["responses_ids"][0]) == "abcd"  # tail (and EOS) cut to fit 8
@@ -192,7 +186,7 @@ def test_truncation_sides_counts_and_drops(caplog):
     assert tok.decode(right[0]["prompt_ids"]) == "0123"
     # a prompt that alone fills max_length leaves no response token: the row is dropped, counted
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rrhf_lite.data"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_lite.tokenization"):
         kept, stats = tokenize_listwise(rows, tok, max_length=12, max_prompt_length=None)
     assert len(kept) == 1 and stats.rows_dropped == 1
     assert tok.decode(kept[0]["responses_ids"][0]) == "ab"
@@ -218,16 +212,54 @@ def _manual_scores(model, tok, prompt, responses, length_penalty):
 
 
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5])
-def test_score_candidates_matches_manual(length_penalty):
+def test_model_candidate_scores_matches_manual(length_penalty):
     tok = build_char_tokenizer()
     model = make_tiny_causal_lm(seed=3, hidden_size=32, intermediate_size=64)
     examples = [{"prompt": "Q: 1+1", "responses": ["2", "three", "no idea at all"], "scores": None},
                 {"prompt": "Hi", "responses": ["hello"], "scores": None},
                 {"prompt": "x" * 40, "responses": ["y"], "scores": None}]  # dropped: NaN
-    got = score_candidates(model, tok, examples, max_length=32, length_penalty=length_penalty,
-                           micro_batch_size=2, backend="torch")
+    got = model_candidate_scores(model, tok, examples, max_length=32, length_penalty=length_penalty,
+                                 micro_batch_size=2, backend="torch")
     for ex, scores in zip(examples[:2], got[:2], strict=True):
         expected = _manual_scores(model, tok, ex["prompt"], ex["responses"], length_penalty)
         assert scores == pytest.approx(expected, rel=1e-4, abs=1e-4)
     assert len(got[2]) == 1 and got[2][0] != got[2][0]  # NaN
     assert not model.training
+
+
+# ----------------------------------------------------------------------------- one shape
+
+
+def test_malformed_json_gives_one_error_for_training_data_and_prompts(tmp_path):
+    from rrhf_lite.stages.sample import load_prompts
+
+    path = tmp_path / "rows.json"
+    path.write_text('[\n  {"prompt": "a", "responses": ["x"], "scores": [1]},\n  {"prompt": "b",\n]\n')
+    messages = []
+    for load in (load_listwise, load_prompts):
+        with pytest.raises(UserInputError) as info:
+            load(path)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert f"{path} line 4" in messages[0] and "malformed JSON" in messages[0]
+    assert "what to do" in messages[0] and "JSON array" in messages[0]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
+@pytest.mark.parametrize("max_prompt_length", [None, 5], ids=["whole", "truncated"])
+def test_training_and_sampling_tokenise_prompts_alike(chat, max_prompt_length):
+    from rrhf_lite.inference import encode_prompts
+    from rrhf_lite.tokenization import prompt_token_ids
+
+    tok = build_char_tokenizer(chat_template=chat)
+    prompts = ([[{"role": "user", "content": "copy abc="}], [{"role": "user", "content": ""}]]
+               if chat else ["copy abc=", ""])
+    batch = encode_prompts(tok, prompts, max_prompt_length=max_prompt_length)
+    for row, prompt in enumerate(prompts):
+        feature = tokenize_example({"prompt": prompt, "responses": ["x"], "scores": [1.0]}, tok,
+                                   max_length=None, max_prompt_length=max_prompt_length)
+        sampled = prompt_token_ids(tok, prompt, max_prompt_length=max_prompt_length)
+        in_batch = batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist()
+        assert feature["prompt_ids"] == sampled == in_batch
+        if max_prompt_length is not None and row == 0:
+            assert len(sampled) == max_prompt_length

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import train_recipe
 
 from rrhf_lite.cli import main
 from rrhf_lite.errors import UserInputError
@@ -32,23 +32,14 @@ def _write_rows(path: Path, rows=ROWS) -> Path:
     return path
 
 
+# this file's training settings, on top of conftest's train_recipe
+_FAULT_TRAIN = {"max_length": 48, "max_prompt_length": 24, "learning_rate": 1e-2,
+                "lr_scheduler_type": "constant"}
+
+
 def _recipe(tmp_path: Path, model_dir, data, out, name="recipe.yaml", **sections) -> Path:
-    raw = {
-        "output_dir": str(out), "seed": 0,
-        "model": {"name_or_path": str(model_dir)}, "stages": ["train"],
-        "quantization": {"load_in_4bit": False},
-        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
-        "data": {"candidates": str(data)},
-        "train": {"max_steps": 1, "gradient_checkpointing": False, "logprob_backend": "torch",
-                  "max_length": 48, "max_prompt_length": 24, "gradient_accumulation_steps": 1,
-                  "save_steps": 1000, "warmup_ratio": 0.0, "learning_rate": 1e-2,
-                  "lr_scheduler_type": "constant"},
-    }
-    for key, value in sections.items():
-        raw[key] = {**raw[key], **value} if isinstance(raw.get(key), dict) else value
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    sections["train"] = {**_FAULT_TRAIN, **sections.get("train", {})}
+    return train_recipe(tmp_path / name, model_dir, data, out, **sections)
 
 
 # ------------------------------------------------------------------- (a) atomic directories
@@ -125,24 +116,6 @@ def test_existing_directory_is_refused_before_the_work(tmp_path):
     with pytest.raises(UserInputError, match="already exists"), atomic_directory(target):
         ran.append(True)
     assert not ran
-
-
-@pytest.fixture(scope="module")
-def tiny_adapter_dir(tmp_path_factory, tiny_lm_dir):
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir))
-    peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
-    with torch.no_grad():  # a real (non-zero) update, so the merge changes something
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-    out = tmp_path_factory.mktemp("adapter") / "adapter"
-    peft_model.save_pretrained(str(out))
-    return out
 
 
 @pytest.mark.parametrize("old", [True, False], ids=["force_over_old", "new"])

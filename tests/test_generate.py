@@ -9,15 +9,10 @@ import pytest
 import torch
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.inference import (
-    encode_prompts,
-    format_prompt,
-    load_causal_lm,
-    load_reward_model,
-    prompt_token_ids,
-)
+from rrhf_lite.inference import encode_prompts, load_causal_lm, load_reward_model
 from rrhf_lite.stages.generate import chat_loop, generate, greedy_generate, run_generate_command
 from rrhf_lite.tiny import build_char_tokenizer
+from rrhf_lite.tokenization import format_prompt, prompt_token_ids
 
 MESSAGES = [{"role": "user", "content": "copy ab="}]
 
@@ -28,18 +23,9 @@ def tiny_lm(tiny_lm_dir):
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_lm_dir, tmp_path_factory):
-    """A LoRA adapter with non-zero weights (so it changes the model), saved as safetensors."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(str(tiny_lm_dir))
-    torch.manual_seed(0)
-    peft_model = get_peft_model(base, LoraConfig(r=4, lora_alpha=64, init_lora_weights=False,
-                                                 target_modules=["q_proj", "v_proj"]))
-    path = tmp_path_factory.mktemp("adapter") / "adapter"
-    peft_model.save_pretrained(path, safe_serialization=True)
-    return path
+def adapter_dir(make_adapter):
+    """A LoRA adapter with non-zero weights and a large alpha (so it changes the model)."""
+    return make_adapter(r=4, alpha=64)
 
 
 def test_load_causal_lm_sets_padding_and_eval(tiny_lm):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
@@ -29,15 +29,6 @@ def _load(path, dtype=torch.float32):
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
 
 
-def _make_adapter(base_dir, out_dir, seed):
-    """A LoRA adapter with random A and B (B != 0, so the adapter really changes the model)."""
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                        init_lora_weights=False)
-    get_peft_model(_load(base_dir), config).save_pretrained(out_dir)
-    return out_dir
-
-
 def _logits(model, text=PROBE):
     return prompt_logits(model, build_char_tokenizer(), [text])[0]
 
@@ -47,13 +38,14 @@ def _leftovers(parent, name):
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(tiny_lm_dir, tmp_path_factory):
-    return _make_adapter(tiny_lm_dir, tmp_path_factory.mktemp("adapter") / "a", seed=1)
+def adapter_dir(make_adapter):
+    """Random A and B (B != 0, so the adapter really changes the model)."""
+    return make_adapter(seed=1)
 
 
 @pytest.fixture(scope="module")
-def other_adapter_dir(tiny_lm_dir, tmp_path_factory):
-    return _make_adapter(tiny_lm_dir, tmp_path_factory.mktemp("adapter") / "b", seed=2)
+def other_adapter_dir(make_adapter):
+    return make_adapter(seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +164,8 @@ def test_adapter_with_mismatched_keys_is_refused(tiny_lm_dir, adapter_dir, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_zero_adapter_merges_with_a_warning(tiny_lm_dir, tmp_path):
-    config = LoraConfig(r=2, target_modules=["q_proj"])  # default init: B = 0
-    get_peft_model(_load(tiny_lm_dir), config).save_pretrained(tmp_path / "zero")
+def test_zero_adapter_merges_with_a_warning(tiny_lm_dir, tmp_path, make_adapter):
+    make_adapter(tmp_path / "zero", r=2, target_modules=["q_proj"], random_b=False)  # B = 0
     report = merge_adapter(tiny_lm_dir, tmp_path / "zero", tmp_path / "out",
                            torch_dtype="float32", verify_prompts=["hi"])
     assert report["ok"] and report["verification"]["adapter_effect"] == 0.0

@@ -31,13 +31,13 @@ def tiny_model(tiny_lm_dir):
 
 
 def test_token_logprobs_match_library_scores(study, tiny_model):
-    from rrhf_lite.data import score_candidates
+    from rrhf_lite.logprobs import model_candidate_scores
 
     model, tokenizer = tiny_model
     prompt, answers = "copy abcd=", ["abcd", "abc", "x"]
     per_token = study.token_logprobs(model, tokenizer, prompt, answers)
     assert [len(t) for t in per_token] == [5, 4, 2]  # characters + EOS
-    sums = score_candidates(model, tokenizer, [{"prompt": prompt, "responses": answers,
+    sums = model_candidate_scores(model, tokenizer, [{"prompt": prompt, "responses": answers,
                                                 "scores": None}], length_penalty=0.0)[0]
     for ours, theirs in zip(per_token, sums, strict=True):
         assert math.isclose(float(ours.sum()), theirs, rel_tol=1e-4, abs_tol=1e-4)

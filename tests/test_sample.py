@@ -43,7 +43,8 @@ def test_load_prompts_jsonl_json_and_bad_rows(tmp_path):
 
 
 def test_load_prompts_parquet(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     path = tmp_path / "p.parquet"
     datasets.Dataset.from_list([{"prompt": "x=", "chosen": "1"}, {"prompt": "y=", "chosen": "2"}]
                                ).to_parquet(str(path))

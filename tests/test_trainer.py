@@ -197,7 +197,6 @@ def test_resume_reproduces_uninterrupted_run(small_lm_dir, tmp_path):
 
 
 def test_triton_and_torch_backends_same_loss_and_grad(grad_setup):
-    pytest.importorskip("triton")
     trainer, batch = grad_setup
     trainer.args.logprob_backend = "torch"
     loss_t, g_t = _step_grads(trainer, batch, 4)

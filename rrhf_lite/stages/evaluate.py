@@ -109,7 +109,7 @@ def _greedy(state, model, tokenizer, prompts: list) -> list[str]:
 
 
 def _own_scores(state, model, tokenizer, rows: list[dict]) -> list[list[float]]:
-    from rrhf_lite.data import score_candidates as model_scores
+    from rrhf_lite.logprobs import model_candidate_scores as model_scores
 
     train = state.recipe.train
     return model_scores(
@@ -166,7 +166,7 @@ def _perplexity(state, responses_by_variant: dict[str, list[str]], prompts: list
     with torch.no_grad():
         for variant, responses in responses_by_variant.items():
             rows = [{"prompt": p, "responses": [r]} for p, r in zip(prompts, responses, strict=True)]
-            from rrhf_lite.data import score_candidates as model_scores
+            from rrhf_lite.logprobs import model_candidate_scores as model_scores
 
             per_row = model_scores(
                 model, tokenizer, rows, max_length=recipe.train.max_length,

@@ -10,7 +10,6 @@ times that text came up. Empty responses are dropped (a candidate must have text
 from __future__ import annotations
 
 import gc
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 
 import torch
 
+from rrhf_lite.data import read_rows
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.generation import METHODS, generate_candidates
-from rrhf_lite.io import read_jsonl_numbered, read_text_utf8, write_jsonl
+from rrhf_lite.io import write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -50,51 +50,13 @@ GENERATOR_DEFAULTS: dict[str, Any] = {
 
 # --- prompts ---------------------------------------------------------------------------------
 
-def _rows_from(source: Any, split: str) -> tuple[list[dict], list[str]]:
-    """Rows and, for each row, the place error messages should name."""
-    if isinstance(source, Sequence) and not isinstance(source, str):
-        rows = [{"prompt": r} if isinstance(r, str) else r for r in source]
-        return rows, [f"prompts row {i}" for i in range(1, len(rows) + 1)]
-    path = Path(str(source)).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_file():
-        if suffix == ".jsonl":
-            numbered = read_jsonl_numbered(path)
-            return [row for _, row in numbered], [f"{path} line {n}" for n, _ in numbered]
-        if suffix == ".json":
-            try:
-                data = json.loads(read_text_utf8(path))
-            except json.JSONDecodeError as err:
-                raise UserInputError(f"malformed JSON ({err.msg}, line {err.lineno})",
-                                     where=str(path), hint="a JSON array of objects") from None
-            if not isinstance(data, list):
-                raise UserInputError("expected a JSON array of objects", where=str(path))
-            return data, [f"{path} item {i}" for i in range(1, len(data) + 1)]
-        if suffix == ".parquet":
-            import datasets
-
-            rows = datasets.Dataset.from_parquet(str(path)).to_list()
-            return rows, [f"{path} row {i}" for i in range(1, len(rows) + 1)]
-        raise UserInputError(f"unsupported file type {suffix!r}", where=str(path),
-                             hint="use .jsonl, .json or .parquet, or a datasets hub name")
-    if suffix in (".jsonl", ".json", ".parquet") or str(source).startswith((".", "/", "~")):
-        raise UserInputError("file not found", where=str(path), hint="check the path")
-    import datasets
-
-    try:
-        rows = datasets.load_dataset(str(source), split=split).to_list()
-    except Exception as err:  # datasets raises many types; the user needs the one message
-        raise UserInputError(f"cannot load the dataset ({err})", where=f"{source}[{split}]",
-                             hint="give a local .jsonl/.json/.parquet file or a hub name") from None
-    return rows, [f"{source}[{split}] row {i}" for i in range(1, len(rows) + 1)]
-
-
 def load_prompts(source: Any, *, split: str = "train", limit: int | None = None) -> list[dict]:
     """Read prompts for sampling.
 
     Args:
-        source: a .jsonl / .json / .parquet file, a `datasets` hub name, or a list of rows
-            (dicts, or plain strings taken as prompts).
+        source: anything `rrhf_lite.data.read_rows` reads (a .jsonl / .json / .parquet file, a
+            `datasets` hub name or Dataset), or a list of rows (dicts, or plain strings taken
+            as prompts).
         split: split of a hub dataset.
         limit: keep only the first `limit` rows.
 
@@ -105,7 +67,10 @@ def load_prompts(source: Any, *, split: str = "train", limit: int | None = None)
     Raises:
         UserInputError naming the file and line (or row) of a row without a prompt.
     """
-    rows, places = _rows_from(source, split)
+    given = source
+    if isinstance(source, Sequence) and not isinstance(source, str):  # plain strings are prompts
+        given = [{"prompt": r} if isinstance(r, str) else r for r in source]
+    rows, places, _ = read_rows(given, split, name="prompts")
     if limit is not None:
         rows, places = rows[:limit], places[:limit]
     if not rows:

@@ -221,3 +221,22 @@ def test_odd_shaped_4bit_model_samples_trains_evaluates_merges_generates(
                  "--load-in-4bit", "--prompt", "copy ab=", "--max-new-tokens", "3",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+# ------------------------------------------------------------------- the optional-kernel warning
+
+
+def test_optional_kernel_warning_is_kept_out_of_the_output(caplog):
+    """On AVX512-BF16 CPUs without Hugging Face's `kernels` package bitsandbytes warns at import
+    that it failed to load a hub kernel; nothing is wrong, so users must not see it."""
+    import rrhf_lite  # noqa: F401  (installs the filter)
+
+    source = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    with caplog.at_level(logging.DEBUG):
+        source.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please "
+                       "make sure you already `pip install kernels`", "No module named 'kernels'")
+        source.warning("some other bitsandbytes warning")
+    shown = [r.getMessage() for r in caplog.records if r.name == source.name]
+    assert shown == ["some other bitsandbytes warning"]
+    said = [r for r in caplog.records if r.name == "rrhf_lite.cpu_4bit"]
+    assert len(said) == 1 and said[0].levelno == logging.DEBUG and "nothing is wrong" in said[0].getMessage()

@@ -118,15 +118,10 @@ def shard_bounds(n: int, num_shards: int, index: int, block_size: int = 1) -> tu
     return min(first * block_size, n), min((first + count) * block_size, n)
 
 
-def _strided_indices(n: int, num_shards: int, index: int, block_size: int) -> list[int]:
-    return [i for i in range(n) if (i // block_size) % num_shards == index]
-
-
 def distributed_map(
     fn: Callable[..., Sequence[T]],
     rows: Sequence[Any],
     *,
-    strategy: str = "contiguous",
     block_size: int = 1,
     pass_offset: bool = False,
 ) -> list[T]:
@@ -135,41 +130,26 @@ def distributed_map(
     fn(shard) -> results for the shard (a list). Every rank calls distributed_map with the same
     rows and gets the same full result list back; in a single process this is just fn(rows).
 
-    strategy: "contiguous" (rank r takes one run of consecutive rows) or "strided" (blocks are
-        dealt round-robin: rank r takes blocks r, r + W, ...; balances work when cost drifts
-        along the list). Both are deterministic for a given world size.
+    Rank r takes one run of consecutive rows (deterministic for a given world size).
     block_size: rows are assigned in blocks of this many (use the stage's batch size so each
         rank sees the same batches as a single process would).
-    pass_offset: call fn(shard, offset) with the index of the shard's first row ("contiguous"
-        only), e.g. to derive per-batch seeds from global positions.
+    pass_offset: call fn(shard, offset) with the index of the shard's first row, e.g. to
+        derive per-batch seeds from global positions.
 
-    With "contiguous", fn may drop rows (e.g. a prompt left without candidates): the ranks'
-    outputs are concatenated in rank order, which keeps the input order. "strided" needs one
-    result per row. If fn raises on any rank, every rank raises (no rank is left waiting).
+    fn may drop rows (e.g. a prompt left without candidates): the ranks' outputs are
+    concatenated in rank order, which keeps the input order. If fn raises on any rank, every
+    rank raises (no rank is left waiting).
     """
-    if strategy not in ("contiguous", "strided"):
-        raise ValueError(f"unknown strategy {strategy!r}: use 'contiguous' or 'strided'")
-    if pass_offset and strategy != "contiguous":
-        raise ValueError("pass_offset needs strategy='contiguous'")
     rows = list(rows)
     if not init_distributed():
         return list(fn(rows, 0) if pass_offset else fn(rows))
 
-    world, me = world_size(), rank()
-    if strategy == "contiguous":
-        start, stop = shard_bounds(len(rows), world, me, block_size)
-        indices = list(range(start, stop))
-    else:
-        start = 0
-        indices = _strided_indices(len(rows), world, me, block_size)
-    shard = [rows[i] for i in indices]
+    start, stop = shard_bounds(len(rows), world_size(), rank(), block_size)
+    shard = rows[start:stop]
     result: list | None = None
     error: tuple[str, str, str | None, str | None] | None = None
     try:
         result = list(fn(shard, start) if pass_offset else fn(shard))
-        if strategy == "strided" and len(result) != len(shard):
-            raise ValueError(f"distributed_map(strategy='strided') needs one result per row: "
-                             f"{len(shard)} rows gave {len(result)} results")
     except Exception as err:  # tell the other ranks instead of leaving them in the gather
         mine = err
         error = (type(err).__name__, getattr(err, "message", str(err)),
@@ -183,10 +163,4 @@ def distributed_map(
         if kind == "UserInputError":
             raise UserInputError(message, where=where, hint=hint)
         raise RuntimeError(f"rank {r} failed in distributed_map: {kind}: {message}")
-    if strategy == "contiguous":
-        return [item for part, _ in gathered for item in part]
-    out: list[Any] = [None] * len(rows)
-    for r, (part, _) in enumerate(gathered):
-        for i, item in zip(_strided_indices(len(rows), world, r, block_size), part, strict=True):
-            out[i] = item
-    return out
+    return [item for part, _ in gathered for item in part]

@@ -24,7 +24,6 @@ import contextlib
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
@@ -409,8 +408,3 @@ class RRHFTrainer(Trainer):
         stored.clear()
         super().log(logs, start_time)
 
-
-def build_trainer(model, tokenizer, data: Any, config: RRHFConfig, callbacks=None) -> RRHFTrainer:
-    """Convenience: an RRHFTrainer over a ready (PEFT) model and listwise data."""
-    return RRHFTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                       callbacks=callbacks)

@@ -21,6 +21,7 @@ Public API (names and meaning kept stable):
     ``ram_gb``, ``gpu`` (CUDA device name or None), ``cuda`` (CUDA runtime version or None),
     ``date`` (UTC ISO-8601), ``python``, and versions of ``torch``, ``triton``,
     ``transformers``, ``peft``, ``bitsandbytes``, ``trl``, ``liger_kernel`` (None if absent).
+    Collected by ``rrhf_lite.report.collect_environment`` (the one environment collector).
 
 ``device_tag(device=None) -> str``
     Short file-name-safe tag: ``"cpu"`` or the GPU name, e.g. ``"nvidia-h100-80gb-hbm3"``.
@@ -32,8 +33,9 @@ Public API (names and meaning kept stable):
 
 ``format_table(rows, columns=None, title=None) -> str`` / ``print_table(...) -> str``
     A plain fixed-width text table of ``rows`` (list of dicts; ``columns`` picks and orders
-    keys, default: keys of the first row). Floats print with 4 significant digits; None as
-    ``-``. ``print_table`` prints it and returns the same string.
+    keys, default: every key, in first-seen order). Floats print with 4 significant digits;
+    None as ``-`` (``short_value``). ``print_table`` prints it and returns the same string.
+    Both are ``rrhf_lite.report.format_table`` (the one table renderer) in its plain style.
 
 ``time_fn(fn, warmup=1, repeat=5, device=None) -> dict``
     Calls ``fn()`` ``warmup`` times, then ``repeat`` times, synchronising CUDA around each
@@ -44,10 +46,7 @@ Public API (names and meaning kept stable):
 from __future__ import annotations
 
 import datetime as _dt
-import importlib.metadata
 import json
-import os
-import platform
 import re
 import statistics
 import time
@@ -56,73 +55,24 @@ from pathlib import Path
 from typing import Any
 
 from rrhf_lite.io import atomic_write_text
+from rrhf_lite.report import collect_environment, cuda_device
+from rrhf_lite.report import format_table as render_table
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 _VERSIONED = ("torch", "triton", "transformers", "peft", "bitsandbytes", "trl", "liger_kernel")
 
 
-def _version(dist: str) -> str | None:
-    for name in (dist, dist.replace("_", "-")):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return None
-
-
-def _cpu_name() -> str:
-    # /proc/cpuinfo names the model on Linux; platform.processor() is often empty there.
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _ram_gb() -> float | None:
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def _gpu() -> tuple[str | None, str | None]:
-    try:
-        import torch
-    except ImportError:
-        return None, None
-    if not torch.cuda.is_available():
-        return None, None
-    return torch.cuda.get_device_name(), torch.version.cuda
-
-
 def environment_info() -> dict[str, Any]:
     """Machine, date and library versions, for the header of every result file."""
-    gpu, cuda = _gpu()
-    info: dict[str, Any] = {
-        "machine": platform.platform(),
-        "cpu": _cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "ram_gb": _ram_gb(),
-        "gpu": gpu,
-        "cuda": cuda,
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "python": platform.python_version(),
-    }
-    for dist in _VERSIONED:
-        info[dist] = _version(dist)
-    return info
+    return collect_environment(_VERSIONED, machine=True)
 
 
 def device_tag(device: Any = None) -> str:
     """'cpu', or the CUDA device's name made file-name safe."""
     dev = str(device) if device is not None else None
     if dev is None or dev.startswith("cuda"):
-        gpu, _ = _gpu()
+        gpu, _ = cuda_device()
         if gpu is not None:
             return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-")
     return "cpu"
@@ -146,7 +96,8 @@ def write_result(
     return path
 
 
-def _cell(value: Any) -> str:
+def short_value(value: Any) -> str:
+    """A benchmark table cell: floats to 4 significant digits, None as '-'."""
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -159,17 +110,8 @@ def format_table(
     columns: Sequence[str] | None = None,
     title: str | None = None,
 ) -> str:
-    """Fixed-width text table of a list of dicts."""
-    if not rows:
-        return (title + "\n" if title else "") + "(no rows)"
-    cols = list(columns) if columns is not None else list(rows[0])
-    cells = [[_cell(row.get(c)) for c in cols] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-    lines = [title] if title else []
-    lines.append("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
-    return "\n".join(lines)
+    """Fixed-width text table of a list of dicts (rrhf_lite.report.format_table, plain)."""
+    return render_table(rows, columns, plain=True, title=title, cell=short_value)
 
 
 def print_table(

@@ -12,7 +12,9 @@ metrics.json layout (stable; checks outside the project read it):
       "images": [path relative to the run directory, ...]
     }
 
-Only the standard library is imported here (rich on demand), so writing a report is cheap.
+Only the standard library is imported here (rich, and torch for a machine's CUDA device, on
+demand), so writing a report is cheap. It also holds the one table renderer and the one
+environment collector the benchmarks use.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import math
 import numbers
 import os
 import platform
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +35,78 @@ PACKAGES = ("rrhf-lite", "torch", "transformers", "peft", "bitsandbytes", "trl",
             "datasets", "accelerate")
 
 
-def environment_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str]:
-    """Python and package versions, read from installed metadata (nothing is imported)."""
+def package_version(dist: str) -> str | None:
+    """Installed version of `dist` (tried as given and with '_' as '-'), or None."""
     from importlib.metadata import PackageNotFoundError, version
 
-    out = {"python": platform.python_version()}
-    for package in packages:
+    for name in dict.fromkeys((dist, dist.replace("_", "-"))):
         try:
-            out[package] = version(package)
+            return version(name)
         except PackageNotFoundError:
-            out[package] = "not installed"
-    return out
+            continue
+    return None
+
+
+def cuda_device() -> tuple[str | None, str | None]:
+    """(CUDA device name, CUDA runtime version), or (None, None) without torch or a GPU."""
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    if not torch.cuda.is_available():
+        return None, None
+    return torch.cuda.get_device_name(), torch.version.cuda
+
+
+def _cpu_name() -> str:
+    # /proc/cpuinfo names the model on Linux; platform.processor() is often empty there.
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def collect_environment(packages: Iterable[str] = PACKAGES, *, missing: str | None = None,
+                        machine: bool = False) -> dict[str, Any]:
+    """The one environment collector (run reports, merge reports, every benchmark file).
+
+    Python and package versions from installed metadata (a package absent reads `missing`);
+    with `machine`, first the platform, CPU model and count, RAM in GB, CUDA device and runtime
+    (torch is imported for those, on demand) and the UTC date.
+    """
+    info: dict[str, Any] = {}
+    if machine:
+        gpu, cuda = cuda_device()
+        info.update({
+            "machine": platform.platform(),
+            "cpu": _cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "ram_gb": _ram_gb(),
+            "gpu": gpu,
+            "cuda": cuda,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        })
+    info["python"] = platform.python_version()
+    for package in packages:
+        found = package_version(package)
+        info[package] = missing if found is None else found
+    return info
+
+
+def environment_versions(packages: Iterable[str] = PACKAGES) -> dict[str, str]:
+    """Python and package versions, read from installed metadata (nothing is imported)."""
+    return collect_environment(packages, missing="not installed")
 
 
 # ----------------------------------------------------------------------------- values
@@ -141,28 +204,38 @@ def _md_cell(text: str) -> str:
     return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", "<br>")
 
 
-def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None) -> str:
-    """Rows (dicts; keys may differ between rows) as a GitHub markdown table.
+def format_table(rows: Sequence[Mapping], columns: Sequence[str] | None = None, *,
+                 plain: bool = False, title: str | None = None,
+                 cell: Callable[[Any], str] = format_value) -> str:
+    """The one table renderer: rows (dicts; keys may differ between rows) as a table.
 
-    Columns are the union of the keys in first-seen order; a missing cell is blank; numeric
-    columns are right-aligned.
+    Columns are the union of the keys in first-seen order unless `columns` names them; a missing
+    cell is `cell(None)`. Markdown by default (GitHub; numeric columns right-aligned, pipes and
+    newlines escaped); `plain` gives fixed-width text for a terminal, left-aligned, under a
+    dashed rule. `title` goes on a line of its own above; `cell` turns a value into text
+    (format_value, or a benchmark's shorter style).
     """
     rows = list(rows)
     cols = _columns(rows, columns)
+    head = [title] if title else []
     if not rows or not cols:
-        return "_(no rows)_\n"
+        return "\n".join([*head, "(no rows)"]) if plain else "_(no rows)_\n"
+    cells = [[cell(row.get(c)) for c in cols] for row in rows]
+    if plain:
+        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+        lines = [*head, "  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)),
+                 "  ".join("-" * w for w in widths)]
+        lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+        return "\n".join(lines)
     numeric = {
         c: all(_is_numeric(r[c]) for r in rows if r.get(c) is not None)
         and any(r.get(c) is not None for r in rows)
         for c in cols
     }
-    lines = [
-        "| " + " | ".join(_md_cell(c) for c in cols) + " |",
-        "|" + "|".join("---:" if numeric[c] else "---" for c in cols) + "|",
-    ]
-    for row in rows:
-        cells = [_md_cell(format_value(row.get(c))) for c in cols]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = [*head, *([""] if head else []),
+             "| " + " | ".join(_md_cell(c) for c in cols) + " |",
+             "|" + "|".join("---:" if numeric[c] else "---" for c in cols) + "|"]
+    lines += ["| " + " | ".join(_md_cell(v) for v in r) + " |" for r in cells]
     return "\n".join(lines) + "\n"
 
 

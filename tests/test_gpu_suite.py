@@ -20,8 +20,11 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+import _suite_checks as checks  # noqa: E402
+import _suite_output as output  # noqa: E402
+import _suite_runner as runner  # noqa: E402
+import _suite_setup as setup  # noqa: E402
 import e2e_bench  # noqa: E402
-import gpu_suite  # noqa: E402
 
 KERNEL_KEYS = {"name", "shape", "dtype", "ms", "speedup_vs_naive", "bandwidth_fraction"}
 E2E_KEYS = {"model", "variant", "peak_memory_gb", "step_s"}
@@ -62,7 +65,7 @@ def test_dry_run_writes_the_documented_layout(dry_results):
 
 def test_dry_run_checks_every_correctness_case(dry_results):
     rows = dry_results[0]["correctness"]
-    plan = gpu_suite.dry_plan()
+    plan = runner.dry_plan()
     assert len(rows) == len(plan.correctness_cases)
     assert {r["dtype"] for r in rows} == {"fp32", "bf16", "fp16"}
     for row in rows:
@@ -141,10 +144,10 @@ def test_zero_budget_skips_every_item_and_still_writes(tmp_path):
 # ----------------------------------------------------------------------------- in-process
 
 
-def _suite(budget: float) -> gpu_suite.Suite:
+def _suite(budget: float) -> runner.Suite:
     results = {"skipped": [], "errors": [], "timings_s": {}}
     writes = []
-    suite = gpu_suite.Suite(results, budget, lambda: writes.append(1), reserve_s=0.0)
+    suite = runner.Suite(results, budget, lambda: writes.append(1), reserve_s=0.0)
     suite.writes = writes
     return suite
 
@@ -174,7 +177,7 @@ def test_suite_records_errors_and_skips_what_does_not_fit():
 
 def test_item_timeout_is_not_swallowed_by_except_exception():
     # benchmarks catch Exception per path/variant; the stop must still reach the suite
-    assert not issubclass(gpu_suite.ItemTimeout, Exception)
+    assert not issubclass(runner.ItemTimeout, Exception)
 
 
 def _torch_sums(x, y):
@@ -185,7 +188,7 @@ def _torch_sums(x, y):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_correctness_check_passes_a_correct_kernel(dtype):
-    row = gpu_suite.check_case(dtype, 3, 7, 300, "cpu", kernel_fn=_torch_sums, backend="torch")
+    row = checks.check_case(dtype, 3, 7, 300, "cpu", kernel_fn=_torch_sums, backend="torch")
     assert row["passed"], row
 
 
@@ -194,7 +197,7 @@ def test_correctness_check_catches_a_wrong_sum():
         sums, counts = _torch_sums(x, y)
         return sums + 1e-2 * (counts > 0), counts
 
-    row = gpu_suite.check_case("fp32", 3, 7, 300, "cpu", kernel_fn=off_by_a_bit)
+    row = checks.check_case("fp32", 3, 7, 300, "cpu", kernel_fn=off_by_a_bit)
     assert not row["passed"] and row["sum_err_vs_tol"] > 1
 
 
@@ -204,20 +207,20 @@ def test_correctness_check_catches_a_wrong_gradient():
         extra = 1e-3 * x.float().sum(dim=(1, 2))
         return sums + extra - extra.detach(), counts  # same values, gradient off everywhere
 
-    row = gpu_suite.check_case("bf16", 3, 7, 300, "cpu", kernel_fn=leaky_grad)
+    row = checks.check_case("bf16", 3, 7, 300, "cpu", kernel_fn=leaky_grad)
     assert not row["passed"]
     assert row["grad_err_vs_tol"] > 1 and row["ignored_grad_max"] > 0
 
 
 def test_correctness_reference_is_chunked(monkeypatch):
     # A small chunk budget forces several chunks per row; the result must not change.
-    monkeypatch.setattr(gpu_suite, "REFERENCE_CHUNK_BYTES", 300 * 8 * 3 * 2)  # 2 tokens
-    row = gpu_suite.check_case("fp32", 3, 7, 300, "cpu", kernel_fn=_torch_sums)
+    monkeypatch.setattr(checks, "REFERENCE_CHUNK_BYTES", 300 * 8 * 3 * 2)  # 2 tokens
+    row = checks.check_case("fp32", 3, 7, 300, "cpu", kernel_fn=_torch_sums)
     assert row["passed"], row
 
 
 def test_goals_pass_fail_and_not_measured():
-    plan = gpu_suite.gpu_plan()
+    plan = runner.gpu_plan()
     results = {
         "kernel": [{"name": "rrhf_triton", "shape": "4x1024x128256", "dtype": "bf16",
                     "bandwidth_fraction": 0.85, "speedup_vs_naive": 2.5}],
@@ -229,28 +232,28 @@ def test_goals_pass_fail_and_not_measured():
                  "peak_memory_gb": 5.0}],
         "correctness": [{"passed": True}, {"passed": False}],
     }
-    goals = gpu_suite.evaluate_goals(results, plan)
+    goals = output.evaluate_goals(results, plan)
     status = [g["status"] for g in goals]
     assert status == ["PASS", "FAIL", "PASS", "FAIL", "NOT MEASURED"]
     assert goals[2]["measured"] == 11.0 and "mb=1" in goals[2]["where"]
     results["gpu_tests"] = {"status": "failed", "tests": 3, "passed": 2, "summary": "1 failed"}
-    assert gpu_suite.evaluate_goals(results, plan)[-1]["status"] == "FAIL"
+    assert output.evaluate_goals(results, plan)[-1]["status"] == "FAIL"
     results["gpu_tests"] = {"status": "ok", "tests": 3, "passed": 3, "summary": "3 passed"}
-    assert gpu_suite.evaluate_goals(results, plan)[-1]["status"] == "PASS"
-    empty = gpu_suite.evaluate_goals({"kernel": [], "e2e": [], "correctness": []}, plan)
+    assert output.evaluate_goals(results, plan)[-1]["status"] == "PASS"
+    empty = output.evaluate_goals({"kernel": [], "e2e": [], "correctness": []}, plan)
     assert {g["status"] for g in empty} == {"NOT MEASURED"}
 
 
 def test_add_kernel_rows_keeps_the_first_of_each_key():
     rows = [{"name": "naive", "shape": "1x2x3", "dtype": "bf16", "ms": 1.0}]
-    gpu_suite.add_kernel_rows(rows, [{"name": "naive", "shape": "1x2x3", "dtype": "bf16", "ms": 2.0},
+    runner.add_kernel_rows(rows, [{"name": "naive", "shape": "1x2x3", "dtype": "bf16", "ms": 2.0},
                                      {"name": "liger", "shape": "1x2x3", "dtype": "bf16", "ms": 0.5}])
     assert [(r["name"], r["ms"]) for r in rows] == [("naive", 1.0), ("liger", 0.5)]
 
 
-def test_header_documents_wheels_and_device_command():
-    doc = gpu_suite.__doc__
-    for wheel in gpu_suite.WHEELS:
+def test_readme_documents_wheels_and_device_command():
+    doc = (BENCH / "README.md").read_text()
+    for wheel in setup.WHEELS:
         assert wheel in doc, wheel
     assert "--out $OUT" in doc and 'carry [".whl"]' in doc
     line = next(x.strip() for x in doc.splitlines() if "gpu_suite.py --out $OUT" in x)
@@ -341,7 +344,7 @@ def test_install_wheels_offline_into_a_target_first_on_the_path(tmp_path, monkey
     wheels.mkdir()
     _make_wheel(wheels)
     target = tmp_path / "site"
-    info = gpu_suite.install_wheels(wheels, target=target)
+    info = setup.install_wheels(wheels, target=target)
     assert info["wheels"] == ["rrhfsuiteprobe-0.1-py3-none-any.whl"] and "install_s" in info
     assert sys.path[0] == str(target)
     assert os.environ["PYTHONPATH"].split(os.pathsep)[0] == str(target)
@@ -349,14 +352,14 @@ def test_install_wheels_offline_into_a_target_first_on_the_path(tmp_path, monkey
     probe = subprocess.run([sys.executable, "-c", "import rrhfsuiteprobe; print(rrhfsuiteprobe.VALUE)"],
                            capture_output=True, text=True, env=dict(os.environ), timeout=60)
     assert probe.stdout.strip() == "42", probe.stderr
-    again = gpu_suite.install_wheels(wheels, target=target)  # a rerun on a warm machine
+    again = setup.install_wheels(wheels, target=target)  # a rerun on a warm machine
     assert "install_s" not in again
 
 
 def test_install_wheels_without_wheels_changes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     before = list(sys.path)
-    info = gpu_suite.install_wheels(tmp_path / "absent", target=tmp_path / "site")
+    info = setup.install_wheels(tmp_path / "absent", target=tmp_path / "site")
     assert info["wheels"] == [] and "no wheels" in info["note"] and sys.path == before
 
 
@@ -371,7 +374,7 @@ def test_optional_packages_that_do_not_import_are_removed(tmp_path, monkeypatch)
     _make_wheel(wheels, name="liger_kernel", version="9.9",
                 init="raise RuntimeError('built for another triton')\n")
     target = tmp_path / "site"
-    info = gpu_suite.install_wheels(wheels, target=target)
+    info = setup.install_wheels(wheels, target=target)
     assert list(info["dropped"]) == ["liger_kernel"]
     assert "another triton" in info["dropped"]["liger_kernel"]
     assert not (target / "liger_kernel").exists() and not list(target.glob("liger_kernel-*"))

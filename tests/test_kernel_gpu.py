@@ -1,6 +1,6 @@
 """The compiled Triton kernel on a real GPU (marker `gpu`; run by the GPU suite, not by default).
 
-Same tolerances as tests/test_kernel.py. The large cases check what the interpreter cannot:
+Tolerances: rrhf_kernels/tolerances.py, as in tests/test_kernel.py. The large cases check what the interpreter cannot:
 compiled code paths, vocabularies of 128k-262k, and element offsets beyond 2**31 (int64).
 """
 
@@ -10,6 +10,14 @@ import pytest
 import torch
 
 import rrhf_kernels as K
+from rrhf_kernels.tolerances import (
+    BACKEND_ATOL,
+    BACKEND_RTOL,
+    GRAD_ATOL,
+    GRAD_RTOL,
+    SCORE_ATOL,
+    SCORE_RTOL,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -45,12 +53,12 @@ def test_triton_matches_reference_on_gpu(shape, dtype):
     for lp in (0.0, 1.0, 2.0):
         scores = K.candidate_logprobs(x, labels, lp, backend="triton")
         ref = K.reference_candidate_logprobs(ref_x, labels, lp)
-        torch.testing.assert_close(scores.double(), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(scores.double(), ref, rtol=SCORE_RTOL[dtype], atol=SCORE_ATOL)
     scores = K.candidate_logprobs(x, labels, 1.0, backend="auto")
     (scores * weights).sum().backward()
     (K.reference_candidate_logprobs(ref_x, labels) * weights.double()).sum().backward()
-    rtol = {torch.float32: 1e-5, torch.bfloat16: 2 * 2**-7, torch.float16: 2 * 2**-10}[dtype]
-    torch.testing.assert_close(x.grad.double(), ref_x.grad.double(), rtol=rtol, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), ref_x.grad.double(), rtol=GRAD_RTOL[dtype],
+                               atol=GRAD_ATOL)
     assert x.grad.dtype == dtype
     assert (x.grad[labels == -100] == 0).all()
 
@@ -61,10 +69,11 @@ def test_triton_and_torch_backends_agree_bf16_llama3_vocab():
     y = logits.clone().requires_grad_(True)
     a = K.candidate_logprobs(x, labels, backend="triton")
     b = K.candidate_logprobs(y, labels, backend="torch")
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(a, b, rtol=BACKEND_RTOL, atol=BACKEND_ATOL)
     a.sum().backward()
     b.sum().backward()
-    torch.testing.assert_close(x.grad.float(), y.grad.float(), rtol=2 * 2**-7, atol=1e-6)
+    torch.testing.assert_close(x.grad.float(), y.grad.float(), rtol=GRAD_RTOL[torch.bfloat16],
+                               atol=GRAD_ATOL)
 
 
 def test_int64_offsets_beyond_2_pow_31():
@@ -79,11 +88,12 @@ def test_int64_offsets_beyond_2_pow_31():
     sums, counts = K.candidate_logprob_sums(x, labels, backend="triton")
     ref = _rowwise_reference(logits.detach(), labels, rows=[0, n - 1])
     for row, value in ref.items():
-        assert abs(sums[row].item() - value) <= 1e-4 * abs(value) + 1e-3
+        assert abs(sums[row].item() - value) <= SCORE_RTOL[torch.bfloat16] * abs(value) + SCORE_ATOL
     (grad,) = torch.autograd.grad(sums[n - 1], x)
     # last row's last token sits past 2**31 elements: check its gradient against float64
     tok = logits[n - 1, t - 1].double()
     expect = -torch.softmax(tok, dim=-1)
     expect[labels[n - 1, t - 1]] += 1
-    torch.testing.assert_close(grad[n - 1, t - 1].double(), expect, rtol=2 * 2**-7, atol=1e-6)
+    torch.testing.assert_close(grad[n - 1, t - 1].double(), expect,
+                               rtol=GRAD_RTOL[torch.bfloat16], atol=GRAD_ATOL)
     assert (grad[: n - 1] == 0).all() and (grad[n - 1, :100] == 0).all()

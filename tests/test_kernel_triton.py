@@ -15,6 +15,7 @@ import torch
 from test_kernel import check_against_reference, make_case
 
 import rrhf_kernels as K
+from rrhf_kernels.tolerances import BACKEND_ATOL, BACKEND_RTOL
 
 pytestmark = pytest.mark.skipif(not K.triton_available(), reason="triton not installed")
 
@@ -48,7 +49,7 @@ def test_triton_and_torch_agree_on_fp16():
     logits, labels = make_case(3, 4, 333, dtype=torch.float16, seed=12)
     a = K.candidate_logprob_sums(logits, labels, backend="triton", block_size=64)[0]
     b = K.candidate_logprob_sums(logits, labels, backend="torch")[0]
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a, b, rtol=BACKEND_RTOL, atol=BACKEND_ATOL)
 
 
 def test_block_size_must_be_power_of_two():

@@ -124,6 +124,15 @@ def test_format_table_columns_escaping_and_alignment():
     assert format_table([]) == "_(no rows)_\n"
 
 
+def test_format_table_plain_text_style():
+    # the benchmarks' terminal tables: same renderer, fixed-width, their own cell style
+    rows = [{"name": "a", "ms": 1.5}, {"name": "bb", "note": None, "ms": 12.25}]
+    lines = format_table(rows, plain=True, title="T", cell=lambda v: "-" if v is None else str(v))
+    assert lines.splitlines() == ["T", "name  ms     note", "----  -----  ----",
+                                  "a     1.5    -   ", "bb    12.25  -   "]
+    assert format_table([], plain=True, title="T") == "T\n(no rows)"
+
+
 @pytest.mark.parametrize("value, text", [
     (0.123456, "0.1235"), (3, "3"), (2.0, "2"), (-1.5, "-1.5"), (1e-7, "1.000e-07"),
     (2.5e7, "2.500e+07"), (0.0, "0"), (float("nan"), "nan"), (float("-inf"), "-inf"),

@@ -1,4 +1,4 @@
-"""Shared helpers for rrhf-lite benchmark scripts (stable API; owned by the kernel engineer).
+"""Shared helpers for rrhf-lite benchmark scripts (a stable API).
 
 Every benchmark is a script that runs its baseline side by side in the same process, prints a
 table of ratios, and records a JSON file with the machine, date and versions. Use these helpers

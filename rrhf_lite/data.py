@@ -2,7 +2,7 @@
 
 One example, after `load_listwise`, is
     {"prompt": str | [message dicts], "responses": [str | message dict, ...], "scores": [float] | None}
-Accepted inputs (DESIGN.md contract): listwise rows with "query" or "prompt"; TRL's pairwise
+Accepted inputs (a stable format users rely on): listwise rows with "query" or "prompt"; TRL's pairwise
 "prompt/chosen/rejected" (k = 2, scores [1, 0]); the implicit-prompt "chosen/rejected" form where
 the shared prefix is the prompt. Plain text or chat messages everywhere.
 """

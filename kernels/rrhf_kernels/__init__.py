@@ -1,4 +1,4 @@
-"""rrhf_kernels: fused per-candidate length-normalised log-probabilities (DESIGN.md contract).
+"""rrhf_kernels: fused per-candidate length-normalised log-probabilities (a stable public API).
 
 Public API
 ----------

@@ -19,7 +19,6 @@ training resumes from its last checkpoint.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +29,9 @@ from transformers import set_seed
 from rrhf_lite import distributed
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import (
-    atomic_write_text,
-    last_complete_checkpoint,
-    looks_like_local_path,
-    read_jsonl,
-    write_jsonl,
-)
-from rrhf_lite.recipe import Recipe, dump_recipe
-from rrhf_lite.run_state import RunState
+from rrhf_lite.io import last_complete_checkpoint, looks_like_local_path, read_jsonl, write_jsonl
+from rrhf_lite.recipe import Recipe
+from rrhf_lite.run_state import RunState, prepare_run_dir, say
 from rrhf_lite.sources import load_prompt_rows, resolve_model
 from rrhf_lite.stages.evaluate import evaluate_run
 from rrhf_lite.stages.merge import merge_adapter
@@ -47,52 +40,6 @@ from rrhf_lite.stages.score import score_candidates
 from rrhf_lite.stages.train import model_arguments, run_train, training_config
 
 log = logging.getLogger("rrhf_lite")
-
-RUN_OUTPUTS = ("round-*", "ablations", "eval", "merged", "report.md", "metrics.json", "*.png")
-
-
-def _say(message: str) -> None:
-    if distributed.is_main_process():
-        print(f"[rrhf-lite] {message}", flush=True)
-
-
-def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
-    """Create the run directory, or reuse it when it holds the same recipe (resume)."""
-    run_dir = Path(recipe.output_dir)
-    text = dump_recipe(recipe)
-    saved = run_dir / "recipe.yaml"
-    # Only a run that got past its first stage is protected: a run that failed on bad input
-    # left nothing but recipe.yaml, and the corrected recipe may take its place.
-    has_results = run_dir.exists() and any(p.name != "recipe.yaml" for p in run_dir.iterdir())
-    other_recipe = has_results and saved.exists() and saved.read_text(encoding="utf-8") != text
-    if other_recipe and not force:
-        raise UserInputError(
-            "the run directory holds the results of a different recipe",
-            where=str(run_dir),
-            hint="use --output-dir for a new run, or --force to replace its results",
-        )
-    if run_dir.exists() and not saved.exists() and any(run_dir.iterdir()) and not force:
-        raise UserInputError(
-            "output directory exists and is not an rrhf-lite run directory", where=str(run_dir),
-            hint="choose an empty or new directory with --output-dir, or pass --force",
-        )
-    distributed.barrier()  # every rank has checked before the main one writes
-    if distributed.is_main_process():
-        if other_recipe:  # --force: the old results must not be skipped into the new run
-            _remove_run_outputs(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(saved, text)
-    distributed.barrier()
-    return run_dir
-
-
-def _remove_run_outputs(run_dir: Path) -> None:
-    """Delete what a run writes (see the module docstring), and nothing else."""
-    for pattern in RUN_OUTPUTS:
-        for path in run_dir.glob(pattern):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    _say(f"--force: removed the previous recipe's results from {run_dir}")
-
 
 def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool = False) -> dict:
     """Run the recipe's stages (or just `only_stages`); return the evaluation metrics, if any."""
@@ -110,7 +57,7 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
         recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
     )
     state = RunState(recipe, run_dir, base_model, stages, models=_generator_models(recipe, stages))
-    _say(f"run directory: {run_dir}  stages: {', '.join(stages)}  rounds: {recipe.rounds}")
+    say(f"run directory: {run_dir}  stages: {', '.join(stages)}  rounds: {recipe.rounds}")
 
     for round_index in range(1, recipe.rounds + 1):
         if not _run_round(state, round_index):
@@ -127,7 +74,7 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
         if "merge" in stages:
             _merge(state)
     distributed.barrier()
-    _say(f"done: {run_dir}")
+    say(f"done: {run_dir}")
     return metrics
 
 
@@ -142,7 +89,7 @@ def _generator_models(recipe: Recipe, stages: list[str]) -> dict[str, str]:
 def _skip(output: Path, what: str, redo: bool = False) -> bool:
     """The one resume rule: a stage whose output exists is done (unless told to redo it)."""
     if output.exists() and not redo:
-        _say(f"{what} skipped, found {output}")
+        say(f"{what} skipped, found {output}")
         return True
     return False
 
@@ -169,7 +116,7 @@ def _run_round(state: RunState, round_index: int) -> bool:
         # Round N samples from round N-1's policy. Sampling from the base instead would make
         # "IP-2" the same data as round 1 under another name, so stop and say what is missing.
         previous = state.round_dir(round_index - 1) / "train" / "adapter"
-        _say(f"round {round_index}: not started, it samples from round {round_index - 1}'s "
+        say(f"round {round_index}: not started, it samples from round {round_index - 1}'s "
              f"adapter, which is not trained yet ({previous}); run the 'train' stage, then this "
              "command again")
         return False
@@ -192,7 +139,7 @@ def _round_input_ready(round_index: int, needed: Path | str, earlier_stage: str)
     its earlier stages ran: say so and return False (the rounds stop). Round 1's missing input
     is the user's error, raised by _require."""
     if round_index > 1 and isinstance(needed, Path) and not needed.exists():
-        _say(f"round {round_index}: stopped, {needed.name} is not there yet; run the "
+        say(f"round {round_index}: stopped, {needed.name} is not there yet; run the "
              f"'{earlier_stage}' stage for it, then this command again")
         return False
     _require(needed, earlier_stage)
@@ -243,7 +190,7 @@ def _training_data(state: RunState, round_index: int) -> Path | str:
 
 
 def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None:
-    _say(f"round {round_index}: sampling candidates")
+    say(f"round {round_index}: sampling candidates")
     recipe = state.recipe
     prompts = load_prompt_rows(
         recipe.data.prompts, split=recipe.data.prompts_split, limit=recipe.data.max_prompts,
@@ -292,7 +239,7 @@ def _candidate_rows(recipe: Recipe, source: Path | str) -> list[dict]:
 
 
 def _score(state: RunState, round_index: int, source: Path | str, out: Path) -> None:
-    _say(f"round {round_index}: scoring candidates")
+    say(f"round {round_index}: scoring candidates")
     recipe = state.recipe
     rows = _candidate_rows(recipe, source)
     device = distributed.local_device() if distributed.is_distributed() else None
@@ -327,8 +274,8 @@ def _train(state: RunState, data: Path | str, out: Path, init_adapter: Path | No
         # a checkpoint killed while being saved has no trainer_state.json: skip it
         resume = last_complete_checkpoint(out)
         if resume:
-            _say(f"resuming training from {resume}")
-    _say(f"training on {data} -> {out}")
+            say(f"resuming training from {resume}")
+    say(f"training on {data} -> {out}")
     run_train(
         str(data), model_arguments(recipe, state.base_model, init_adapter),
         training_config(recipe, out, overrides),
@@ -343,7 +290,7 @@ def _train_ablation(state: RunState, name: str, overrides: dict) -> None:
     if "train" in state.stages and not _skip(adapter, f"ablation '{name}': train"):
         data = _training_data(state, 1)
         _require(data, "score")
-        _say(f"ablation '{name}': {overrides}")
+        say(f"ablation '{name}': {overrides}")
         _train(state, data, out, init_adapter=None, overrides=overrides)
     if adapter.exists():
         state.ablation_adapters[name] = adapter
@@ -358,7 +305,7 @@ def _evaluation_prompts(recipe: Recipe) -> dict[str, list[dict]]:
     source, split = data.eval_prompts, data.eval_split
     if not source:
         source, split = data.prompts, data.prompts_split
-        _say("evaluate: no data.eval_prompts, so evaluating on training prompts")
+        say("evaluate: no data.eval_prompts, so evaluating on training prompts")
     if not source:
         raise UserInputError("nothing to evaluate on", where="recipe key data.eval_prompts",
                              hint="name a held-out prompt file or data set")
@@ -383,7 +330,7 @@ def _merge(state: RunState) -> None:
     recipe = state.recipe
     if _skip(out, "merge", redo=recipe.merge.force):
         return
-    _say(f"merging {adapter} into {state.base_model} -> {out}")
+    say(f"merging {adapter} into {state.base_model} -> {out}")
     quantization = recipe.quantization
     report = merge_adapter(
         state.base_model, adapter, out, torch_dtype=recipe.merge.torch_dtype,
@@ -391,4 +338,4 @@ def _merge(state: RunState) -> None:
         **quantization.roundtrip(), force=recipe.merge.force,
         trust_remote_code=recipe.model.trust_remote_code,
     )
-    _say(f"merge verified: max |logit difference| = {report.get('max_abs_diff')}")
+    say(f"merge verified: max |logit difference| = {report.get('max_abs_diff')}")

@@ -31,16 +31,12 @@ from rrhf_lite.io import read_jsonl, write_jsonl
 from rrhf_lite.loss import ranking_accuracy
 from rrhf_lite.plots import plot_reward_distributions, plot_training_curves
 from rrhf_lite.report import print_summary_table, write_run_report
-from rrhf_lite.run_state import INITIAL, RunState
+from rrhf_lite.run_state import INITIAL, RunState, say
 from rrhf_lite.stages.generate import greedy_generate
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
 
 REFERENCE_KEYS = ("reference", "chosen")
-
-
-def _say(message: str) -> None:
-    print(f"[rrhf-lite] {message}", flush=True)
 
 
 # ------------------------------------------------------------------------------ the metrics
@@ -138,7 +134,7 @@ def held_out_candidates(state: RunState, scorer: Scorer, eval_rows: list[dict], 
     # at evaluation time "the policy" is the policy before training
     generators = [state.generator_spec(g, None, policy_name=INITIAL)
                   for g in recipe.sampling.generators]
-    _say(f"evaluate: sampling initial-model candidates for {len(eval_rows)} held-out prompts")
+    say(f"evaluate: sampling initial-model candidates for {len(eval_rows)} held-out prompts")
     rows = sample_candidates(
         eval_rows, generators=generators, include_dataset_responses=False,
         max_new_tokens=recipe.sampling.max_new_tokens,
@@ -235,7 +231,7 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     metrics: dict = {"variants": {}}
     held_out: dict[str, tuple[list[str], list[float]]] = {}
     for variant, adapter in state.variants().items():
-        _say(f"evaluate: {variant}")
+        say(f"evaluate: {variant}")
         entry, answers = evaluate_variant(state, scorer, adapter, prompt_sets, candidates,
                                           reference_rewards, str(out_dir / variant))
         metrics["variants"][variant] = entry

@@ -20,6 +20,7 @@ import torch
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import looks_like_local_path
+from rrhf_lite.recipe import QuantizationSection
 
 _DTYPES = {
     "float32": torch.float32,
@@ -93,8 +94,6 @@ def _quantization_config(load_in_4bit: bool, quantization_config):
     with load_in_4bit, rrhf-lite's default 4-bit settings (those `train` uses by default)."""
     if quantization_config is not None or not load_in_4bit:
         return quantization_config
-    from rrhf_lite.recipe import QuantizationSection
-
     return QuantizationSection().bnb_config()
 
 

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.precision import torch_dtype
 
 STAGES = ("sample", "score", "train", "evaluate", "merge")
 # bitsandbytes quantises 4-bit weights in blocks of 64 (BitsAndBytesConfig has no key for it);
@@ -61,8 +62,6 @@ class QuantizationSection(Section):
         if not self.load_in_4bit:
             return None
         from transformers import BitsAndBytesConfig
-
-        from rrhf_lite.precision import torch_dtype
 
         storage = "uint8" if self.quant_storage == "auto" else self.quant_storage
         return BitsAndBytesConfig(

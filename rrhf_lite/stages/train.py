@@ -11,6 +11,7 @@ from rrhf_lite.io import atomic_directory, write_json, write_jsonl
 from rrhf_lite.modeling import ModelArguments, load_model_for_training
 from rrhf_lite.precision import auto_dtype_name
 from rrhf_lite.recipe import Recipe, TrainSection
+from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ def run_train(
     these files (the weights are gathered first when FSDP or DeepSpeed ZeRO-3 shards them), and
     every rank returns once they exist.
     """
-    from rrhf_lite.trainer import RRHFTrainer
-
     examples = load_listwise(data, require_scores=True)
     model, tokenizer = load_model_for_training(model_args)
     trainer = RRHFTrainer(model=model, args=config, train_dataset=examples,
@@ -84,8 +83,6 @@ MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 def training_config(recipe: Recipe, output_dir: Path, overrides: dict | None = None):
     """RRHFConfig from the recipe's train section (plus an ablation's overrides)."""
-    from rrhf_lite.trainer import RRHFConfig
-
     section = TrainSection.model_validate({**recipe.train.model_dump(), **(overrides or {})})
     fields = section.model_dump(exclude={"extra", "resume", "mixed_precision"})
     choice = section.mixed_precision

@@ -10,7 +10,6 @@ so the response we generate is exactly what follows the prompt the trainer sees.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import torch
 
 from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.io import looks_like_local_path
+from rrhf_lite.recipe import QuantizationSection
 from rrhf_lite.tokenization import prompt_token_ids
 
 _DTYPES = {
@@ -48,9 +49,7 @@ def resolve_dtype(torch_dtype: str | torch.dtype | None) -> str | torch.dtype | 
 
 def _check_model_source(name_or_path: str, what: str) -> None:
     """A path that looks local but does not exist gets a clear error instead of a hub lookup."""
-    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/")
-    # "org/name" has one slash and is a hub name; a local dir with that shape exists or not.
-    if looks_local and name_or_path.count("/") != 1 and not Path(name_or_path).expanduser().exists():
+    if looks_like_local_path(name_or_path) and not Path(name_or_path).expanduser().exists():
         raise UserInputError(
             f"{what} not found", where=name_or_path, hint="check the path (or use a hub name)"
         )
@@ -90,25 +89,16 @@ def load_tokenizer(
     return tokenizer
 
 
-def _quantization_config(load_in_4bit: bool, compute_dtype):
-    if not load_in_4bit:
-        return None
-    from transformers import BitsAndBytesConfig
-
-    if compute_dtype in (None, "auto"):
-        from rrhf_lite.modeling import resolve_dtype as training_dtype
-
-        compute_dtype = training_dtype("auto")  # what training used: fp16 on a T4, not bf16
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )
+def _quantization_config(load_in_4bit: bool, quantization_config):
+    """The caller's BitsAndBytesConfig (a recipe's, see QuantizationSection.bnb_config); else,
+    with load_in_4bit, rrhf-lite's default 4-bit settings (those `train` uses by default)."""
+    if quantization_config is not None or not load_in_4bit:
+        return quantization_config
+    return QuantizationSection().bnb_config()
 
 
 def _from_pretrained(auto_class, name_or_path: str, *, torch_dtype, load_in_4bit, trust_remote_code,
-                     device, what: str, fused_cpu_4bit: bool = True, quantization_config=None):
+                     device, what: str, quantization_config=None, fused_cpu_4bit: bool = True):
     _check_model_source(str(name_or_path), what)
     dtype = resolve_dtype(torch_dtype)
     kwargs: dict[str, Any] = {
@@ -116,7 +106,7 @@ def _from_pretrained(auto_class, name_or_path: str, *, torch_dtype, load_in_4bit
         "trust_remote_code": trust_remote_code,
         "dtype": dtype,
     }
-    quant = quantization_config or _quantization_config(load_in_4bit, dtype)
+    quant = _quantization_config(load_in_4bit, quantization_config)
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}  # 4-bit weights are placed at load time
@@ -169,10 +159,10 @@ def load_causal_lm(
     adapter_path: str | None = None,
     torch_dtype: str | torch.dtype = "auto",
     load_in_4bit: bool = False,
+    quantization_config=None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
     fused_cpu_4bit: bool = True,
-    quantization_config=None,
 ):
     """Load a causal LM and its tokenizer for generation.
 
@@ -180,15 +170,15 @@ def load_causal_lm(
         model_name_or_path: hub name or local directory of the base (or merged) model.
         adapter_path: a PEFT (LoRA) adapter directory or hub name applied on top, or None.
         torch_dtype: "auto", "float32", "bfloat16", "float16" or a torch.dtype.
-        load_in_4bit: load the base in NF4 through bitsandbytes (what the adapter was trained
-            against when training used 4-bit).
+        load_in_4bit: load the base in 4-bit through bitsandbytes with rrhf-lite's default
+            settings (NF4, double quantisation).
+        quantization_config: a BitsAndBytesConfig to load the base with instead: the recipe's
+            (QuantizationSection.bnb_config), so the base is the one the adapter was trained on.
         trust_remote_code: run model code shipped with the checkpoint (off by default).
         device: where to put the model; default cuda if available, else cpu.
         fused_cpu_4bit: 4-bit on a CPU with AVX512-BF16: let the layers whose shapes allow it
             use bitsandbytes' fused bf16 kernel (faster; logits within bf16 rounding of
             training's). False: dequantise + matmul everywhere, as training computes.
-        quantization_config: a transformers BitsAndBytesConfig to load with (the training's
-            quantisation settings); default NF4 with double quantisation when load_in_4bit.
 
     Returns:
         (model, tokenizer): model in eval mode; tokenizer pads on the left and has a pad token
@@ -203,7 +193,7 @@ def load_causal_lm(
     model = _from_pretrained(
         AutoModelForCausalLM, model_name_or_path, torch_dtype=torch_dtype,
         load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code, device=device,
-        what="causal LM", fused_cpu_4bit=fused_cpu_4bit, quantization_config=quantization_config,
+        what="causal LM", quantization_config=quantization_config, fused_cpu_4bit=fused_cpu_4bit,
     )
     if adapter_path:
         from peft import PeftModel

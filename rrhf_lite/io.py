@@ -232,3 +232,19 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
         if child.is_dir() and step.isdigit() and (child / "trainer_state.json").is_file():
             steps.append((int(step), child))
     return max(steps)[1] if steps else None
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def looks_like_local_path(name: str | os.PathLike) -> bool:
+    """Whether `name` can only mean a path on this machine, never a hub repo id.
+
+    Hub ids are "name" or "org/name". A name that starts with ".", "/" or "~", has a data-file
+    suffix, or has more than one "/" (or the platform's own separator) is a path. Callers use
+    this to say "not found" for a missing local path instead of asking the hub for it.
+    """
+    text = str(name)
+    if text.startswith((".", "/", "~")) or Path(text).suffix.lower() in DATA_SUFFIXES:
+        return True
+    return text.count("/") > 1 or (os.sep != "/" and os.sep in text)

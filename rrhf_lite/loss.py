@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["rank_loss", "sft_loss", "rrhf_loss", "best_candidate_index"]
+__all__ = ["rank_loss", "sft_loss", "rrhf_loss", "best_candidate_index", "ranking_accuracy"]
 
 
 def _valid_mask(rewards: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -85,14 +85,33 @@ def sft_loss(
 
 
 @torch.no_grad()
-def _ranking_metrics(scores: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor) -> dict:
+def ranking_accuracy(
+    scores: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[int, int]:
+    """(pairs ordered right, pairs): the one definition of RRHF's ranking accuracy.
+
+    Pairs are (i, j) of real candidates with r_i < r_j (tied rewards give no pair); a pair is
+    ordered right when s_i < s_j. A tie in the scores counts as wrong, not half right: the
+    paper's "model as a reward model" accuracy asks whether the model prefers the better
+    response, and a tie prefers neither (a model that scores every candidate alike has
+    learnt no ranking and gets 0, not 0.5). It is also what the rank loss asks for: it only
+    reaches 0 when s_i <= s_j, and a score that cannot separate two responses does not rank.
+    The trainer's rank/accuracy and evaluate's ranking/accuracy both come from here.
+    """
+    valid = _valid_mask(rewards, mask)
     pairs = _pair_mask(rewards, valid)
-    n_pairs = int(pairs.sum())
-    s = scores.detach().float()
-    margin = s.unsqueeze(1) - s.unsqueeze(2)  # [B, i, j] = s_j - s_i: positive when ordered right
+    s = torch.where(valid, scores.detach().float(), torch.zeros_like(scores, dtype=torch.float))
+    right = (s.unsqueeze(2) < s.unsqueeze(1)) & pairs  # [B, i, j]: s_i < s_j
+    return int(right.sum()), int(pairs.sum())
+
+
+@torch.no_grad()
+def _ranking_metrics(scores: torch.Tensor, rewards: torch.Tensor, valid: torch.Tensor) -> dict:
+    right, n_pairs = ranking_accuracy(scores, rewards, valid)
     if n_pairs:
-        accuracy = float(((margin > 0) & pairs).sum()) / n_pairs
-        mean_margin = float(margin[pairs].mean())
+        s = scores.detach().float()
+        margin = s.unsqueeze(1) - s.unsqueeze(2)  # [B, i, j] = s_j - s_i: positive when right
+        accuracy, mean_margin = right / n_pairs, float(margin[_pair_mask(rewards, valid)].mean())
     else:
         accuracy, mean_margin = 0.0, 0.0
     return {"rank/accuracy": accuracy, "rank/margin": mean_margin, "rank/pairs": float(n_pairs)}

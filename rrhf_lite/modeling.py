@@ -10,6 +10,7 @@ import torch
 
 from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.precision import auto_dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +66,7 @@ def resolve_dtype(name: str | torch.dtype, device: str | None = None) -> torch.d
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        on_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-        if not on_cuda:
-            return torch.float32
-        # including_emulation=False: a T4 emulates bf16 slowly; it must get fp16
-        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-        return torch.bfloat16 if native_bf16 else torch.float16
+        return _DTYPES[auto_dtype_name(device)]
     if name not in _DTYPES:
         raise UserInputError(f"unknown dtype {name!r}", where="torch_dtype",
                              hint=f"use 'auto' or one of {sorted(_DTYPES)}")

@@ -8,6 +8,7 @@ and the type expected.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,8 +16,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.precision import torch_dtype
 
 STAGES = ("sample", "score", "train", "evaluate", "merge")
+# bitsandbytes quantises 4-bit weights in blocks of 64 (BitsAndBytesConfig has no key for it);
+# merge's round trip must use the same block size to re-create the weights training saw.
+BNB_4BIT_BLOCKSIZE = 64
 
 
 class Section(BaseModel):
@@ -46,6 +51,30 @@ class QuantizationSection(Section):
         "auto", description="dtype holding the packed 4-bit weights; auto = model.torch_dtype "
         "under FSDP / DeepSpeed ZeRO-3 (one dtype per sharded block), uint8 otherwise",
     )
+
+    def bnb_config(self, *, device: str | None = None, quant_storage=None):
+        """The BitsAndBytesConfig the base is loaded with, or None when it is not 4-bit.
+
+        One config for training, sampling, evaluation (and merge's round trip, see roundtrip),
+        so every stage sees the same 4-bit base. `quant_storage` (a torch.dtype) overrides the
+        section's; training passes the one its sharding engine needs.
+        """
+        if not self.load_in_4bit:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        storage = "uint8" if self.quant_storage == "auto" else self.quant_storage
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(self.compute_dtype, device),
+            bnb_4bit_quant_storage=quant_storage or torch_dtype(storage),
+        )
+
+    def roundtrip(self) -> dict:
+        """merge_adapter's round-trip settings: the 4-bit format the adapter was trained against."""
+        return {"quant_type": self.quant_type, "blocksize": BNB_4BIT_BLOCKSIZE,
+                "double_quant": self.double_quant}
 
 
 class LoraSection(Section):
@@ -122,6 +151,24 @@ class ScoringSection(Section):
             raise ValueError("must look like 'package.module:function'")
         return value
 
+    @field_validator("reward_model")
+    @classmethod
+    def _not_builtin(cls, value):
+        if value is not None and value.startswith("builtin:"):
+            raise ValueError("there is no built-in reward model; the tiny world grades with "
+                             "reward_function: rrhf_lite.tiny.tasks:reward")
+        return value
+
+    def reward_spec(self, *, trust_remote_code: bool = False, device: str | None = None) -> dict:
+        """What score_candidates takes: {"model": ...} | {"function": ...} | {"given": True}."""
+        if self.reward_model:
+            return {"model": self.reward_model, "batch_size": self.batch_size,
+                    "max_length": self.max_length, "joiner": self.joiner,
+                    "trust_remote_code": trust_remote_code, "device": device}
+        if self.reward_function:
+            return {"function": self.reward_function, "batch_size": self.batch_size}
+        return {"given": True}
+
 
 class TrainSection(Section):
     num_train_epochs: float = Field(3.0, gt=0)
@@ -164,7 +211,8 @@ class EvaluateSection(Section):
         0, ge=0, description="Also report greedy reward on this many training prompts"
     )
     perplexity_model: str | None = Field(
-        None, description="LM that scores perplexity of responses; None = the trained policy"
+        None, description="Fixed LM under which every variant's answers get a perplexity "
+        "(the paper's measure); None = the initial model, unquantised",
     )
     ranking_candidates: str | None = Field(
         None, description="Held-out listwise set for the model-as-reward-model ranking accuracy"
@@ -180,11 +228,31 @@ class MergeSection(Section):
     force: bool = False
 
 
+# Variant names the run gives itself (evaluation rows, eval/ files, plots): not for ablations.
+RESERVED_VARIANTS = re.compile(r"initial|rrhf|rrhf_round\d+|best-of-n")
+ABLATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
 class AblationSection(Section):
-    """A variant trained on the same candidates with some train.* keys changed (e.g. no rank loss)."""
+    """A variant trained on the same candidates with some train.* keys changed (e.g. no rank loss).
+
+    `name` becomes a directory (ablations/<name>/) and a row of the report: letters, digits,
+    "_", "-", "." (not first), and none of the run's own variant names (initial, rrhf,
+    rrhf_round<N>, best-of-n).
+    """
 
     name: str
     train: dict[str, Any]
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value):
+        if not ABLATION_NAME.fullmatch(value):
+            raise ValueError("use 1-64 letters, digits, '_', '-' or '.', starting with a letter "
+                             "or digit (the name becomes a directory)")
+        if RESERVED_VARIANTS.fullmatch(value):
+            raise ValueError(f"{value!r} names one of the run's own variants; choose another name")
+        return value
 
     @field_validator("train")
     @classmethod
@@ -232,12 +300,23 @@ class Recipe(Section):
                 "stages 'score'/'evaluate' need a reward: set scoring.reward_model, "
                 "scoring.reward_function or scoring.given"
             )
+        names = [a.name for a in self.ablations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two ablations share a name ({names}); each needs its own")
         if self.rounds > 1 and not {"sample", "train"} <= stages:
             raise ValueError(
                 "rounds > 1 re-samples from the trained policy and trains again: add 'sample' "
                 "and 'train' to stages"
             )
         return self
+
+    def policy_load_kwargs(self) -> dict:
+        """How sampling and evaluation load the policy's base: as training saw it."""
+        return {
+            "torch_dtype": self.model.torch_dtype,
+            "quantization_config": self.quantization.bnb_config(),
+            "trust_remote_code": self.model.trust_remote_code,
+        }
 
     @field_validator("stages")
     @classmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.io import looks_like_local_path
 
 BUILTIN = "builtin:"
 TINY_WORLD = "builtin:tiny-world"
@@ -71,7 +72,7 @@ def load_prompt_rows(
         return builtin_prompt_rows(source, limit=limit, seed=seed, key=key)
     from rrhf_lite.stages.sample import load_prompts
 
-    if not Path(source).exists() and ("/" not in source or source.startswith((".", "/"))):
+    if not Path(source).expanduser().exists() and looks_like_local_path(source):
         raise UserInputError(
             "prompt file not found", where=f"recipe key {key} ({source})",
             hint="give an existing file (.jsonl, .json, .parquet) or a hub data set name",

@@ -168,13 +168,14 @@ def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys, mo
     assert (run / "round-1" / "train" / "adapter").exists()
     assert "round 2: stopped, scored.jsonl is not there yet" in capsys.readouterr().out
     sampled_from = []
-    real_sample = pipeline._sample
-    monkeypatch.setattr(pipeline, "_sample", lambda state, policy, out: (
-        sampled_from.append(policy), real_sample(state, policy, out)))
+    real_sample = pipeline.sample_candidates
+    monkeypatch.setattr(pipeline, "sample_candidates", lambda rows, *, generators, **kwargs: (
+        sampled_from.append(generators[0]["adapter"]),
+        real_sample(rows, generators=generators, **kwargs))[1])
     for stage in ("sample", "score", "train"):
         assert main([stage, str(recipe)]) == 0
     assert (run / "round-2" / "train" / "adapter").exists()
-    assert sampled_from == [run / "round-1" / "train" / "adapter"]  # round 2, from round 1's
+    assert sampled_from == [str(run / "round-1" / "train" / "adapter")]  # round 2, from round 1's
 
 
 @pytest.mark.parametrize("fmt", ["parquet", "json"])

@@ -3,12 +3,15 @@
 For every variant of the run (the initial policy, each RRHF round, each ablation):
 - mean reward of its greedy answers to held-out prompts (and optionally to training prompts);
 - win rate of those answers against the prompts' reference answers, by reward;
-- perplexity of its greedy answers under a chosen LM (default: the initial model);
+- perplexity of its greedy answers under one fixed LM (default: the initial model), so the
+  numbers of all variants are comparable: how natural the outputs are, not how sure of itself
+  each variant is;
 - ranking accuracy of its own length-normalised scores p_i on held-out candidate sets (the
-  paper's "model as a reward model" measure): the fraction of reward-ordered pairs it orders
-  the same way.
+  paper's "model as a reward model" measure; see rrhf_lite.loss.ranking_accuracy).
 Plus best-of-n: the mean reward of the best of the initial model's samples, the ceiling that
 RRHF learns towards. Writes eval/ files, report.md, metrics.json and plots.
+
+The pipeline hands in the run's state and the prompt sets; nothing here reads the pipeline.
 """
 
 from __future__ import annotations
@@ -17,32 +20,48 @@ import math
 from pathlib import Path
 from statistics import mean
 
+import torch
+from rich.console import Console
+
+from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.inference import load_causal_lm
 from rrhf_lite.io import read_jsonl, write_jsonl
-from rrhf_lite.sources import load_prompt_rows
+from rrhf_lite.logprobs import model_candidate_scores as model_scores
+from rrhf_lite.loss import ranking_accuracy
+from rrhf_lite.plots import plot_reward_distributions, plot_training_curves
+from rrhf_lite.report import print_summary_table, write_run_report
+from rrhf_lite.run_state import INITIAL, RunState, say
+from rrhf_lite.stages.generate import greedy_generate
+from rrhf_lite.stages.sample import sample_candidates
+from rrhf_lite.stages.score import score_candidates
 
 REFERENCE_KEYS = ("reference", "chosen")
 
 
-def _say(message: str) -> None:
-    print(f"[rrhf-lite] {message}", flush=True)
+# ------------------------------------------------------------------------------ the metrics
 
 
 def pairwise_ranking_accuracy(model_scores: list[list[float]], rewards: list[list[float]]) -> dict:
-    """Fraction of pairs with different rewards that the model's scores order the same way.
+    """Fraction of pairs with different rewards that the model's scores order the same way
+    (a tie in the scores counts as wrong; see rrhf_lite.loss.ranking_accuracy).
 
-    A tie in the model's scores counts as half right. Returns {"accuracy", "pairs"}.
+    Rows may have different lengths. Returns {"accuracy" (NaN without pairs), "pairs"}.
     """
-    right, pairs = 0.0, 0
-    for scores, reward in zip(model_scores, rewards, strict=True):
-        for i in range(len(reward)):
-            for j in range(len(reward)):
-                if reward[i] < reward[j]:
-                    pairs += 1
-                    if scores[i] < scores[j]:
-                        right += 1
-                    elif scores[i] == scores[j]:
-                        right += 0.5
+    if len(model_scores) != len(rewards) or any(
+        len(s) != len(r) for s, r in zip(model_scores, rewards, strict=True)
+    ):
+        raise ValueError("model scores and rewards must have one value per candidate")
+    width = max((len(r) for r in rewards), default=0)
+    if width == 0:
+        return {"accuracy": float("nan"), "pairs": 0}
+    mask = torch.tensor([[j < len(r) for j in range(width)] for r in rewards])
+
+    def padded(rows: list[list[float]]) -> torch.Tensor:
+        return torch.tensor([list(row) + [0.0] * (width - len(row)) for row in rows],
+                            dtype=torch.float64)
+
+    right, pairs = ranking_accuracy(padded(model_scores), padded(rewards), mask)
     return {"accuracy": right / pairs if pairs else float("nan"), "pairs": pairs}
 
 
@@ -50,6 +69,20 @@ def win_rate(rewards: list[float], reference_rewards: list[float]) -> float:
     """Fraction of prompts where the answer beats the reference by reward (ties count half)."""
     wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(rewards, reference_rewards, strict=True)]
     return mean(wins) if wins else float("nan")
+
+
+def best_of_n(candidate_rewards: list[list[float]]) -> dict:
+    """Mean reward of the best candidate per prompt, of the average one, and the mean n."""
+    return {
+        "reward/held_out": mean(max(r) for r in candidate_rewards),
+        "reward/held_out_mean_candidate": mean(mean(r) for r in candidate_rewards),
+        "n": round(mean(len(r) for r in candidate_rewards), 2),
+    }
+
+
+def perplexity(token_logprob_means: list[float]) -> float:
+    """exp of minus the mean (over answers) of each answer's mean per-token log-prob."""
+    return math.exp(-mean(token_logprob_means))
 
 
 def _prompt_text(row: dict):
@@ -64,13 +97,12 @@ def _reference(row: dict) -> str | None:
     return None
 
 
-class _Scorer:
+class Scorer:
     """Rewards for (prompt, response) pairs through the score stage, so every source works."""
 
-    def __init__(self, recipe):
-        from rrhf_lite.pipeline import reward_spec
-
-        self.spec = reward_spec(recipe)
+    def __init__(self, state: RunState):
+        recipe = state.recipe
+        self.spec = recipe.scoring.reward_spec(trust_remote_code=recipe.model.trust_remote_code)
         if self.spec.get("given"):
             raise UserInputError(
                 "evaluation needs a reward model or function to score new answers",
@@ -79,8 +111,6 @@ class _Scorer:
             )
 
     def rows(self, rows: list[dict]) -> list[dict]:
-        from rrhf_lite.stages.score import score_candidates
-
         return score_candidates(rows, reward=self.spec)
 
     def pairs(self, prompts: list, responses: list[str]) -> list[float]:
@@ -88,184 +118,151 @@ class _Scorer:
         return [row["scores"][0] for row in self.rows(rows)]
 
 
-def _load_policy(state, adapter: Path | None):
-    from rrhf_lite.inference import load_causal_lm
-    from rrhf_lite.pipeline import policy_load_kwargs
-
-    return load_causal_lm(
-        state.base_model, adapter_path=str(adapter) if adapter else None,
-        **policy_load_kwargs(state.recipe),
-    )
+# ------------------------------------------------------------------------------ the steps
 
 
-def _greedy(state, model, tokenizer, prompts: list) -> list[str]:
-    from rrhf_lite.stages.generate import greedy_generate
-
-    evaluate = state.recipe.evaluate
-    return greedy_generate(
-        model, tokenizer, prompts, max_new_tokens=evaluate.max_new_tokens,
-        batch_size=evaluate.batch_size,
-    )
-
-
-def _own_scores(state, model, tokenizer, rows: list[dict]) -> list[list[float]]:
-    from rrhf_lite.logprobs import model_candidate_scores as model_scores
-
-    train = state.recipe.train
-    return model_scores(
-        model, tokenizer, rows, max_length=train.max_length, max_prompt_length=train.max_prompt_length,
-        length_penalty=train.length_penalty, micro_batch_size=train.candidate_micro_batch_size or 8,
-    )
-
-
-def _held_out_candidates(state, scorer: _Scorer, eval_rows: list[dict], out_dir: Path) -> list[dict]:
+def held_out_candidates(state: RunState, scorer: Scorer, eval_rows: list[dict], out_dir: Path
+                        ) -> list[dict]:
     """Scored candidate sets on held-out prompts: the recipe's file, or sampled from the initial
     model with the recipe's sampling settings (these also give best-of-n)."""
     recipe = state.recipe
     if recipe.evaluate.ranking_candidates:
-        from rrhf_lite.data import load_listwise
-
         return load_listwise(recipe.evaluate.ranking_candidates)
     path = out_dir / "initial_candidates.jsonl"
     if path.exists():
         return read_jsonl(path)
-    from rrhf_lite.pipeline import _generator_spec, policy_load_kwargs
-    from rrhf_lite.stages.sample import sample_candidates
-
-    generators = []
-    for generator in recipe.sampling.generators:
-        spec = _generator_spec(state, generator, None)
-        if generator.model == "policy":  # at evaluation time "the policy before training"
-            spec["name"] = "initial"
-        generators.append(spec)
-    _say(f"evaluate: sampling initial-model candidates for {len(eval_rows)} held-out prompts")
+    # at evaluation time "the policy" is the policy before training
+    generators = [state.generator_spec(g, None, policy_name=INITIAL)
+                  for g in recipe.sampling.generators]
+    say(f"evaluate: sampling initial-model candidates for {len(eval_rows)} held-out prompts")
     rows = sample_candidates(
         eval_rows, generators=generators, include_dataset_responses=False,
         max_new_tokens=recipe.sampling.max_new_tokens,
         max_prompt_length=recipe.sampling.max_prompt_length,
         batch_size=recipe.sampling.batch_size, seed=recipe.seed + 1,
-        load_kwargs=policy_load_kwargs(recipe),
+        load_kwargs=recipe.policy_load_kwargs(),
     )
     rows = scorer.rows(rows)
     write_jsonl(path, rows)
     return rows
 
 
-def _perplexity(state, responses_by_variant: dict[str, list[str]], prompts: list) -> dict:
-    """exp of minus the mean per-token log-prob of each variant's answers under one LM."""
-    import torch
+def _own_scores(state: RunState, model, tokenizer, rows: list[dict], length_penalty: float,
+                micro_batch_size: int) -> list[list[float]]:
+    train = state.recipe.train
+    return model_scores(
+        model, tokenizer, rows, max_length=train.max_length,
+        max_prompt_length=train.max_prompt_length, length_penalty=length_penalty,
+        micro_batch_size=micro_batch_size,
+    )
 
-    from rrhf_lite.inference import load_causal_lm
 
+@torch.no_grad()
+def evaluate_variant(state: RunState, scorer: Scorer, adapter: Path | None,
+                     prompt_sets: dict[str, list[dict]], candidates: list[dict],
+                     reference_rewards: list[float] | None, files: str) -> tuple[dict, dict]:
+    """Load one variant; answer every prompt set greedily and score the answers (written to
+    `files`.<set>.jsonl); rank the held-out candidates with its own scores.
+
+    Returns (metrics entry, {set name: (responses, rewards)}).
+    """
+    recipe = state.recipe
+    model, tokenizer = load_causal_lm(
+        state.base_model, adapter_path=str(adapter) if adapter else None,
+        **recipe.policy_load_kwargs(),
+    )
+    entry: dict = {}
+    answers: dict[str, tuple[list[str], list[float]]] = {}
+    for set_name, rows in prompt_sets.items():
+        prompts = [_prompt_text(r) for r in rows]
+        responses = greedy_generate(model, tokenizer, prompts,
+                                    max_new_tokens=recipe.evaluate.max_new_tokens,
+                                    batch_size=recipe.evaluate.batch_size)
+        rewards = scorer.pairs(prompts, responses)
+        write_jsonl(f"{files}.{set_name}.jsonl", [
+            {"prompt": p, "response": a, "reward": w}
+            for p, a, w in zip(prompts, responses, rewards, strict=True)
+        ])
+        entry[f"reward/{set_name}"] = mean(rewards)
+        answers[set_name] = (responses, rewards)
+        if set_name == "held_out" and reference_rewards is not None:
+            entry["win_rate/vs_reference"] = win_rate(rewards, reference_rewards)
+    own = _own_scores(state, model, tokenizer, candidates, recipe.train.length_penalty,
+                      recipe.train.candidate_micro_batch_size or 8)
+    entry["ranking/accuracy"] = pairwise_ranking_accuracy(
+        own, [row["scores"] for row in candidates])["accuracy"]
+    return entry, answers
+
+
+@torch.no_grad()
+def perplexities(state: RunState, responses_by_variant: dict[str, list[str]], prompts: list
+                 ) -> dict[str, float]:
+    """Perplexity of each variant's answers under one fixed LM: evaluate.perplexity_model, or
+    the initial model (unquantised), the same scorer for every variant."""
     recipe = state.recipe
     name = recipe.evaluate.perplexity_model or state.base_model
     model, tokenizer = load_causal_lm(
         name, torch_dtype=recipe.model.torch_dtype, trust_remote_code=recipe.model.trust_remote_code
     )
     result = {}
-    with torch.no_grad():
-        for variant, responses in responses_by_variant.items():
-            rows = [{"prompt": p, "responses": [r]} for p, r in zip(prompts, responses, strict=True)]
-            from rrhf_lite.logprobs import model_candidate_scores as model_scores
-
-            per_row = model_scores(
-                model, tokenizer, rows, max_length=recipe.train.max_length,
-                max_prompt_length=recipe.train.max_prompt_length, length_penalty=1.0,
-                micro_batch_size=8,
-            )
-            result[variant] = math.exp(-mean(s[0] for s in per_row))
-    del model
+    for variant, responses in responses_by_variant.items():
+        rows = [{"prompt": p, "responses": [r]} for p, r in zip(prompts, responses, strict=True)]
+        per_row = _own_scores(state, model, tokenizer, rows, length_penalty=1.0,
+                              micro_batch_size=8)
+        result[variant] = perplexity([s[0] for s in per_row])
     return result
 
 
-def evaluate_run(state) -> dict:
-    """Evaluate every variant of the run; write eval/, report.md, metrics.json, plots."""
-    import torch
-
-    from rrhf_lite.report import print_summary_table, write_run_report
-
-    recipe = state.recipe
+def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
+    """Evaluate every variant of the run on `prompt_sets` ("held_out", optionally "train");
+    write eval/, report.md, metrics.json, plots. Returns the metrics."""
     out_dir = state.run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    scorer = _Scorer(recipe)
-
-    source = recipe.data.eval_prompts
-    split = recipe.data.eval_split
-    if not source:
-        source, split = recipe.data.prompts, recipe.data.prompts_split
-        _say("evaluate: no data.eval_prompts, so evaluating on training prompts")
-    if not source:
-        raise UserInputError("nothing to evaluate on", where="recipe key data.eval_prompts",
-                             hint="name a held-out prompt file or data set")
-    eval_rows = load_prompt_rows(source, split=split, limit=recipe.data.max_eval_prompts,
-                                 seed=recipe.seed, key="data.eval_prompts")
-    prompt_sets = {"held_out": eval_rows}
-    if recipe.evaluate.train_prompts and recipe.data.prompts:
-        prompt_sets["train"] = load_prompt_rows(
-            recipe.data.prompts, split=recipe.data.prompts_split,
-            limit=recipe.evaluate.train_prompts, seed=recipe.seed, key="data.prompts",
-        )
-
-    variants: dict[str, Path | None] = {"initial": None, **state.adapters}
-    candidates = _held_out_candidates(state, scorer, eval_rows, out_dir)
+    scorer = Scorer(state)
+    eval_rows = prompt_sets["held_out"]
+    held_out_prompts = [_prompt_text(r) for r in eval_rows]
+    candidates = held_out_candidates(state, scorer, eval_rows, out_dir)
     candidate_rewards = [row["scores"] for row in candidates]
-
-    metrics: dict = {"variants": {}}
-    responses_held_out: dict[str, list[str]] = {}
-    rewards_held_out: dict[str, list[float]] = {}
     references = [_reference(r) for r in eval_rows]
     reference_rewards = None
-    if all(ref is not None for ref in references) and references:
-        reference_rewards = scorer.pairs([_prompt_text(r) for r in eval_rows], references)
+    if references and all(ref is not None for ref in references):
+        reference_rewards = scorer.pairs(held_out_prompts, references)
 
-    for variant, adapter in variants.items():
-        _say(f"evaluate: {variant}")
-        model, tokenizer = _load_policy(state, adapter)
-        entry: dict = {}
-        with torch.no_grad():
-            for set_name, rows in prompt_sets.items():
-                prompts = [_prompt_text(r) for r in rows]
-                responses = _greedy(state, model, tokenizer, prompts)
-                rewards = scorer.pairs(prompts, responses)
-                write_jsonl(out_dir / f"{variant}.{set_name}.jsonl", [
-                    {"prompt": p, "response": a, "reward": w}
-                    for p, a, w in zip(prompts, responses, rewards, strict=True)
-                ])
-                entry[f"reward/{set_name}"] = mean(rewards)
-                if set_name == "held_out":
-                    responses_held_out[variant], rewards_held_out[variant] = responses, rewards
-                    if reference_rewards is not None:
-                        entry["win_rate/vs_reference"] = win_rate(rewards, reference_rewards)
-            own = _own_scores(state, model, tokenizer, candidates)
-        ranking = pairwise_ranking_accuracy(own, candidate_rewards)
-        entry["ranking/accuracy"] = ranking["accuracy"]
+    metrics: dict = {"variants": {}}
+    held_out: dict[str, tuple[list[str], list[float]]] = {}
+    for variant, adapter in state.variants().items():
+        say(f"evaluate: {variant}")
+        entry, answers = evaluate_variant(state, scorer, adapter, prompt_sets, candidates,
+                                          reference_rewards, str(out_dir / variant))
         metrics["variants"][variant] = entry
-        del model
+        held_out[variant] = answers["held_out"]
 
-    if recipe.evaluate.best_of_n and candidate_rewards:
-        metrics["best_of_n"] = {
-            "reward/held_out": mean(max(r) for r in candidate_rewards),
-            "reward/held_out_mean_candidate": mean(mean(r) for r in candidate_rewards),
-            "n": round(mean(len(r) for r in candidate_rewards), 2),
-        }
+    if state.recipe.evaluate.best_of_n and candidate_rewards:
+        metrics["best_of_n"] = best_of_n(candidate_rewards)
     metrics["ranking_pairs"] = pairwise_ranking_accuracy(candidate_rewards, candidate_rewards)["pairs"]
-    for variant, ppl in _perplexity(
-        state, responses_held_out, [_prompt_text(r) for r in eval_rows]
-    ).items():
+    responses = {variant: answer[0] for variant, answer in held_out.items()}
+    for variant, ppl in perplexities(state, responses, held_out_prompts).items():
         metrics["variants"][variant]["perplexity"] = ppl
+    rewards = {variant: answer[1] for variant, answer in held_out.items()}
+    write_report(state, metrics, rewards, candidate_rewards)
+    return metrics
 
+
+# ------------------------------------------------------------------------------ the report
+
+
+def write_report(state: RunState, metrics: dict, rewards_by_variant: dict,
+                 candidate_rewards: list[list[float]]) -> None:
+    """report.md, metrics.json and the plots in the run directory; the table on the console."""
     rows = _summary_rows(metrics)
-    plots = _plots(state, out_dir, rewards_held_out, candidate_rewards) if recipe.evaluate.plots else []
+    plots = _plots(state, rewards_by_variant, candidate_rewards) if state.recipe.evaluate.plots else []
     write_run_report(
-        state.run_dir, metrics, title=f"rrhf-lite run: {recipe.name}",
+        state.run_dir, metrics, title=f"rrhf-lite run: {state.recipe.name}",
         tables=[("Results (held-out prompts unless named)", rows)],
         notes=_notes(state, plots, metrics), images=plots,
     )
-    from rich.console import Console
-
     # A wide console even when piped (CI logs, notebooks): the table stays readable.
     print_summary_table(rows, console=Console(width=160))
-    return metrics
 
 
 def _summary_rows(metrics: dict) -> list[dict]:
@@ -281,9 +278,7 @@ def _summary_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-def _plots(state, out_dir: Path, rewards_by_variant: dict, candidate_rewards) -> list[Path]:
-    from rrhf_lite.plots import plot_reward_distributions, plot_training_curves
-
+def _plots(state: RunState, rewards_by_variant: dict, candidate_rewards) -> list[Path]:
     made = []
     history = state.round_dir(1) / "train" / "metrics.jsonl"
     if history.exists():
@@ -295,16 +290,16 @@ def _plots(state, out_dir: Path, rewards_by_variant: dict, candidate_rewards) ->
     return made
 
 
-def _notes(state, plots: list[Path], metrics: dict) -> list[str]:
+def _notes(state: RunState, plots: list[Path], metrics: dict) -> list[str]:
     recipe = state.recipe
     notes = [
         f"base model: {recipe.model.name_or_path}; rounds: {recipe.rounds}; "
         f"length_penalty {recipe.train.length_penalty}, rank_weight {recipe.train.rank_weight}, "
         f"sft_weight {recipe.train.sft_weight}",
         "ranking/accuracy: fraction of reward-ordered pairs of held-out candidates that the "
-        "model's own length-normalised log-probs order the same way (ties count half)",
-        "perplexity: exp(-mean per-token log-prob) of each variant's greedy answers under "
-        f"{recipe.evaluate.perplexity_model or 'the initial model'}",
+        "model's own length-normalised log-probs order the same way (a tie counts as wrong)",
+        "perplexity: exp(-mean per-token log-prob) of each variant's greedy answers under one "
+        f"fixed LM, {recipe.evaluate.perplexity_model or 'the initial model'}",
     ]
     if "best_of_n" in metrics:
         notes.append(f"best-of-k: k = {metrics['best_of_n']['n']:g} distinct initial-model "

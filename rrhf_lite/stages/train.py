@@ -9,6 +9,9 @@ from typing import Any
 from rrhf_lite.data import load_listwise, summarize_listwise
 from rrhf_lite.io import atomic_directory, write_json, write_jsonl
 from rrhf_lite.modeling import ModelArguments, load_model_for_training
+from rrhf_lite.precision import auto_dtype_name
+from rrhf_lite.recipe import Recipe, TrainSection
+from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +44,6 @@ def run_train(
     these files (the weights are gathered first when FSDP or DeepSpeed ZeRO-3 shards them), and
     every rank returns once they exist.
     """
-    from rrhf_lite.trainer import RRHFTrainer
-
     examples = load_listwise(data, require_scores=True)
     model, tokenizer = load_model_for_training(model_args)
     trainer = RRHFTrainer(model=model, args=config, train_dataset=examples,
@@ -73,3 +74,46 @@ def run_train(
     accelerator.wait_for_everyone()  # the other ranks return once the result exists
     logger.info("saved %s", target)
     return target
+
+
+# --- from a recipe --------------------------------------------------------------------------
+
+MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
+
+
+def training_config(recipe: Recipe, output_dir: Path, overrides: dict | None = None):
+    """RRHFConfig from the recipe's train section (plus an ablation's overrides)."""
+    section = TrainSection.model_validate({**recipe.train.model_dump(), **(overrides or {})})
+    fields = section.model_dump(exclude={"extra", "resume", "mixed_precision"})
+    choice = section.mixed_precision
+    if choice == "auto":  # bf16 where the GPU has it natively, fp16 on others, none on CPU
+        choice = MIXED_PRECISION[auto_dtype_name()]
+    fields.update(bf16=choice == "bf16", fp16=choice == "fp16")
+    # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
+    fields["warmup_steps"] = fields.pop("warmup_ratio")
+    return RRHFConfig(output_dir=str(output_dir), seed=recipe.seed, **fields, **section.extra)
+
+
+def model_arguments(recipe: Recipe, base_model: str, init_adapter: Path | None = None
+                    ) -> ModelArguments:
+    """What training loads: the recipe's base, quantisation and LoRA settings."""
+    q, lora = recipe.quantization, recipe.lora
+    return ModelArguments(
+        model_name_or_path=base_model,
+        tokenizer_name_or_path=recipe.model.tokenizer,
+        load_in_4bit=q.load_in_4bit,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_compute_dtype=q.compute_dtype,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_quant_storage=q.quant_storage,
+        torch_dtype=recipe.model.torch_dtype,
+        use_lora=lora.enabled,
+        lora_r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        lora_target_modules=lora.target_modules,
+        gradient_checkpointing=recipe.train.gradient_checkpointing,
+        trust_remote_code=recipe.model.trust_remote_code,
+        attn_implementation=recipe.model.attn_implementation,
+        adapter_init_path=str(init_adapter) if init_adapter else None,
+    )

@@ -19,17 +19,9 @@ import torch
 from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import looks_like_local_path
+from rrhf_lite.precision import parse_dtype
 from rrhf_lite.recipe import QuantizationSection
 from rrhf_lite.tokenization import prompt_token_ids
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 
 
 def default_device() -> str:
@@ -37,14 +29,11 @@ def default_device() -> str:
 
 
 def resolve_dtype(torch_dtype: str | torch.dtype | None) -> str | torch.dtype | None:
-    """"auto", None, a torch.dtype, or a name such as "bfloat16" -> what from_pretrained takes."""
-    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
+    """"auto" or None (the checkpoint's own dtype, as from_pretrained reads it), a torch.dtype,
+    or a name such as "bfloat16" -> what from_pretrained takes."""
+    if torch_dtype is None or torch_dtype == "auto":
         return torch_dtype
-    if torch_dtype not in _DTYPES:
-        raise UserInputError(
-            f"unknown dtype {torch_dtype!r}", hint=f"use auto or one of {', '.join(_DTYPES)}"
-        )
-    return _DTYPES[torch_dtype]
+    return parse_dtype(torch_dtype, auto=False, hint="use auto or a dtype name such as bfloat16")
 
 
 def _check_model_source(name_or_path: str, what: str) -> None:

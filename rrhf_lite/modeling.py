@@ -10,12 +10,10 @@ import torch
 
 from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.precision import auto_dtype_name
+from rrhf_lite.precision import dtype_name, parse_dtype
+from rrhf_lite.recipe import QuantizationSection
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 @dataclass
@@ -62,15 +60,8 @@ class ModelArguments:
 
 
 def resolve_dtype(name: str | torch.dtype, device: str | None = None) -> torch.dtype:
-    """"auto" -> bf16 on CUDA with bf16 support, fp16 on other CUDA, fp32 on CPU."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name == "auto":
-        return _DTYPES[auto_dtype_name(device)]
-    if name not in _DTYPES:
-        raise UserInputError(f"unknown dtype {name!r}", where="torch_dtype",
-                             hint=f"use 'auto' or one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    """"auto" -> bf16 on CUDA with native bf16, fp16 on other CUDA, fp32 on CPU; or a dtype name."""
+    return parse_dtype(name, device=device)
 
 
 def sharded_engine() -> str | None:
@@ -92,12 +83,9 @@ def resolve_quant_storage(name: str, weight_dtype: torch.dtype) -> torch.dtype:
     engine = sharded_engine()
     if name == "auto":
         return weight_dtype if engine else torch.uint8
-    storages = {**_DTYPES, "uint8": torch.uint8}
-    if name not in storages:
-        raise UserInputError(f"unknown bnb_4bit_quant_storage {name!r}",
-                             where="bnb_4bit_quant_storage",
-                             hint="use 'auto', 'uint8', 'bfloat16', 'float16' or 'float32'")
-    storage = storages[name]
+    hint = "use 'auto', 'uint8', 'bfloat16', 'float16' or 'float32'"
+    storage = torch.uint8 if name == "uint8" else parse_dtype(
+        name, where="bnb_4bit_quant_storage", auto=False, hint=hint)
     if engine and storage != weight_dtype:
         raise UserInputError(
             f"under {engine} bnb_4bit_quant_storage ({name}) must equal the weights' dtype "
@@ -147,7 +135,7 @@ def load_model_for_training(args: ModelArguments):
     follows the weights' dtype (see bnb_4bit_quant_storage) and the fp32 up-cast of the k-bit
     preparation is skipped (one dtype per sharded block); checkpointing is enabled directly.
     """
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     if args.load_in_4bit and not args.use_lora:
         raise UserInputError("4-bit weights cannot be fine-tuned directly", where="load_in_4bit",
@@ -158,11 +146,13 @@ def load_model_for_training(args: ModelArguments):
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
     if args.load_in_4bit:
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
-            bnb_4bit_compute_dtype=resolve_dtype(args.bnb_4bit_compute_dtype, device),
-            bnb_4bit_use_double_quant=args.bnb_4bit_use_double_quant,
-            bnb_4bit_quant_storage=resolve_quant_storage(args.bnb_4bit_quant_storage, dtype))
+        # the one 4-bit config every stage loads the base with; the storage dtype follows the
+        # sharding engine, which only training knows
+        section = QuantizationSection(
+            quant_type=args.bnb_4bit_quant_type, double_quant=args.bnb_4bit_use_double_quant,
+            compute_dtype=dtype_name(resolve_dtype(args.bnb_4bit_compute_dtype, device)))
+        kwargs["quantization_config"] = section.bnb_config(
+            device=device, quant_storage=resolve_quant_storage(args.bnb_4bit_quant_storage, dtype))
         # one process per GPU: each loads its shards onto its own local device
         local = int(os.environ.get("LOCAL_RANK", "0"))
         kwargs["device_map"] = {"": local if device == "cuda" else "cpu"}

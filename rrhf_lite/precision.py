@@ -1,6 +1,13 @@
-"""Which floating-point dtype "auto" means on this machine (one rule for every stage)."""
+"""Floating-point dtypes by name, and what "auto" means on this machine (one rule for every stage)."""
 
 from __future__ import annotations
+
+from rrhf_lite.errors import UserInputError
+
+# accepted spellings -> torch attribute name
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "float": "float32",
+               "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
 def auto_dtype_name(device: str | None = None) -> str:
@@ -22,3 +29,28 @@ def torch_dtype(name: str, device: str | None = None):
     import torch
 
     return getattr(torch, auto_dtype_name(device) if name == "auto" else name)
+
+
+def parse_dtype(value, *, where: str = "torch_dtype", device: str | None = None,
+                auto: bool = True, hint: str | None = None):
+    """A dtype name (any spelling in DTYPE_NAMES), "auto" or a torch.dtype -> torch.dtype.
+
+    "auto" follows auto_dtype_name(device); auto=False refuses it. Unknown names raise a
+    UserInputError that names `where`.
+    """
+    import torch
+
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if value == "auto" and auto:
+        return torch_dtype("auto", device)
+    if value not in DTYPE_NAMES:
+        choices = ", ".join(["auto"] * auto + sorted(set(DTYPE_NAMES.values())))
+        raise UserInputError(f"unknown dtype {value!r}", where=where,
+                             hint=hint or f"use one of {choices}")
+    return getattr(torch, DTYPE_NAMES[value])
+
+
+def dtype_name(dtype) -> str:
+    """torch.float16 -> "float16"."""
+    return str(dtype).removeprefix("torch.")

@@ -31,12 +31,9 @@ from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.inference import load_causal_lm
 from rrhf_lite.io import atomic_directory, write_json
-from rrhf_lite.modeling import resolve_dtype as training_dtype
+from rrhf_lite.precision import dtype_name, parse_dtype
+from rrhf_lite.recipe import QuantizationSection
 from rrhf_lite.report import environment_versions
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32",
-           "float": "float32"}
 
 # Default max |merged - reference| allowed, as a fraction of the largest reference logit
 # (at least 1.0 of scale, so near-zero logits of tiny models do not make it absurdly tight).
@@ -65,21 +62,9 @@ class MergeVerificationError(UserInputError):
 
 
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        if name in DTYPES.values():
-            return name
-        name = str(name).removeprefix("torch.")
-    key = ALIASES.get(str(name), str(name))
-    if key not in DTYPES:
-        raise UserInputError(
-            f"unknown dtype {name!r}", where="merge torch_dtype",
-            hint=f"use one of {', '.join(DTYPES)} (merging into 4-bit weights is not supported)",
-        )
-    return DTYPES[key]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPES.items() if v == dtype)
+    """The merged model's dtype: a name (fp16, bf16, fp32 and their spellings) or a torch.dtype."""
+    return parse_dtype(name, where="merge torch_dtype", auto=False, hint=(
+        "use one of float16, bfloat16, float32 (merging into 4-bit weights is not supported)"))
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -296,15 +281,12 @@ def policy_check(base_model: str, adapter_path: Path, tokenizer, prompts: list[s
     dtype's and the precision those 4-bit layers computed in; `compute_path` in the result says
     which path ran on how many layers.
     """
-    from transformers import BitsAndBytesConfig
-
-    dtype = training_dtype("auto", device)  # what training computed in on this device
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-        bnb_4bit_compute_dtype=dtype)
+    quantization = QuantizationSection(quant_type=quant_type, double_quant=double_quant)
     policy, _ = load_causal_lm(
-        base_model, adapter_path=str(adapter_path), load_in_4bit=True, device=device,
-        torch_dtype=dtype, quantization_config=quantization, trust_remote_code=trust_remote_code)
+        base_model, adapter_path=str(adapter_path), device=device,
+        torch_dtype=parse_dtype("auto", device=device),  # what training computed in here
+        quantization_config=quantization.bnb_config(device=device),
+        trust_remote_code=trust_remote_code)
     reference = prompt_logits(policy, tokenizer, prompts)
     path = cpu_4bit.compute_path(policy)
     del policy
@@ -412,7 +394,7 @@ def merge_adapter(
     report: dict[str, Any] = {
         "base_model": base_model,
         "adapter": str(adapter_path),
-        "dtype": _dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "device": str(device),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": environment_versions(),
@@ -444,10 +426,10 @@ def merge_adapter(
             reloaded = _load_base(str(tmp), dtype, trust_remote_code).to(device)
             got = prompt_logits(reloaded, tokenizer, prompts)
             del reloaded
-            check = compare_logits(reference, got, dtype=_dtype_name(dtype), tolerance=tolerance)
+            check = compare_logits(reference, got, dtype=dtype_name(dtype), tolerance=tolerance)
             check["adapter_effect"] = _adapter_effect(base_logits, reference)
             check["prompts"] = len(reference)
-            check["compute_path"] = {"path": "full precision", "compute_dtype": _dtype_name(dtype)}
+            check["compute_path"] = {"path": "full precision", "compute_dtype": dtype_name(dtype)}
             if check["adapter_effect"] == 0.0:
                 report["warnings"].append("the adapter does not change any logit: it is a no-op "
                                           "(untrained, or its LoRA B weights are all zero)")
@@ -457,7 +439,7 @@ def merge_adapter(
             if roundtrip_nf4 if check_4bit_policy is None else check_4bit_policy:
                 report["policy_verification"] = policy_check(
                     base_model, adapter_path, tokenizer, prompts, got,
-                    merged_dtype=_dtype_name(dtype), device=device, quant_type=quant_type,
+                    merged_dtype=dtype_name(dtype), device=device, quant_type=quant_type,
                     double_quant=double_quant, trust_remote_code=trust_remote_code,
                     tolerance=tolerance)
                 report["ok"] = report["ok"] and report["policy_verification"]["ok"]

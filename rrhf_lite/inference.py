@@ -21,7 +21,7 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import looks_like_local_path
 from rrhf_lite.precision import parse_dtype
 from rrhf_lite.recipe import QuantizationSection
-from rrhf_lite.tokenization import prompt_token_ids
+from rrhf_lite.tokenization import pad_rows, prompt_token_ids
 
 
 def default_device() -> str:
@@ -45,15 +45,18 @@ def _check_model_source(name_or_path: str, what: str) -> None:
 
 
 def load_tokenizer(
-    name_or_path: str, *, padding_side: str = "left", trust_remote_code: bool = False
+    name_or_path: str, *, padding_side: str = "left", trust_remote_code: bool = False,
+    require_eos: bool = False,
 ):
     """Load a tokenizer; set pad = eos when it has no pad token; set the padding side.
 
     Args:
         name_or_path: hub name or local directory.
         padding_side: "left" for generation (new tokens follow the prompt directly),
-            "right" for scoring.
+            "right" for training and scoring.
         trust_remote_code: run tokenizer code shipped with the model (off by default).
+        require_eos: refuse a tokenizer without an EOS token (training: every response ends
+            with one).
     """
     from transformers import AutoTokenizer
 
@@ -67,13 +70,16 @@ def load_tokenizer(
             f"cannot load a tokenizer ({str(err).splitlines()[0]})", where=str(name_or_path),
             hint="check the model name or directory",
         ) from None
+    if require_eos and tokenizer.eos_token_id is None:
+        raise UserInputError("the tokenizer has no EOS token", where=str(name_or_path),
+                             hint="responses end with EOS; use a tokenizer that defines one")
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserInputError(
                 "the tokenizer has neither a pad nor an EOS token", where=str(name_or_path),
                 hint="use a tokenizer that defines an EOS token",
             )
-        tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked anyway
     tokenizer.padding_side = padding_side
     return tokenizer
 
@@ -243,13 +249,7 @@ def encode_prompts(tokenizer, prompts: Sequence[str | Sequence[dict]],
     Returns {"input_ids", "attention_mask"}: [batch, length] tensors on `device`.
     """
     rows = [prompt_token_ids(tokenizer, p, max_prompt_length=max_prompt_length) for p in prompts]
-    width = max(1, max(len(ids) for ids in rows))
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        if ids:
-            input_ids[i, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, width - len(ids):] = 1
+    input_ids, attention_mask = pad_rows(rows, tokenizer.pad_token_id, side="left", min_width=1)
     return {"input_ids": input_ids.to(device or "cpu"),
             "attention_mask": attention_mask.to(device or "cpu")}
 

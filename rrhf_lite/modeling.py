@@ -10,6 +10,7 @@ import torch
 
 from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.inference import load_tokenizer
 from rrhf_lite.precision import dtype_name, parse_dtype
 from rrhf_lite.recipe import QuantizationSection
 
@@ -109,19 +110,6 @@ def lora_config_from_args(args: ModelArguments):
                       task_type="CAUSAL_LM")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The tokenizer, with a pad token (EOS when it has none; padding is masked anyway)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if tokenizer.eos_token_id is None:
-        raise UserInputError("the tokenizer has no EOS token", where=name_or_path,
-                             hint="responses end with EOS; use a tokenizer that defines one")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def load_model_for_training(args: ModelArguments):
     """Load (model, tokenizer) ready for RRHF training.
 
@@ -162,7 +150,8 @@ def load_model_for_training(args: ModelArguments):
         raise UserInputError(f"could not load the model: {err}", where=args.model_name_or_path,
                              hint="check the name or path; weights must be safetensors") from None
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path,
-                               args.trust_remote_code)
+                               padding_side="right", trust_remote_code=args.trust_remote_code,
+                               require_eos=True)
     model.config.use_cache = False  # no KV cache while training (and it clashes with checkpointing)
     cpu_4bit.configure_for_training(model)  # never bitsandbytes' packed CPU inference layout
     ckpt_kwargs = {"use_reentrant": False}

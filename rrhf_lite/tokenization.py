@@ -231,6 +231,25 @@ def tokenize_listwise(
 # --------------------------------------------------------------------------- batches
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad_value: int, *, side: str = "right",
+             min_width: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows of different lengths as one [n, width] long tensor and its attention mask.
+
+    side "right" for training and classifiers (real tokens first), "left" for generation (new
+    tokens follow every prompt's last token directly).
+    """
+    width = max([min_width, *(len(row) for row in rows)])
+    values = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        if not len(row):
+            continue
+        span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+        values[i, span] = torch.as_tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return values, mask
+
+
 class RRHFCollator:
     """Tokenised examples -> one batch of all candidates of several prompts.
 
@@ -258,14 +277,8 @@ class RRHFCollator:
             k = len(f["responses_ids"])
             rewards[b, :k] = torch.tensor(f["scores"], dtype=torch.float32)
             mask[b, :k] = True
-        T = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)
-        label_t = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros(len(seqs), T, dtype=torch.long)
-        for n, (s, lab) in enumerate(zip(seqs, labels, strict=True)):
-            input_ids[n, : len(s)] = torch.tensor(s)
-            label_t[n, : len(lab)] = torch.tensor(lab)
-            attention[n, : len(s)] = 1
+        input_ids, attention = pad_rows(seqs, self.pad_token_id)
+        label_t, _ = pad_rows(labels, IGNORE_INDEX)
         return {"input_ids": input_ids, "attention_mask": attention, "labels": label_t,
                 "rewards": rewards, "candidate_mask": mask,
                 "candidate_index": torch.tensor(index, dtype=torch.long)}

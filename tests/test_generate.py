@@ -10,7 +10,7 @@ import torch
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.inference import encode_prompts, load_causal_lm, load_reward_model
-from rrhf_lite.stages.generate import chat_loop, generate, greedy_generate, run_generate_command
+from rrhf_lite.stages.generate import chat_loop, generate_texts, run_generate_command
 from rrhf_lite.tiny import build_char_tokenizer
 from rrhf_lite.tokenization import format_prompt, prompt_token_ids
 
@@ -66,7 +66,7 @@ def test_load_in_4bit_with_adapter(tiny_lm_dir, adapter_dir):
     model, tokenizer = load_causal_lm(str(tiny_lm_dir), adapter_path=str(adapter_dir),
                                       load_in_4bit=True, device="cpu")
     assert any(isinstance(m, Linear4bit) for m in model.modules())
-    answers = greedy_generate(model, tokenizer, ["copy ab=", "x"], max_new_tokens=4)
+    answers = generate_texts(model, tokenizer, ["copy ab=", "x"], max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
 
@@ -95,8 +95,8 @@ def test_format_prompt_and_tokenisation():
 def test_greedy_generate_is_per_prompt_and_batch_independent(tiny_lm):
     model, tokenizer = tiny_lm
     prompts = ["copy abc=", "add 1+2=", "x"]
-    together = greedy_generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
-    alone = [greedy_generate(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    together = generate_texts(model, tokenizer, prompts, max_new_tokens=6, batch_size=3)
+    alone = [generate_texts(model, tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
     assert together == alone
     # greedy = the argmax continuation, built by hand
     ids = tokenizer("x", return_tensors="pt")["input_ids"]
@@ -110,14 +110,13 @@ def test_greedy_generate_is_per_prompt_and_batch_independent(tiny_lm):
 
 
 def test_generate_with_adapter_and_sampling(tiny_lm_dir, adapter_dir, tiny_lm):
-    base = greedy_generate(*tiny_lm, ["copy ab="], max_new_tokens=8)
-    adapted = generate(str(tiny_lm_dir), ["copy ab="], adapter=str(adapter_dir),
-                       max_new_tokens=8, device="cpu")
+    base = generate_texts(*tiny_lm, ["copy ab="], max_new_tokens=8)
+    adapted = generate_texts(*load_causal_lm(str(tiny_lm_dir), adapter_path=str(adapter_dir),
+                                             device="cpu"), ["copy ab="], max_new_tokens=8)
     assert adapted != base
-    one = generate(str(tiny_lm_dir), ["a", "b"], temperature=1.0, seed=5, max_new_tokens=8,
-                   device="cpu")
-    assert one == generate(str(tiny_lm_dir), ["a", "b"], temperature=1.0, seed=5,
-                           max_new_tokens=8, device="cpu")
+    one = generate_texts(*tiny_lm, ["a", "b"], temperature=1.0, seed=5, max_new_tokens=8)
+    assert one == generate_texts(*tiny_lm, ["a", "b"], temperature=1.0, seed=5,
+                                 max_new_tokens=8)
 
 
 def test_chat_loop_keeps_history_with_a_template(tiny_chat_lm_dir):
@@ -129,7 +128,7 @@ def test_chat_loop_keeps_history_with_a_template(tiny_chat_lm_dir):
     assert [m["content"] for m in history if m["role"] == "user"] == ["again", "more"]
     assert len(history) == 4 and "(conversation reset)" in printed
     # the second answer saw the whole conversation
-    expected = greedy_generate(model, tokenizer, [history[:3]], max_new_tokens=4)[0]
+    expected = generate_texts(model, tokenizer, [history[:3]], max_new_tokens=4)[0]
     assert history[3]["content"] == expected
 
 

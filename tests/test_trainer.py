@@ -214,7 +214,7 @@ def test_peft_config_wraps_a_4bit_base(small_lm_dir, tmp_path):
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from rrhf_lite.modeling import load_tokenizer
+    from rrhf_lite.inference import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(
         small_lm_dir, dtype=torch.float32, device_map={"": "cpu"},

@@ -32,7 +32,7 @@ from rrhf_lite.loss import ranking_accuracy
 from rrhf_lite.plots import plot_reward_distributions, plot_training_curves
 from rrhf_lite.report import print_summary_table, write_run_report
 from rrhf_lite.run_state import INITIAL, RunState, say
-from rrhf_lite.stages.generate import greedy_generate
+from rrhf_lite.stages.generate import generate_texts
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
 
@@ -175,9 +175,9 @@ def evaluate_variant(state: RunState, scorer: Scorer, adapter: Path | None,
     answers: dict[str, tuple[list[str], list[float]]] = {}
     for set_name, rows in prompt_sets.items():
         prompts = [_prompt_text(r) for r in rows]
-        responses = greedy_generate(model, tokenizer, prompts,
-                                    max_new_tokens=recipe.evaluate.max_new_tokens,
-                                    batch_size=recipe.evaluate.batch_size)
+        responses = generate_texts(model, tokenizer, prompts,
+                                   max_new_tokens=recipe.evaluate.max_new_tokens,
+                                   batch_size=recipe.evaluate.batch_size)
         rewards = scorer.pairs(prompts, responses)
         write_jsonl(f"{files}.{set_name}.jsonl", [
             {"prompt": p, "response": a, "reward": w}

@@ -8,12 +8,15 @@ from typing import Any
 import torch
 
 from rrhf_lite.generation import generate_candidates
+from rrhf_lite.inference import load_causal_lm
 
 
-def greedy_generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 128,
-                    batch_size: int = 8, max_prompt_length: int | None = None,
-                    progress: bool = False) -> list[str]:
-    """Greedy answers, one per prompt, in order (what the evaluator scores).
+def generate_texts(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 128,
+                   temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
+                   max_prompt_length: int | None = None, seed: int | None = None,
+                   progress: bool = False) -> list[str]:
+    """One answer per prompt, in order: greedy when temperature is 0 (what the evaluator
+    scores), else sampled with temperature and top_p.
 
     Args:
         model, tokenizer: from rrhf_lite.inference.load_causal_lm (or any causal LM whose
@@ -22,20 +25,8 @@ def greedy_generate(model, tokenizer, prompts: Sequence, max_new_tokens: int = 1
         max_new_tokens: the most tokens per answer.
         batch_size: prompts per generate call.
         max_prompt_length: longer prompts keep their last tokens.
+        seed: seeds sampling.
         progress: show a progress bar.
-    """
-    return generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                          batch_size=batch_size, max_prompt_length=max_prompt_length,
-                          progress=progress)
-
-
-def generate_texts(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 128,
-                   temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
-                   max_prompt_length: int | None = None, seed: int | None = None,
-                   progress: bool = False) -> list[str]:
-    """One answer per prompt: greedy when temperature is 0, else sampled (temperature, top_p).
-
-    Args: as greedy_generate, plus temperature, top_p and seed (sampling only).
     """
     from tqdm.auto import tqdm
 
@@ -52,43 +43,6 @@ def generate_texts(model, tokenizer, prompts: Sequence, *, max_new_tokens: int =
                                    max_prompt_length=max_prompt_length)
         answers.extend(row[0] for row in rows)
     return answers
-
-
-def generate(
-    model: str,
-    prompts: Sequence,
-    *,
-    adapter: str | None = None,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    batch_size: int = 8,
-    seed: int | None = None,
-    torch_dtype: str = "auto",
-    load_in_4bit: bool = False,
-    trust_remote_code: bool = False,
-    device: str | None = None,
-) -> list[str]:
-    """Load a model (with an optional LoRA adapter) and answer each prompt once.
-
-    Args:
-        model: hub name or directory of a base or merged model.
-        prompts: strings or chat-message lists.
-        adapter: PEFT adapter directory applied on top, or None.
-        max_new_tokens: the most tokens per answer.
-        temperature: 0 = greedy; above 0 = sampling with this temperature and top_p.
-        top_p: nucleus sampling threshold (sampling only).
-        batch_size: prompts per generate call.
-        seed: seeds sampling.
-        torch_dtype, load_in_4bit, trust_remote_code, device: see load_causal_lm.
-    """
-    from rrhf_lite.inference import load_causal_lm
-
-    lm, tokenizer = load_causal_lm(model, adapter_path=adapter, torch_dtype=torch_dtype,
-                                   load_in_4bit=load_in_4bit,
-                                   trust_remote_code=trust_remote_code, device=device)
-    return generate_texts(lm, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
 
 
 def chat_loop(model, tokenizer, *, max_new_tokens: int = 128, temperature: float = 0.0,
@@ -136,8 +90,6 @@ def run_generate_command(args) -> None:
     Reads args.model, args.adapter, args.prompt (list or None), args.max_new_tokens,
     args.temperature, args.top_p, args.load_in_4bit, args.trust_remote_code.
     """
-    from rrhf_lite.inference import load_causal_lm
-
     model, tokenizer = load_causal_lm(
         args.model, adapter_path=getattr(args, "adapter", None),
         load_in_4bit=getattr(args, "load_in_4bit", False),

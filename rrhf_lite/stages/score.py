@@ -24,6 +24,7 @@ import torch
 from rrhf_lite.data import is_finite_number
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import write_jsonl
+from rrhf_lite.tokenization import pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -185,13 +186,8 @@ def reward_model_scores(model, tokenizer, prompts: Sequence, responses: Sequence
     # no pad token) and the text ends with EOS, that would skip the EOS; pad with an id absent
     # from the batch instead (padding sits on the right, so it never touches the real tokens).
     batch_pad = pad if pad is not None and pad not in used else _free_id(used, config.vocab_size)
-    width = max(len(ids) for ids in rows)
     device = next(model.parameters()).device
-    input_ids = torch.full((len(rows), width), batch_pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        input_ids[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[i, :len(ids)] = 1
+    input_ids, attention_mask = pad_rows(rows, batch_pad)
     config.pad_token_id = batch_pad
     try:
         logits = model(input_ids=input_ids.to(device),

@@ -205,7 +205,7 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
     def sample_shard(shard: list, offset: int) -> list:
         # Shards start on batch boundaries; seed + offset gives each batch the seed it would
         # have in a single process, so the candidates do not depend on the number of ranks.
-        shifted = [{**g, "seed": g["seed"] + offset} if g.get("seed") is not None else g
+        shifted = [g.model_copy(update={"seed": g.seed + offset}) if g.seed is not None else g
                    for g in generators]
         return sample_candidates(
             shard, generators=shifted,

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.precision import torch_dtype
@@ -104,6 +112,7 @@ class GeneratorSection(Section):
 
     model: str = "policy"
     adapter: str | None = None
+    name: str | None = Field(None, description="Label in the candidates' sources; default: the model")
     method: Literal["greedy", "beam", "diverse_beam", "top_p"] = "diverse_beam"
     num_candidates: int = Field(4, gt=0)
     num_beams: int | None = Field(None, gt=0, description="Beams (beam methods); None = num_candidates")
@@ -113,6 +122,25 @@ class GeneratorSection(Section):
     temperature: float = Field(0.8, gt=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="top_p sampling: 0 = no top-k cut")
+    # None: the sampling section's value (sample_candidates' arguments of the same name)
+    max_new_tokens: int | None = Field(None, gt=0)
+    max_prompt_length: int | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, gt=0)
+    seed: int | None = None
+
+    @field_validator("num_beam_groups")
+    @classmethod
+    def _groups_divide_the_beams(cls, groups: int, info: ValidationInfo) -> int:
+        if info.data.get("method") != "diverse_beam" or "num_candidates" not in info.data:
+            return groups
+        candidates = info.data["num_candidates"]
+        beams = info.data.get("num_beams") or candidates
+        if beams < candidates or beams % groups:
+            raise ValueError(
+                f"num_beams ({beams}) must be >= num_candidates ({candidates}) and a multiple of "
+                f"num_beam_groups ({groups}); e.g. num_candidates 4 with num_beam_groups 4 (or "
+                "2), or set num_beams")
+        return groups
 
 
 class SamplingSection(Section):

@@ -51,20 +51,19 @@ class RunState:
         return {INITIAL: None, **rounds, **self.ablation_adapters}
 
     def generator_spec(self, generator: GeneratorSection, policy_adapter: Path | None,
-                       policy_name: str = "policy") -> dict:
+                       policy_name: str = "policy") -> GeneratorSection:
         """A sampling generator as sample_candidates takes it, with its model made loadable:
         `policy` = the base with `policy_adapter` (or the generator's own adapter), `initial` =
         the base alone, anything else = that model."""
-        spec = generator.model_dump()
         if generator.model == "policy":
             adapter = generator.adapter or (str(policy_adapter) if policy_adapter else None)
-            spec.update(model=self.base_model, adapter=adapter, name=policy_name)
+            update = dict(model=self.base_model, adapter=adapter, name=policy_name)
         elif generator.model == INITIAL:
-            spec.update(model=self.base_model, adapter=None, name=INITIAL)
+            update = dict(model=self.base_model, adapter=None, name=INITIAL)
         else:
-            spec.update(model=self.models.get(generator.model, generator.model),
-                        name=generator.model)
-        return spec
+            update = dict(model=self.models.get(generator.model, generator.model),
+                          name=generator.model)
+        return generator.model_copy(update=update)
 
 
 # ------------------------------------------------------------------------------ run directory

@@ -170,7 +170,7 @@ def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys, mo
     sampled_from = []
     real_sample = pipeline.sample_candidates
     monkeypatch.setattr(pipeline, "sample_candidates", lambda rows, *, generators, **kwargs: (
-        sampled_from.append(generators[0]["adapter"]),
+        sampled_from.append(generators[0].adapter),
         real_sample(rows, generators=generators, **kwargs))[1])
     for stage in ("sample", "score", "train"):
         assert main([stage, str(recipe)]) == 0

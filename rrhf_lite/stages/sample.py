@@ -16,37 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from rrhf_lite.data import read_rows
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.generation import METHODS, generate_candidates
+from rrhf_lite.generation import generate_candidates
 from rrhf_lite.io import write_jsonl
+from rrhf_lite.recipe import GeneratorSection
 
 logger = logging.getLogger(__name__)
 
 DATASET_FIELDS = ("chosen", "rejected", "responses")
-
-# Every key a generator spec may set, with its default. None = taken from sample_candidates'
-# own keyword argument of the same name.
-GENERATOR_DEFAULTS: dict[str, Any] = {
-    "model": "policy",
-    "adapter": None,
-    "name": None,  # label used in `sources`; default: the model string
-    "method": "diverse_beam",
-    "num_candidates": 4,
-    "num_beams": None,  # default num_candidates
-    "num_beam_groups": 4,
-    "diversity_penalty": 1.0,
-    "length_penalty": 1.0,
-    "temperature": 0.8,
-    "top_p": 1.0,
-    "top_k": 0,
-    "max_new_tokens": None,
-    "max_prompt_length": None,
-    "batch_size": None,
-    "seed": None,
-}
-
 
 # --- prompts ---------------------------------------------------------------------------------
 
@@ -128,50 +108,38 @@ def dataset_answers(record: dict) -> list[tuple[str, str]]:
 
 # --- generator specs ---------------------------------------------------------------------------
 
-def normalize_generator(spec: Any, index: int, **defaults: Any) -> dict:
-    """A generator spec (dict or pydantic model) with every key filled and checked."""
-    if hasattr(spec, "model_dump"):
-        spec = spec.model_dump()
-    if not isinstance(spec, Mapping):
-        raise UserInputError(f"a generator must be a mapping, got {type(spec).__name__}",
-                             where=f"generators[{index}]")
-    unknown = sorted(set(spec) - set(GENERATOR_DEFAULTS))
-    if unknown:
-        raise UserInputError(f"unknown key(s) {unknown}", where=f"generators[{index}]",
-                             hint=f"valid keys: {', '.join(GENERATOR_DEFAULTS)}")
-    full = {**GENERATOR_DEFAULTS, **{k: v for k, v in spec.items() if v is not None}}
-    for key, value in defaults.items():
-        if full.get(key) is None:
-            full[key] = value
+def generator_settings(spec: Any, index: int, **defaults: Any) -> GeneratorSection:
+    """A generator (a GeneratorSection, or a mapping of its keys) with the per-generator
+    overrides that are unset taken from `defaults` (max_new_tokens, batch_size, ...)."""
     where = f"generators[{index}]"
-    if full["method"] not in METHODS:
-        raise UserInputError(f"unknown method {full['method']!r}", where=f"{where}.method",
-                             hint=f"choose from {', '.join(METHODS)}")
-    for key in ("num_candidates", "num_beam_groups", "max_new_tokens", "batch_size"):
-        if not isinstance(full[key], int) or full[key] < 1:
-            raise UserInputError(f"must be a positive integer, got {full[key]!r}",
-                                 where=f"{where}.{key}")
-    if full["method"] == "greedy" and full["num_candidates"] > 1:
+    if not isinstance(spec, GeneratorSection):
+        if not isinstance(spec, Mapping):
+            raise UserInputError(f"a generator must be a mapping, got {type(spec).__name__}",
+                                 where=where)
+        try:
+            spec = GeneratorSection.model_validate(dict(spec))
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(part) for part in first["loc"])
+            if first["type"] == "extra_forbidden":
+                raise UserInputError(f"unknown key '{key}'", where=where,
+                                     hint=f"valid keys: {', '.join(GeneratorSection.model_fields)}"
+                                     ) from None
+            raise UserInputError(first["msg"].removeprefix("Value error, "),
+                                 where=f"{where}.{key}") from None
+    spec = spec.model_copy(update={k: v for k, v in defaults.items() if getattr(spec, k) is None})
+    if spec.method == "greedy" and spec.num_candidates > 1:
         logger.warning("%s: greedy decoding gives one candidate per prompt, not %d",
-                       where, full["num_candidates"])
-    if full["method"] == "diverse_beam":
-        beams = full["num_beams"] or full["num_candidates"]
-        if beams < full["num_candidates"] or beams % full["num_beam_groups"]:
-            raise UserInputError(
-                f"num_beams ({beams}) must be >= num_candidates ({full['num_candidates']}) and a "
-                f"multiple of num_beam_groups ({full['num_beam_groups']})",
-                where=f"{where}.num_beam_groups",
-                hint="e.g. num_candidates 4, num_beam_groups 4 (or 2), or set num_beams",
-            )
-    return full
+                       where, spec.num_candidates)
+    return spec
 
 
-def _source_label(spec: dict) -> str:
+def _source_label(spec: GeneratorSection) -> str:
     """ "policy:diverse_beam", "Qwen/Qwen2-0.5B:top_p", "my-model:beam" (a local dir's name)."""
-    name = spec["name"] or spec["model"]
-    if not spec["name"] and Path(name).expanduser().exists():
+    name = spec.name or spec.model
+    if not spec.name and Path(name).expanduser().exists():
         name = Path(name).expanduser().resolve().name
-    return f"{name}:{spec['method']}"
+    return f"{name}:{spec.method}"
 
 
 def _free_memory() -> None:
@@ -180,22 +148,23 @@ def _free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _run_generator(model, tokenizer, spec: dict, prompts: list, progress: bool) -> list[list[str]]:
+def _run_generator(model, tokenizer, spec: GeneratorSection, prompts: list, progress: bool
+                   ) -> list[list[str]]:
     from tqdm.auto import tqdm
 
     out: list[list[str]] = []
-    size = spec["batch_size"]
+    size = spec.batch_size
     for start in tqdm(range(0, len(prompts), size), desc=f"sample {_source_label(spec)}",
                       unit="batch", disable=not progress):
         # seeded per batch: a batch's samples do not depend on what ran before it
-        torch.manual_seed(spec["seed"] + start)
+        torch.manual_seed(spec.seed + start)
         out.extend(generate_candidates(
-            model, tokenizer, prompts[start:start + size], method=spec["method"],
-            num_candidates=spec["num_candidates"], num_beams=spec["num_beams"],
-            num_beam_groups=spec["num_beam_groups"], diversity_penalty=spec["diversity_penalty"],
-            temperature=spec["temperature"], top_p=spec["top_p"], top_k=spec["top_k"],
-            max_new_tokens=spec["max_new_tokens"], max_prompt_length=spec["max_prompt_length"],
-            length_penalty=spec["length_penalty"],
+            model, tokenizer, prompts[start:start + size], method=spec.method,
+            num_candidates=spec.num_candidates, num_beams=spec.num_beams,
+            num_beam_groups=spec.num_beam_groups, diversity_penalty=spec.diversity_penalty,
+            temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k,
+            max_new_tokens=spec.max_new_tokens, max_prompt_length=spec.max_prompt_length,
+            length_penalty=spec.length_penalty,
         ))
     return out
 
@@ -219,7 +188,7 @@ def sample_candidates(
     Args:
         prompts: records with "prompt" (or "query"): a string or chat messages; optionally the
             data set's "chosen", "rejected", "responses" (see load_prompts).
-        generators: specs (dicts or pydantic models), each with keys of GENERATOR_DEFAULTS:
+        generators: GeneratorSection objects (or mappings of their keys):
             model (a name in `models`, a hub name or a directory), adapter (PEFT dir or None),
             name (label in sources), method ("greedy" | "beam" | "diverse_beam" | "top_p"),
             num_candidates, num_beams, num_beam_groups, diversity_penalty, length_penalty,
@@ -244,9 +213,9 @@ def sample_candidates(
     if not generators and not include_dataset_responses:
         raise UserInputError("nothing to sample: no generators and no dataset responses",
                              where="generators", hint="add a generator")
-    specs = [normalize_generator(g, i, max_new_tokens=max_new_tokens,
-                                 max_prompt_length=max_prompt_length, batch_size=batch_size,
-                                 seed=seed) for i, g in enumerate(generators)]
+    specs = [generator_settings(g, i, max_new_tokens=max_new_tokens,
+                                max_prompt_length=max_prompt_length, batch_size=batch_size,
+                                seed=seed) for i, g in enumerate(generators)]
     records = [{"prompt": r["query"], **r} if "prompt" not in r and "query" in r else r
                for r in prompts]
     prompt_values = [r["prompt"] for r in records]
@@ -256,7 +225,7 @@ def sample_candidates(
     outputs: dict[int, list[list[str]]] = {}
     order: dict[tuple, list[int]] = {}
     for i, spec in enumerate(specs):
-        order.setdefault((spec["model"], spec["adapter"]), []).append(i)
+        order.setdefault((spec.model, spec.adapter), []).append(i)
     for (name, adapter), indices in order.items():
         if adapter is None and name in models:
             model, tokenizer = models[name]

@@ -20,7 +20,7 @@ from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import looks_like_local_path
 from rrhf_lite.precision import parse_dtype
-from rrhf_lite.recipe import QuantizationSection
+from rrhf_lite.recipe_sections import QuantizationSection
 from rrhf_lite.tokenization import pad_rows, prompt_token_ids
 
 

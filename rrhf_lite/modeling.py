@@ -12,7 +12,7 @@ from rrhf_lite import cpu_4bit
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.inference import load_tokenizer
 from rrhf_lite.precision import dtype_name, parse_dtype
-from rrhf_lite.recipe import QuantizationSection
+from rrhf_lite.recipe_sections import QuantizationSection
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from rrhf_lite import distributed
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import atomic_write_text
-from rrhf_lite.recipe import GeneratorSection, Recipe, dump_recipe
+from rrhf_lite.recipe import Recipe, dump_recipe
+from rrhf_lite.recipe_sections import GeneratorSection
 
 INITIAL = "initial"
 # What a run writes in its directory (see pipeline.py's docstring); --force removes these only.

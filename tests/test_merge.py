@@ -13,13 +13,8 @@ from transformers import AutoModelForCausalLM
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.stages import merge
-from rrhf_lite.stages.merge import (
-    MergeVerificationError,
-    compare_logits,
-    merge_adapter,
-    prompt_logits,
-    resolve_dtype,
-)
+from rrhf_lite.stages.merge import merge_adapter, resolve_dtype
+from rrhf_lite.stages.merge_checks import MergeVerificationError, compare_logits, prompt_logits
 from rrhf_lite.tiny import build_char_tokenizer
 
 PROBE = "Assistant: the quick brown fox"

@@ -22,7 +22,7 @@ from rrhf_lite.data import read_rows
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.generation import generate_candidates
 from rrhf_lite.io import write_jsonl
-from rrhf_lite.recipe import GeneratorSection
+from rrhf_lite.recipe_sections import GeneratorSection
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from rrhf_lite.data import load_listwise, summarize_listwise
 from rrhf_lite.io import atomic_directory, write_json, write_jsonl
 from rrhf_lite.modeling import ModelArguments, load_model_for_training
 from rrhf_lite.precision import auto_dtype_name
-from rrhf_lite.recipe import Recipe, TrainSection
+from rrhf_lite.recipe import Recipe
+from rrhf_lite.recipe_sections import TrainSection
 from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
 
 logger = logging.getLogger(__name__)

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rrhf_lite.inference import decode_new_tokens, encode_prompts, eos_token_ids, model_device
+
 NEG_INF = -1.0e9  # the "impossible" score transformers uses for dead beams
 
 
@@ -305,7 +307,6 @@ def generate_candidates(
     Returns:
         For each prompt, its responses as text (cut at the first EOS), best first for beams.
     """
-    from rrhf_lite.inference import decode_new_tokens, encode_prompts, eos_token_ids, model_device
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")

@@ -31,6 +31,7 @@ from transformers import Trainer, TrainingArguments
 
 from rrhf_lite import cpu_4bit
 from rrhf_lite.data import load_listwise
+from rrhf_lite.distributed import all_gather_object
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.logprobs import chunk_logprob_sums
 from rrhf_lite.loss import rrhf_loss
@@ -393,7 +394,6 @@ class RRHFTrainer(Trainer):
         totals = self._metric_totals(stored)
         if self.accelerator.num_processes == 1:
             return self.combine_rank_totals([totals])
-        from rrhf_lite.distributed import all_gather_object
 
         # a collective: every rank calls Trainer.log at the same points of training/evaluation
         return self.combine_rank_totals(all_gather_object(totals))

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from rrhf_lite.data import read_rows
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.generation import generate_candidates
+from rrhf_lite.inference import load_causal_lm
 from rrhf_lite.io import write_jsonl
 from rrhf_lite.recipe_sections import GeneratorSection
 
@@ -208,7 +209,6 @@ def sample_candidates(
         One row per prompt: {"prompt", "responses", "sources", "counts"} (a prompt left with
         no non-empty candidate is skipped, with a warning).
     """
-    from rrhf_lite.inference import load_causal_lm
 
     if not generators and not include_dataset_responses:
         raise UserInputError("nothing to sample: no generators and no dataset responses",

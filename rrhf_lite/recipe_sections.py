@@ -53,6 +53,11 @@ class QuantizationSection(Section):
         "auto", description="dtype holding the packed 4-bit weights; auto = model.torch_dtype "
         "under FSDP / DeepSpeed ZeRO-3 (one dtype per sharded block), uint8 otherwise",
     )
+    fused_cpu_kernel: bool = Field(
+        True, description="On CPUs with AVX512-BF16: sampling and evaluation run the 4-bit layers "
+        "whose shapes allow it through bitsandbytes' fused bf16 kernel (logits within bf16 "
+        "rounding of training's); false = dequantise + matmul everywhere, as training does",
+    )
 
     def bnb_config(self, *, device: str | None = None, quant_storage=None):
         """The BitsAndBytesConfig the base is loaded with, or None when it is not 4-bit.

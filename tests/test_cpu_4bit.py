@@ -240,3 +240,29 @@ def test_optional_kernel_warning_is_kept_out_of_the_output(caplog):
     assert shown == ["some other bitsandbytes warning"]
     said = [r for r in caplog.records if r.name == "rrhf_lite.cpu_4bit"]
     assert len(said) == 1 and said[0].levelno == logging.DEBUG and "nothing is wrong" in said[0].getMessage()
+
+
+def test_recipe_can_keep_inference_off_the_fused_kernel(mixed_lm_dir, tmp_path, cpu_4bit_path):
+    """quantization.fused_cpu_kernel: false reaches sampling, evaluation and the merge check."""
+    from rrhf_lite.recipe import parse_recipe
+    from rrhf_lite.stages.merge import merge_adapter
+
+    recipe = parse_recipe({"model": {"name_or_path": str(mixed_lm_dir)},
+                           "quantization": {"fused_cpu_kernel": False}, "stages": ["merge"]})
+    kwargs = recipe.policy_load_kwargs()
+    assert kwargs["fused_cpu_4bit"] is False
+    model, _ = load_causal_lm(str(mixed_lm_dir), device="cpu", **kwargs)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[1, 5, 6]]))
+    assert cpu_4bit.compute_path(model)["path"] == "dequantize"
+
+    adapter = tmp_path / "adapter"
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(str(mixed_lm_dir)),
+                   LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+                   ).save_pretrained(adapter)
+    report = merge_adapter(mixed_lm_dir, adapter, tmp_path / "merged", torch_dtype="float32",
+                           roundtrip_nf4=True, fused_cpu_4bit=False)
+    assert report["ok"] and report["policy_verification"]["compute_path"]["path"] == "dequantize"

@@ -213,6 +213,7 @@ def merge_adapter(
     torch_dtype: str | torch.dtype = "float16",
     roundtrip_nf4: bool = False,
     check_4bit_policy: bool | None = None,
+    fused_cpu_4bit: bool = True,
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
@@ -233,6 +234,8 @@ def merge_adapter(
       rrhf-lite's QLoRA settings), so the merged model matches the policy that was trained.
     check_4bit_policy: also compare the merged model with the 4-bit base (bitsandbytes, same
       quant settings) + adapter, i.e. the policy as it ran; default: when roundtrip_nf4.
+    fused_cpu_4bit: that policy may use bitsandbytes' fused CPU kernel where it can, as
+      sampling and evaluation do (see rrhf_lite.cpu_4bit); False: dequantise + matmul only.
     verify_prompts: prompts whose logits are compared; None uses a few defaults, [] skips it.
     tolerance: absolute max logit difference allowed (default: per-dtype, relative to scale).
     allow_mismatch: keep the output even when verification fails (report ok=False);
@@ -311,7 +314,8 @@ def merge_adapter(
                 report["policy_verification"] = policy_check(
                     base_model, adapter_path, tokenizer, prompts, got,
                     merged_dtype=dtype_name(dtype), device=device, quant_type=quant_type,
-                    double_quant=double_quant, trust_remote_code=trust_remote_code,
+                    double_quant=double_quant, fused_cpu_4bit=fused_cpu_4bit,
+                    trust_remote_code=trust_remote_code,
                     tolerance=tolerance)
                 report["ok"] = report["ok"] and report["policy_verification"]["ok"]
         else:

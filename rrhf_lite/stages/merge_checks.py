@@ -125,7 +125,7 @@ def adapter_effect(base: list[torch.Tensor], reference: list[torch.Tensor]) -> f
 
 def policy_check(base_model: str, adapter_path: Path, tokenizer, prompts: list[str],
                  merged_logits: list[torch.Tensor], *, merged_dtype: str, device: str,
-                 quant_type: str, double_quant: bool, trust_remote_code: bool,
+                 quant_type: str, double_quant: bool, fused_cpu_4bit: bool, trust_remote_code: bool,
                  tolerance: float | None) -> dict:
     """Merged logits against the trained policy: the 4-bit base (bitsandbytes) + the adapter.
 
@@ -139,7 +139,7 @@ def policy_check(base_model: str, adapter_path: Path, tokenizer, prompts: list[s
         base_model, adapter_path=str(adapter_path), device=device,
         torch_dtype=parse_dtype("auto", device=device),  # what training computed in here
         quantization_config=quantization.bnb_config(device=device),
-        trust_remote_code=trust_remote_code)
+        fused_cpu_4bit=fused_cpu_4bit, trust_remote_code=trust_remote_code)
     reference = prompt_logits(policy, tokenizer, prompts)
     path = cpu_4bit.compute_path(policy)
     del policy

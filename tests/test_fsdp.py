@@ -86,6 +86,7 @@ def _worker(report_dir: str, argv: list[str]) -> int:
         base = trainer.accelerator.unwrap_model(model).get_base_model()
         layers = base.model.layers
         weight = layers[0].self_attn.q_proj.base_layer.weight
+        plugin = trainer.accelerator.state.deepspeed_plugin
         report["sharding"] = {
             "distributed_type": str(trainer.accelerator.distributed_type),
             "fsdp_enabled": trainer.is_fsdp_enabled,
@@ -97,6 +98,11 @@ def _worker(report_dir: str, argv: list[str]) -> int:
             "lora_is_dtensor": isinstance(layers[0].self_attn.q_proj.lora_A["default"].weight, DTensor),
             "checkpointing": bool(base.is_gradient_checkpointing),
             "world_size": trainer.accelerator.num_processes,
+            # DeepSpeed: the ZeRO stage, and under ZeRO-3 the weight's full shape and this rank's
+            # partition (the parameter itself is then empty outside a forward)
+            "zero_stage": plugin.zero_stage if plugin is not None else None,
+            "ds_shape": list(weight.ds_shape) if hasattr(weight, "ds_shape") else None,
+            "ds_local": weight.ds_tensor.numel() if hasattr(weight, "ds_tensor") else None,
         }
 
     step, padding = RRHFTrainer.training_step, RRHFTrainer._padding_chunks
@@ -141,11 +147,11 @@ def _worker(report_dir: str, argv: list[str]) -> int:
 # ------------------------------------------------------------------------------ the test side
 
 
-def _launch_config(tmp_path: Path) -> Path:
-    """The shipped FSDP recipe, with use_cpu: true (its one CPU change)."""
-    raw = yaml.safe_load((RECIPES / "fsdp_qlora.yaml").read_text())
+def _launch_config(tmp_path: Path, name: str = "fsdp_qlora") -> Path:
+    """A shipped accelerate recipe, with use_cpu: true (its one CPU change)."""
+    raw = yaml.safe_load((RECIPES / f"{name}.yaml").read_text())
     raw["use_cpu"] = True
-    path = tmp_path / "fsdp_cpu.yaml"
+    path = tmp_path / f"{name}_cpu.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -207,26 +213,14 @@ def _assert_same_adapter(got: dict, want: dict) -> None:
     assert max(float(v.abs().max()) for n, v in want.items() if "lora_B" in n) > 1e-3
 
 
-def _check_fsdp_run(reports: list[dict], run_dir: Path, four_bit: bool, steps_run: int = 3) -> None:
+def _check_results(reports: list[dict], run_dir: Path, steps_run: int = 3) -> None:
+    """Both ranks ran every step in step with each other; only the main process wrote."""
     assert [r["rank"] for r in reports] == [0, 1] and all(r["code"] == 0 for r in reports)
-    for r in reports:
-        s = r["sharding"]
-        assert s["distributed_type"] == "DistributedType.FSDP" and s["fsdp_enabled"]
-        assert s["world_size"] == 2
-        assert s["layers_sharded"] == [True, True]  # one FSDP unit per decoder layer
-        assert s["checkpointing"]  # rrhf-lite's own (non-reentrant) checkpointing is on
-        assert s["lora_is_dtensor"]  # the trainable LoRA weights are sharded too
-        # the frozen base weight is a DTensor whose local shard is half the rows
-        assert s["weight_class"] == "DTensor" and s["weight_local"][0] * 2 == s["weight_global"][0]
-        if four_bit:  # packed 4-bit, stored as float32 (quant_storage "auto" under FSDP on CPU)
-            assert s["weight_dtype"] == "torch.float32" and s["weight_global"] == [512, 1]
-        else:
-            assert s["weight_global"] == [64, 64]
+    assert all(r["sharding"]["world_size"] == 2 and r["sharding"]["checkpointing"] for r in reports)
     # one padding decision per training step on every rank (collective, so the counts agree)
     assert [len(r["padding"]) for r in reports] == [steps_run, steps_run]
     if steps_run == 3:  # ranks saw different k at least once, so zero-weight padding chunks ran
         assert any(n > 0 for r in reports for n in r["padding"])
-    # only the main process wrote the results
     assert [w[1] for w in reports[0]["writes"]] == ["adapter", "metrics.jsonl", "train_summary.json"]
     assert reports[1]["writes"] == []
     train_dir = run_dir / "round-1" / "train"
@@ -235,6 +229,21 @@ def _check_fsdp_run(reports: list[dict], run_dir: Path, four_bit: bool, steps_ru
     assert sorted(p.name for p in (train_dir / "adapter").iterdir()) == [
         "README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
         "tokenizer_config.json"]
+
+
+def _check_fsdp_run(reports: list[dict], run_dir: Path, four_bit: bool, steps_run: int = 3) -> None:
+    _check_results(reports, run_dir, steps_run)
+    for r in reports:
+        s = r["sharding"]
+        assert s["distributed_type"] == "DistributedType.FSDP" and s["fsdp_enabled"]
+        assert s["layers_sharded"] == [True, True]  # one FSDP unit per decoder layer
+        assert s["lora_is_dtensor"]  # the trainable LoRA weights are sharded too
+        # the frozen base weight is a DTensor whose local shard is half the rows
+        assert s["weight_class"] == "DTensor" and s["weight_local"][0] * 2 == s["weight_global"][0]
+        if four_bit:  # packed 4-bit, stored as float32 (quant_storage "auto" under FSDP on CPU)
+            assert s["weight_dtype"] == "torch.float32" and s["weight_global"] == [512, 1]
+        else:
+            assert s["weight_global"] == [64, 64]
 
 
 @pytest.fixture(scope="module")

@@ -96,7 +96,7 @@ def _worker(report_dir: str, argv: list[str]) -> int:
             "weight_local": list(weight.to_local().shape) if isinstance(weight, DTensor) else None,
             "weight_dtype": str(weight.dtype),
             "lora_is_dtensor": isinstance(layers[0].self_attn.q_proj.lora_A["default"].weight, DTensor),
-            "checkpointing": bool(base.is_gradient_checkpointing),
+            "checkpointing": bool(base.is_activation_checkpointing),
             "world_size": trainer.accelerator.num_processes,
             # DeepSpeed: the ZeRO stage, and under ZeRO-3 the weight's full shape and this rank's
             # partition (the parameter itself is then empty outside a forward)

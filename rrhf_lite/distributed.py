@@ -73,12 +73,16 @@ def init_distributed() -> bool:
     """Create the process group when launched with several processes; return is_distributed().
 
     accelerate's PartialState picks the backend (NCCL with CUDA, gloo on CPU) and sets this
-    process's CUDA device; transformers' Trainer reuses the same state later.
+    process's CUDA device. Without an accelerator (or under `accelerate launch` with use_cpu) it
+    must be told so: PartialState() alone creates the process group but records one process of
+    rank 0 (DistributedType.NO) on every rank. transformers' TrainingArguments sets the state up
+    anew (RRHFConfig passes use_cpu there for the same reason).
     """
     if _env_int("WORLD_SIZE", 1) > 1 and not _initialised():
         from accelerate import PartialState
 
-        PartialState()
+        use_cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+        PartialState(cpu=use_cpu or not torch.accelerator.is_available())
     return is_distributed()
 
 

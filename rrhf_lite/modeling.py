@@ -141,9 +141,11 @@ def load_model_for_training(args: ModelArguments):
             compute_dtype=dtype_name(resolve_dtype(args.bnb_4bit_compute_dtype, device)))
         kwargs["quantization_config"] = section.bnb_config(
             device=device, quant_storage=resolve_quant_storage(args.bnb_4bit_quant_storage, dtype))
-        # one process per GPU: each loads its shards onto its own local device
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        kwargs["device_map"] = {"": local if device == "cuda" else "cpu"}
+        # one process per GPU: each loads its shards onto its own local device (ZeRO-3 places
+        # the weights itself: transformers refuses a device_map there)
+        if sharded_engine() != "zero3":
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            kwargs["device_map"] = {"": local if device == "cuda" else "cpu"}
     try:
         model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
     except OSError as err:  # missing repo/dir, no safetensors weights, no network

@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import DistributedType
 from transformers import Trainer, TrainingArguments
 
-from rrhf_lite import cpu_4bit
+from rrhf_lite import cpu_4bit, distributed
 from rrhf_lite.data import load_listwise
 from rrhf_lite.distributed import all_gather_object
 from rrhf_lite.errors import UserInputError
@@ -99,6 +99,11 @@ class RRHFConfig(TrainingArguments):
                 {"use_reentrant": False} if self.gradient_checkpointing_kwargs is None
                 else self.gradient_checkpointing_kwargs)
             self.gradient_checkpointing_kwargs = None
+        # Several processes on a machine without an accelerator (torchrun / accelerate launch on
+        # CPUs): without use_cpu, transformers sets up accelerate's state as one process on every
+        # rank, and each rank would train alone on the whole data set and write the results.
+        if not self.use_cpu and not torch.accelerator.is_available() and distributed.is_distributed():
+            self.use_cpu = True
         super().__post_init__()
 
 

@@ -245,8 +245,13 @@ def test_accelerate_recipes_load_with_the_settings_qlora_needs():
         assert raw["mixed_precision"] == "no"
         assert "gradient_accumulation_steps" not in raw.get("deepspeed_config", {})
     fsdp = load_config_from_file(str(RECIPES / "fsdp_qlora.yaml")).fsdp_config
-    assert fsdp["fsdp_use_orig_params"] is False
-    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True and fsdp["fsdp_sync_module_states"] is True
+    assert fsdp["fsdp_version"] == 2  # fully_shard; tests/test_fsdp.py runs this file on CPUs
+    # FSDP1-only keys: FSDP2 refuses forward_prefetch, ignores the others with a warning
+    for key in ("fsdp_use_orig_params", "fsdp_sync_module_states", "fsdp_forward_prefetch",
+                "fsdp_backward_prefetch", "fsdp_sharding_strategy"):
+        assert key not in fsdp, key
+    assert fsdp["fsdp_cpu_ram_efficient_loading"] is True
+    assert fsdp["fsdp_reshard_after_forward"] is True  # FULL_SHARD
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp["fsdp_activation_checkpointing"] is False  # rrhf-lite checkpoints itself
     zero3 = load_config_from_file(str(RECIPES / "deepspeed_zero3.yaml")).deepspeed_config

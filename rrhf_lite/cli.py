@@ -17,6 +17,32 @@ from rrhf_lite.errors import UserInputError
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
 
 
+def _number(kind, low=None, high=None, *, low_open=False):
+    """An argparse type: a finite number in [low, high] (low excluded with low_open)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: "
+                                             f"{text!r}") from None
+        bad = value != value or value in (float("inf"), float("-inf"))
+        bad = bad or (low is not None and (value <= low if low_open else value < low))
+        if bad or (high is not None and value > high):
+            lo = "none" if low is None else ("> " if low_open else ">= ") + str(low)
+            hi = "" if high is None else f" and <= {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be finite, {lo}{hi})")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use cpu, cuda or cuda:N)")
+    return text
+
+
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="path to a recipe YAML file")
     parser.add_argument("--output-dir", help="run directory (default: the recipe's output_dir)")
@@ -56,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter was trained on a full-precision base)",
     )
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    merge.add_argument("--device", default="cpu", help="where to merge (cpu, cuda); cuda is much faster for 7B+")
-    merge.add_argument("--tolerance", type=float, help="max |logit difference| accepted by the check")
+    merge.add_argument("--device", default="cpu", type=_device, help="where to merge (cpu, cuda); cuda is much faster for 7B+")
+    merge.add_argument("--tolerance", type=_number(float, 0.0), help="max |logit difference| accepted by the check")
     merge.add_argument(
         "--allow-mismatch", action="store_true",
         help="keep the merged model even when the logit check fails (exit code 1)",
@@ -68,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="model (hub name or directory)")
     gen.add_argument("--adapter", help="LoRA adapter directory to apply on top")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); none = interactive chat")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=_number(int, 1), default=128)
+    gen.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0)
     gen.add_argument("--load-in-4bit", action="store_true")
     gen.add_argument("--trust-remote-code", action="store_true")
 
@@ -96,9 +122,12 @@ def dispatch(args) -> int:
         print(json.dumps(recipe_schema(), indent=2))
         return EXIT_OK
     if args.command == "validate":
+        from rrhf_lite.preflight import check_recipe
         from rrhf_lite.recipe import dump_recipe
 
-        print(dump_recipe(_load(args)), end="")
+        recipe = _load(args)
+        check_recipe(recipe)  # paths, model files, the resolved training arguments
+        print(dump_recipe(recipe), end="")
         return EXIT_OK
     if args.command == "merge":
         from rrhf_lite.stages.merge import merge_adapter

@@ -82,11 +82,13 @@ def read_rows(source: Any, split: str = "train", *, name: str = "data"
 
 def _read_parquet(path: Path) -> tuple[list, list[str], str]:
     import datasets
+    import pyarrow.parquet
 
     from rrhf_lite.user_files import user_file_errors
 
     with user_file_errors(str(path), "parquet file", "check that it is a parquet file (re-save "
                           "it with pandas.DataFrame.to_parquet), or use .jsonl"):
+        pyarrow.parquet.read_metadata(str(path))  # not parquet: said here, not logged below
         rows = datasets.Dataset.from_parquet(str(path)).to_list()
     return _numbered(rows, str(path), "row")
 

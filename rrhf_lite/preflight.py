@@ -12,6 +12,7 @@ UserInputError (exit code 2) naming the recipe key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from pathlib import Path
 
 from rrhf_lite.errors import UserInputError
@@ -109,9 +110,10 @@ def _check_scheduler(name: str, key: str) -> None:
 
     choices = [s.value for s in SchedulerType]
     if name not in choices:
-        raise UserInputError(unknown_key_message(name, choices).replace("key", "scheduler", 1),
-                             where=f"recipe key {key}",
-                             hint=f"use one of: {', '.join(choices)}")
+        close = difflib.get_close_matches(name, choices, n=1)
+        raise UserInputError(f"unknown learning-rate scheduler {name!r}"
+                             + (f"; did you mean {close[0]!r}?" if close else ""),
+                             where=f"recipe key {key}", hint=f"use one of: {', '.join(choices)}")
 
 
 def check_training_arguments(recipe: Recipe) -> None:
@@ -131,7 +133,7 @@ def check_training_arguments(recipe: Recipe) -> None:
             raise
         except (TypeError, ValueError, OverflowError) as err:
             raise UserInputError(
-                f"transformers rejects the training arguments: {str(err).splitlines()[0]}",
+                f"transformers rejects the training arguments: {str(err).splitlines()[0][:300]}",
                 where=f"recipe key {key}",
                 hint="fix that key (train.lr_scheduler_type, train.report_to, train.extra.*: "
                 "see transformers.TrainingArguments)") from None

@@ -24,8 +24,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}".strip()
+    err = err.__cause__ or err  # e.g. a config validator's ValueError, wrapped by huggingface_hub
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":") and len(lines) > 1:  # "Error(s) in loading state_dict for X:" + why
+        text += " " + lines[1]
+    return f"{type(err).__name__}: {text[:300]}".strip()
 
 
 def loader_error_types() -> tuple[type[BaseException], ...]:
@@ -37,6 +41,10 @@ def loader_error_types() -> tuple[type[BaseException], ...]:
         from safetensors import SafetensorError
 
         kinds.append(SafetensorError)
+    with contextlib.suppress(ImportError):  # a config that fails its own validators
+        from huggingface_hub.errors import StrictDataclassError
+
+        kinds.append(StrictDataclassError)
     with contextlib.suppress(ImportError):
         import pyarrow
 

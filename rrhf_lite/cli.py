@@ -7,6 +7,7 @@ to do), 1 internal error (with the traceback, since that is a bug for us to fix)
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -15,6 +16,8 @@ import traceback
 from rrhf_lite.errors import UserInputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+# the machine's, not ours: a full disk, a quota, a read-only file system
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def _number(kind, low=None, high=None, *, low_open=False):
@@ -166,17 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"rrhf-lite: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:
+        if err.errno not in _NO_ROOM:
+            return _internal_error()
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"rrhf-lite: error: {where}{err.strerror} (partial outputs were not kept as "
+              "results)\n  what to do: free space (or make the disk writable) and rerun: "
+              "finished stages and complete checkpoints are reused", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("rrhf-lite: interrupted; completed stages and checkpoints are kept", file=sys.stderr)
         return 130
     except Exception:  # noqa: BLE001 - an internal error: show everything, exit 1
-        traceback.print_exc()
-        print(
-            "rrhf-lite: internal error (a bug in rrhf-lite, not in your input); "
-            "please report it with the traceback above",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+        return _internal_error()
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    print(
+        "rrhf-lite: internal error (a bug in rrhf-lite, not in your input); "
+        "please report it with the traceback above",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -76,7 +76,8 @@ def read_rows(source: Any, split: str = "train", *, name: str = "data"
         ds = datasets.load_dataset(str(source), split=split)
     except Exception as err:  # the datasets library raises many types; the user sees one message
         raise UserInputError(f"cannot load the dataset ({err})", where=where,
-                             hint="give a local .jsonl/.json/.parquet file or a valid hub name") from None
+                             hint="give a local .jsonl/.json/.parquet file or a valid hub name (a "
+                             "directory must hold data files of one format only)") from None
     return _checked(_numbered(ds.to_list(), where, "row"))
 
 

@@ -148,3 +148,18 @@ def test_any_recipe_value_validates_or_exits_2(tmp_path_factory, tiny_lm_dir, ca
     assert "Traceback" not in err, err
     assert sorted(os.listdir(Path.cwd())) == before  # validate writes nothing
     assert not (tmp / "run").exists()
+
+
+def test_disk_full_is_the_machines_problem_not_ours(tmp_path, tiny_lm_dir, capsys, monkeypatch):
+    import errno
+
+    import rrhf_lite.pipeline
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))
+
+    monkeypatch.setattr(rrhf_lite.pipeline, "run_recipe", full)
+    recipe = train_recipe(tmp_path / "r.yaml", tiny_lm_dir, _data(tmp_path), tmp_path / "run")
+    code, err = _cli(["run", recipe], capsys)
+    assert code == 2 and "No space left on device" in err and "what to do:" in err, err
+    assert "Traceback" not in err, err

@@ -140,13 +140,15 @@ def check_model_dir(name_or_path: str, what: str = "model", *, tokenizer: bool =
     if not config.is_file():
         raise UserInputError(f"no config.json in the {what} directory", where=str(path),
                              hint="give a directory saved with save_pretrained")
-    _json_object(config, "config.json")
+    fields = _json_object(config, "config.json")
     from transformers import AutoConfig
 
-    with user_file_errors(str(config), f"{what}'s config",
-                          "check model_type and the sizes in config.json (an unknown "
-                          "model_type needs a newer transformers, or trust_remote_code)"):
-        AutoConfig.from_pretrained(str(path))
+    # a model with its own code (auto_map) is checked when it loads, with trust_remote_code
+    if "auto_map" not in fields:
+        with user_file_errors(str(config), f"{what}'s config",
+                              "check model_type and the sizes in config.json (an unknown "
+                              "model_type needs a newer transformers, or trust_remote_code)"):
+            AutoConfig.from_pretrained(str(path))
     if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
         raise UserInputError(
             f"no tokenizer files in the {what} directory (looked for {', '.join(TOKENIZER_FILES)})",

@@ -54,7 +54,7 @@ def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool
         raise UserInputError(
             f"the recipe does not name stage {only_stages[0]!r}", where="recipe key stages"
         )
-    check_recipe(recipe)
+    check_recipe(recipe, stages)
     with run_dir_lock(Path(recipe.output_dir), enabled=distributed.is_main_process()):
         return _run_locked(recipe, stages, force)
 

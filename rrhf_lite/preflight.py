@@ -51,7 +51,8 @@ def _check_model(value: str | None, key: str, *, tokenizer: bool = True) -> None
         raise
 
 
-def check_paths(recipe: Recipe) -> None:
+def check_paths(recipe: Recipe, stages: set[str]) -> None:
+    """The paths the stages in `stages` use (a merge-only run needs no data file)."""
     check_output_path(recipe.output_dir, f"recipe key output_dir ({recipe.output_dir})")
     model = recipe.model
     if model.tokenizer:
@@ -61,9 +62,12 @@ def check_paths(recipe: Recipe) -> None:
             err.where = f"recipe key model.tokenizer: {err.where}"
             raise
     _check_model(model.name_or_path, "model.name_or_path", tokenizer=model.tokenizer is None)
-    _check_model(recipe.scoring.reward_model, "scoring.reward_model")
-    _check_model(recipe.evaluate.perplexity_model, "evaluate.perplexity_model")
-    for i, generator in enumerate(recipe.sampling.generators):
+    if stages & {"score", "evaluate"}:
+        _check_model(recipe.scoring.reward_model, "scoring.reward_model")
+    if "evaluate" in stages:
+        _check_model(recipe.evaluate.perplexity_model, "evaluate.perplexity_model")
+    generators = recipe.sampling.generators if stages & {"sample", "evaluate"} else []
+    for i, generator in enumerate(generators):
         _check_model(generator.model, f"sampling.generators.{i}.model")
         if generator.adapter:
             path = Path(generator.adapter)
@@ -75,9 +79,14 @@ def check_paths(recipe: Recipe) -> None:
                         hint="give a directory the train stage wrote (.../train/adapter)")
                 check_adapter_config(path)
     data = recipe.data
-    for key in ("prompts", "candidates", "eval_prompts"):
-        _check_data_path(getattr(data, key), f"data.{key}")
-    _check_data_path(recipe.evaluate.ranking_candidates, "evaluate.ranking_candidates")
+    used = {"prompts": stages & {"sample", "evaluate"},
+            "candidates": stages & {"score", "train"} and "sample" not in recipe.stages,
+            "eval_prompts": "evaluate" in stages}
+    for key, needed in used.items():
+        if needed:
+            _check_data_path(getattr(data, key), f"data.{key}")
+    if "evaluate" in stages:
+        _check_data_path(recipe.evaluate.ranking_candidates, "evaluate.ranking_candidates")
 
 
 # ------------------------------------------------------------------------- training arguments
@@ -139,8 +148,10 @@ def check_training_arguments(recipe: Recipe) -> None:
                 "see transformers.TrainingArguments)") from None
 
 
-def check_recipe(recipe: Recipe) -> None:
-    """Every check that needs no model: paths, then the resolved training arguments."""
-    check_paths(recipe)
-    if "train" in recipe.stages:
+def check_recipe(recipe: Recipe, stages: list[str] | None = None) -> None:
+    """Every check that needs no model, for `stages` (default: all the recipe's): paths, then
+    the resolved training arguments."""
+    run = set(recipe.stages if stages is None else stages)
+    check_paths(recipe, run)
+    if "train" in run:
         check_training_arguments(recipe)

@@ -7,6 +7,7 @@ to do), 1 internal error (with the traceback, since that is a bug for us to fix)
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -15,6 +16,34 @@ import traceback
 from rrhf_lite.errors import UserInputError
 
 EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT = 0, 1, 2
+# the machine's, not ours: a full disk, a quota, a read-only file system
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _number(kind, low=None, high=None, *, low_open=False):
+    """An argparse type: a finite number in [low, high] (low excluded with low_open)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: "
+                                             f"{text!r}") from None
+        bad = value != value or value in (float("inf"), float("-inf"))
+        bad = bad or (low is not None and (value <= low if low_open else value < low))
+        if bad or (high is not None and value > high):
+            lo = "none" if low is None else ("> " if low_open else ">= ") + str(low)
+            hi = "" if high is None else f" and <= {high}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range (must be finite, {lo}{hi})")
+        return value
+    return parse
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (use cpu, cuda or cuda:N)")
+    return text
 
 
 def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
@@ -56,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter was trained on a full-precision base)",
     )
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
-    merge.add_argument("--device", default="cpu", help="where to merge (cpu, cuda); cuda is much faster for 7B+")
-    merge.add_argument("--tolerance", type=float, help="max |logit difference| accepted by the check")
+    merge.add_argument("--device", default="cpu", type=_device, help="where to merge (cpu, cuda); cuda is much faster for 7B+")
+    merge.add_argument("--tolerance", type=_number(float, 0.0), help="max |logit difference| accepted by the check")
     merge.add_argument(
         "--allow-mismatch", action="store_true",
         help="keep the merged model even when the logit check fails (exit code 1)",
@@ -68,9 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", required=True, help="model (hub name or directory)")
     gen.add_argument("--adapter", help="LoRA adapter directory to apply on top")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); none = interactive chat")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--max-new-tokens", type=_number(int, 1), default=128)
+    gen.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0)
     gen.add_argument("--load-in-4bit", action="store_true")
     gen.add_argument("--trust-remote-code", action="store_true")
 
@@ -96,9 +125,12 @@ def dispatch(args) -> int:
         print(json.dumps(recipe_schema(), indent=2))
         return EXIT_OK
     if args.command == "validate":
+        from rrhf_lite.preflight import check_recipe
         from rrhf_lite.recipe import dump_recipe
 
-        print(dump_recipe(_load(args)), end="")
+        recipe = _load(args)
+        check_recipe(recipe)  # paths, model files, the resolved training arguments
+        print(dump_recipe(recipe), end="")
         return EXIT_OK
     if args.command == "merge":
         from rrhf_lite.stages.merge import merge_adapter
@@ -137,17 +169,29 @@ def main(argv: list[str] | None = None) -> int:
     except UserInputError as err:
         print(f"rrhf-lite: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:
+        if err.errno not in _NO_ROOM:
+            return _internal_error()
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"rrhf-lite: error: {where}{err.strerror} (partial outputs were not kept as "
+              "results)\n  what to do: free space (or make the disk writable) and rerun: "
+              "finished stages and complete checkpoints are reused", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("rrhf-lite: interrupted; completed stages and checkpoints are kept", file=sys.stderr)
         return 130
     except Exception:  # noqa: BLE001 - an internal error: show everything, exit 1
-        traceback.print_exc()
-        print(
-            "rrhf-lite: internal error (a bug in rrhf-lite, not in your input); "
-            "please report it with the traceback above",
-            file=sys.stderr,
-        )
-        return EXIT_INTERNAL
+        return _internal_error()
+
+
+def _internal_error() -> int:
+    traceback.print_exc()
+    print(
+        "rrhf-lite: internal error (a bug in rrhf-lite, not in your input); "
+        "please report it with the traceback above",
+        file=sys.stderr,
+    )
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

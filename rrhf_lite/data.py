@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import read_jsonl_numbered, read_text_utf8
+from rrhf_lite.io import check_text, read_jsonl_numbered, read_text_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -53,18 +53,16 @@ def read_rows(source: Any, split: str = "train", *, name: str = "data"
                                  where="dataset", hint="pass an existing split")
         return _numbered(source[split].to_list(), f"dataset[{split}]", "row")
     if isinstance(source, Sequence) and not isinstance(source, str | bytes):
-        return _numbered(list(source), name, "row")
+        return _checked(_numbered(list(source), name, "row"))
     path = Path(str(source)).expanduser()
     suffix = path.suffix.lower()
     if path.is_file():
         if suffix == ".jsonl":
             return _jsonl(path)
         if suffix == ".json":
-            return _read_json(path)
+            return _checked(_read_json(path))
         if suffix == ".parquet":
-            import datasets
-
-            return _numbered(datasets.Dataset.from_parquet(str(path)).to_list(), str(path), "row")
+            return _checked(_read_parquet(path))
         raise UserInputError(f"unsupported file type {suffix!r}", where=str(path),
                              hint="use .jsonl, .json or .parquet, or a datasets hub name")
     looks_local = suffix in (".jsonl", ".json", ".parquet") or str(source).startswith((".", "/", "~"))
@@ -78,8 +76,29 @@ def read_rows(source: Any, split: str = "train", *, name: str = "data"
         ds = datasets.load_dataset(str(source), split=split)
     except Exception as err:  # the datasets library raises many types; the user sees one message
         raise UserInputError(f"cannot load the dataset ({err})", where=where,
-                             hint="give a local .jsonl/.json/.parquet file or a valid hub name") from None
-    return _numbered(ds.to_list(), where, "row")
+                             hint="give a local .jsonl/.json/.parquet file or a valid hub name (a "
+                             "directory must hold data files of one format only)") from None
+    return _checked(_numbered(ds.to_list(), where, "row"))
+
+
+def _read_parquet(path: Path) -> tuple[list, list[str], str]:
+    import datasets
+    import pyarrow.parquet
+
+    from rrhf_lite.user_files import user_file_errors
+
+    with user_file_errors(str(path), "parquet file", "check that it is a parquet file (re-save "
+                          "it with pandas.DataFrame.to_parquet), or use .jsonl"):
+        pyarrow.parquet.read_metadata(str(path))  # not parquet: said here, not logged below
+        rows = datasets.Dataset.from_parquet(str(path)).to_list()
+    return _numbered(rows, str(path), "row")
+
+
+def _checked(read: tuple[list, list[str], str]) -> tuple[list, list[str], str]:
+    """Rows whose every string is valid Unicode (see io.check_text), else an error naming it."""
+    for row, where in zip(read[0], read[1], strict=True):
+        check_text(row, where)
+    return read
 
 
 def _numbered(rows: list, name: str, unit: str) -> tuple[list, list[str], str]:
@@ -117,6 +136,15 @@ def _is_message(obj: Any) -> bool:
     return isinstance(obj, dict) and "content" in obj and "role" in obj
 
 
+def _check_messages(obj: list, where: str, what: str) -> None:
+    for i, message in enumerate(obj):
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                raise UserInputError(
+                    f"{what}[{i}].{key} must be a string, got {type(message[key]).__name__}",
+                    where=where, hint='chat messages are {"role": "user", "content": "text"}')
+
+
 def _is_messages(obj: Any) -> bool:
     return isinstance(obj, list) and len(obj) > 0 and all(_is_message(m) for m in obj)
 
@@ -126,7 +154,8 @@ def _response(obj: Any, where: str, what: str) -> str | dict:
     if isinstance(obj, list) and len(obj) == 1 and _is_message(obj[0]):
         obj = obj[0]
     if _is_message(obj):
-        if not isinstance(obj["content"], str) or not obj["content"].strip():
+        _check_messages([obj], where, what)
+        if not obj["content"].strip():
             raise UserInputError(f"{what} is an empty message", where=where,
                                  hint="remove the row or give the response some text")
         return {"role": obj["role"], "content": obj["content"]}
@@ -143,6 +172,7 @@ def _prompt(obj: Any, where: str) -> str | list[dict]:
     if isinstance(obj, str):
         return obj
     if _is_messages(obj):
+        _check_messages(obj, where, "prompt")
         return [{"role": m["role"], "content": m["content"]} for m in obj]
     raise UserInputError(f"prompt must be a string or a list of chat messages, got {type(obj).__name__}",
                          where=where, hint=_FORMATS_HINT)
@@ -258,6 +288,9 @@ def summarize_listwise(examples: Sequence[dict]) -> dict[str, int]:
             stats["all_tied"] += 1
         if len({_response_key(r) for r in ex["responses"]}) < k:
             stats["duplicate_responses"] += 1
+        prompt = ex["prompt"]
+        if isinstance(prompt, str) and not prompt.strip():
+            stats["empty_prompt"] += 1
     return dict(stats)
 
 
@@ -267,6 +300,7 @@ def _warn_counts(stats: dict[str, int], name: str) -> None:
         "single_response": "have one response (k = 1): SFT loss only, no rank pair",
         "all_tied": "have all scores tied: no rank pair (SFT on the first response only)",
         "duplicate_responses": "contain duplicate responses",
+        "empty_prompt": "have an empty or whitespace-only prompt (responses learnt unconditioned)",
     }
     for key, text in messages.items():
         if stats.get(key):

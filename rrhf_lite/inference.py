@@ -22,6 +22,12 @@ from rrhf_lite.io import looks_like_local_path
 from rrhf_lite.precision import parse_dtype
 from rrhf_lite.recipe_sections import QuantizationSection
 from rrhf_lite.tokenization import pad_rows, prompt_token_ids
+from rrhf_lite.user_files import (
+    check_tokenizer_source,
+    load_adapter,
+    load_pretrained,
+    user_file_errors,
+)
 
 
 def default_device() -> str:
@@ -61,15 +67,12 @@ def load_tokenizer(
     from transformers import AutoTokenizer
 
     _check_model_source(str(name_or_path), "tokenizer")
-    try:
+    check_tokenizer_source(str(name_or_path))  # a local directory holds tokenizer files
+    with user_file_errors(str(name_or_path), "tokenizer", "check the model name or directory "
+                          "(tokenizer.json or tokenizer.model beside tokenizer_config.json)"):
         tokenizer = AutoTokenizer.from_pretrained(
             str(name_or_path), trust_remote_code=trust_remote_code
         )
-    except (OSError, ValueError) as err:  # missing files, or a directory without a tokenizer
-        raise UserInputError(
-            f"cannot load a tokenizer ({str(err).splitlines()[0]})", where=str(name_or_path),
-            hint="check the model name or directory",
-        ) from None
     if require_eos and tokenizer.eos_token_id is None:
         raise UserInputError("the tokenizer has no EOS token", where=str(name_or_path),
                              hint="responses end with EOS; use a tokenizer that defines one")
@@ -105,13 +108,8 @@ def _from_pretrained(auto_class, name_or_path: str, *, torch_dtype, load_in_4bit
     if quant is not None:
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device}  # 4-bit weights are placed at load time
-    try:
-        model = auto_class.from_pretrained(str(name_or_path), **kwargs)
-    except OSError as err:
-        raise UserInputError(
-            f"cannot load the {what} ({err})", where=str(name_or_path),
-            hint="check the name or directory; only safetensors weights are loaded",
-        ) from None
+    # the files checked first; loader errors, missing or unexpected weights: exit 2
+    model = load_pretrained(auto_class, str(name_or_path), what=what, **kwargs)
     if quant is None:
         model.to(device)
     else:  # which of bitsandbytes' CPU paths each 4-bit layer takes (no-op on a GPU)
@@ -191,9 +189,7 @@ def load_causal_lm(
         what="causal LM", quantization_config=quantization_config, fused_cpu_4bit=fused_cpu_4bit,
     )
     if adapter_path:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(
+        model = load_adapter(
             model, _local_adapter_dir(str(adapter_path)), is_trainable=False
         ).eval()
     if getattr(model, "generation_config", None) is not None:

@@ -120,8 +120,34 @@ def read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
             raise UserInputError(
                 f"expected a JSON object, got {type(row).__name__}", where=where, hint=_JSONL_HINT,
             )
+        check_text(row, where)
         rows.append((number, row))
     return rows
+
+
+def check_text(value: Any, where: str) -> None:
+    """Every string in `value` (a parsed row, walked without recursion) is encodable as UTF-8.
+
+    JSON's "\\ud800" escapes decode to lone surrogates, which no tokenizer can encode: refuse
+    them here, naming the file and line, before any model loads.
+    """
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise UserInputError(
+                    f"text with an unpaired surrogate {item[err.start]!r} (not valid Unicode) at "
+                    f"character {err.start}: {item[max(0, err.start - 20):err.start]!r}...",
+                    where=where, hint="fix the \\uXXXX escape (surrogates come in pairs), or "
+                    "re-save the text as UTF-8") from None
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -13,6 +13,7 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.inference import load_tokenizer
 from rrhf_lite.precision import dtype_name, parse_dtype
 from rrhf_lite.recipe_sections import QuantizationSection
+from rrhf_lite.user_files import load_adapter, load_pretrained, user_file_errors
 
 logger = logging.getLogger(__name__)
 
@@ -146,11 +147,9 @@ def load_model_for_training(args: ModelArguments):
         if sharded_engine() != "zero3":
             local = int(os.environ.get("LOCAL_RANK", "0"))
             kwargs["device_map"] = {"": local if device == "cuda" else "cpu"}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, **kwargs)
-    except OSError as err:  # missing repo/dir, no safetensors weights, no network
-        raise UserInputError(f"could not load the model: {err}", where=args.model_name_or_path,
-                             hint="check the name or path; weights must be safetensors") from None
+    # the files checked first; loader errors, missing or unexpected weights: exit 2
+    model = load_pretrained(AutoModelForCausalLM, args.model_name_or_path, what="model",
+                            **kwargs)
     tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path,
                                padding_side="right", trust_remote_code=args.trust_remote_code,
                                require_eos=True)
@@ -171,10 +170,13 @@ def load_model_for_training(args: ModelArguments):
         if args.use_lora:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     if args.use_lora:
-        from peft import PeftModel, get_peft_model
+        from peft import get_peft_model
 
         if args.adapter_init_path:
-            model = PeftModel.from_pretrained(model, args.adapter_init_path, is_trainable=True)
+            model = load_adapter(model, args.adapter_init_path, is_trainable=True)
         else:
-            model = get_peft_model(model, lora_config_from_args(args))
+            with user_file_errors("recipe key lora.target_modules", "LoRA adapter",
+                                  "name modules the model has (e.g. q_proj, v_proj), or use "
+                                  "all-linear"):
+                model = get_peft_model(model, lora_config_from_args(args))
     return model, tokenizer

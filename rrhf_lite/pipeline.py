@@ -30,7 +30,9 @@ from rrhf_lite import distributed
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import last_complete_checkpoint, looks_like_local_path, read_jsonl, write_jsonl
+from rrhf_lite.preflight import check_recipe
 from rrhf_lite.recipe import Recipe
+from rrhf_lite.run_lock import run_dir_lock
 from rrhf_lite.run_state import RunState, prepare_run_dir, say
 from rrhf_lite.sources import load_prompt_rows, resolve_model
 from rrhf_lite.stages.evaluate import evaluate_run
@@ -42,17 +44,26 @@ from rrhf_lite.stages.train import model_arguments, run_train, training_config
 log = logging.getLogger("rrhf_lite")
 
 def run_recipe(recipe: Recipe, only_stages: list[str] | None = None, force: bool = False) -> dict:
-    """Run the recipe's stages (or just `only_stages`); return the evaluation metrics, if any."""
+    """Run the recipe's stages (or just `only_stages`); return the evaluation metrics, if any.
+
+    Everything checkable without a model is checked first (preflight), so bad input writes
+    nothing; then the run directory is locked (one run at a time) for the whole run."""
     distributed.init_distributed()  # a no-op in one process; sampling runs before any Trainer
-    set_seed(recipe.seed)
-    if recipe.cpu_threads:
-        torch.set_num_threads(recipe.cpu_threads)
-    run_dir = prepare_run_dir(recipe, force)
     stages = [s for s in recipe.stages if only_stages is None or s in only_stages]
     if only_stages and not stages:
         raise UserInputError(
             f"the recipe does not name stage {only_stages[0]!r}", where="recipe key stages"
         )
+    check_recipe(recipe, stages)
+    with run_dir_lock(Path(recipe.output_dir), enabled=distributed.is_main_process()):
+        return _run_locked(recipe, stages, force)
+
+
+def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
+    set_seed(recipe.seed)
+    if recipe.cpu_threads:
+        torch.set_num_threads(recipe.cpu_threads)
+    run_dir = prepare_run_dir(recipe, force)
     base_model = resolve_model(
         recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
     )

@@ -35,14 +35,16 @@ from rrhf_lite.recipe_sections import (
     ScoringSection,
     Section,
     TrainSection,
+    UserPath,
     unknown_key_message,
 )
+from rrhf_lite.yaml_strict import load_strict
 
 STAGES = ("sample", "score", "train", "evaluate", "merge")
 class Recipe(Section):
     name: str = "rrhf"
-    output_dir: str = "runs/rrhf"
-    seed: int = 0
+    output_dir: UserPath = "runs/rrhf"
+    seed: int = Field(0, ge=0, lt=2**32, description="0 .. 2**32 - 1 (numpy's seed range)")
     cpu_threads: int | None = Field(
         None, gt=0, description="torch threads on CPU; None = torch's default (tiny models run "
         "faster on 1: thread start-up costs more than their small matrix products gain)",
@@ -79,6 +81,10 @@ class Recipe(Section):
         names = [a.name for a in self.ablations]
         if len(set(names)) != len(names):
             raise ValueError(f"two ablations share a name ({names}); each needs its own")
+        if self.model.builtin and not self.model.name_or_path.startswith("builtin:"):
+            raise ValueError("model.builtin holds settings of a builtin: model, but "
+                             f"model.name_or_path is {self.model.name_or_path!r}; remove "
+                             "model.builtin")
         if self.rounds > 1 and not {"sample", "train"} <= stages:
             raise ValueError(
                 "rounds > 1 re-samples from the trained policy and trains again: add 'sample' "
@@ -100,8 +106,10 @@ class Recipe(Section):
     def _stages_in_order(cls, value):
         if not value:
             raise ValueError("name at least one stage")
-        if len(set(value)) != len(value):
-            raise ValueError("a stage is listed twice")
+        twice = sorted({s for s in value if value.count(s) > 1})
+        if twice:
+            raise ValueError(f"stage {', '.join(map(repr, twice))} is listed twice; list each "
+                             "stage once")
         return sorted(value, key=STAGES.index)
 
 
@@ -162,9 +170,13 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 raise UserInputError(f"--set {dotted}: '{part}' is not a section")
             node = child
         try:
-            parsed = yaml.safe_load(value)
+            parsed = load_strict(value, f"--set {dotted}")
         except yaml.YAMLError as exc:
-            raise UserInputError(f"--set {dotted}: value is not valid YAML ({exc})") from None
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserInputError(
+                f"the value {value!r} is not valid YAML ({problem})", where=f"--set {dotted}",
+                hint="quote the value for the shell, e.g. --set 'key=[a, b]' or "
+                "--set key='\"text: with colon\"'") from None
         node[parts[-1]] = _number_or_same(parsed)
     return raw
 
@@ -193,11 +205,17 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe file. Bad input raises UserInputError (exit 2)."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserInputError("the recipe path is a directory", where=str(path),
+                             hint="give the path of a recipe YAML file inside it")
     if not path.is_file():
         raise UserInputError("recipe file not found", where=str(path), hint="check the path")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_strict(path.read_text(encoding="utf-8"), str(path))
+    except OSError as err:
+        raise UserInputError(f"cannot read the recipe ({err.strerror})", where=str(path),
+                             hint="check the file's permissions") from None
     except UnicodeDecodeError:
         raise UserInputError(
             "recipe is not valid UTF-8", where=str(path), hint="re-save the recipe as UTF-8"

@@ -6,16 +6,46 @@ second copy of the defaults. The whole recipe and its loading live in rrhf_lite.
 from __future__ import annotations
 
 import difflib
+import os
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rrhf_lite.precision import torch_dtype
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: every float of every section is finite (`learning_rate: .inf` and
+    # `num_train_epochs: .nan` are errors naming the key, not a NaN adapter or an overflow later)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+def _expand_user(value: str | None) -> str | None:
+    """`~/x` -> `$HOME/x` (paths only; a hub name never starts with ~); no NUL characters."""
+    if value is None:
+        return None
+    if "\x00" in value:
+        raise ValueError("a path or name cannot contain a NUL character")
+    return os.path.expanduser(value) if value.startswith("~") else value
+
+
+# A path or a hub name: `~` is expanded once, here, so every stage sees the same path.
+UserPath = Annotated[str, AfterValidator(_expand_user)]
+OptionalUserPath = Annotated[str | None, AfterValidator(_expand_user)]
+
+# transformers' attention implementations; a hub kernel ("org/repo") is also accepted.
+ATTENTION = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention",
+             "paged_attention", "sdpa_paged", "eager_paged", "flash_paged")
+SEED = Field(None, ge=0, lt=2**32, description="0 .. 2**32 - 1")
 
 
 def unknown_key_message(key: str, valid) -> str:
@@ -33,8 +63,8 @@ BNB_4BIT_BLOCKSIZE = 64
 class ModelSection(Section):
     """The policy's base model: a hub name, a local directory, or `builtin:tiny-world`."""
 
-    name_or_path: str = Field(description="Base model: hub name, local dir, or builtin:tiny-world")
-    tokenizer: str | None = Field(None, description="Tokenizer if not the model's own")
+    name_or_path: UserPath = Field(description="Base model: hub name, local dir, or builtin:tiny-world")
+    tokenizer: OptionalUserPath = Field(None, description="Tokenizer if not the model's own")
     trust_remote_code: bool = Field(False, description="Run code shipped with the model (off by default)")
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attn_implementation: str | None = None
@@ -42,6 +72,16 @@ class ModelSection(Section):
         default_factory=dict,
         description="Settings of a builtin: model (tiny world: steps, p_correct, hidden_size, ...)",
     )
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value):
+        if value is None or value in ATTENTION or value.count("/") == 1:
+            return value
+        close = difflib.get_close_matches(value, ATTENTION, n=1)
+        raise ValueError(f"unknown attention implementation {value!r}"
+                         + (f"; did you mean {close[0]!r}?" if close else "")
+                         + f" (one of {', '.join(ATTENTION)}, or a hub kernel 'org/repo')")
 
 
 class QuantizationSection(Section):
@@ -93,13 +133,13 @@ class LoraSection(Section):
 
 
 class DataSection(Section):
-    prompts: str | None = Field(None, description="Prompts to sample from (file, hub name, builtin:...)")
+    prompts: OptionalUserPath = Field(None, description="Prompts to sample from (file, hub name, builtin:...)")
     prompts_split: str = "train"
-    candidates: str | None = Field(
+    candidates: OptionalUserPath = Field(
         None, description="Listwise training data when not sampling (file or hub name)"
     )
     candidates_split: str = "train"
-    eval_prompts: str | None = Field(None, description="Held-out prompts for evaluation")
+    eval_prompts: OptionalUserPath = Field(None, description="Held-out prompts for evaluation")
     eval_split: str = "test"
     max_prompts: int | None = Field(None, gt=0, description="Use only the first N training prompts")
     max_eval_prompts: int | None = Field(None, gt=0)
@@ -109,8 +149,8 @@ class GeneratorSection(Section):
     """One source of candidates. `model` is `policy` (the model being trained, with its latest
     adapter), `initial` (the base model as it was), or any other model name or path."""
 
-    model: str = "policy"
-    adapter: str | None = None
+    model: UserPath = "policy"
+    adapter: OptionalUserPath = None
     name: str | None = Field(None, description="Label in the candidates' sources; default: the model")
     method: Literal["greedy", "beam", "diverse_beam", "top_p"] = "diverse_beam"
     num_candidates: int = Field(4, gt=0)
@@ -125,7 +165,7 @@ class GeneratorSection(Section):
     max_new_tokens: int | None = Field(None, gt=0)
     max_prompt_length: int | None = Field(None, gt=0)
     batch_size: int | None = Field(None, gt=0)
-    seed: int | None = None
+    seed: int | None = SEED
 
     @field_validator("num_beam_groups")
     @classmethod
@@ -155,7 +195,7 @@ class SamplingSection(Section):
 class ScoringSection(Section):
     """Exactly one source of rewards."""
 
-    reward_model: str | None = Field(None, description="HF sequence-classification reward model")
+    reward_model: OptionalUserPath = Field(None, description="HF sequence-classification reward model")
     reward_function: str | None = Field(None, description="Python callable as module:function")
     given: bool = Field(False, description="Scores are already in the candidates file")
     joiner: str = Field("", description="Text between prompt and response for the reward model")
@@ -198,7 +238,7 @@ class ScoringSection(Section):
 
 
 class TrainSection(Section):
-    num_train_epochs: float = Field(3.0, gt=0)
+    num_train_epochs: float = Field(3.0, gt=0, le=1e6)
     max_steps: int = Field(-1, description="Overrides epochs when > 0")
     learning_rate: float = Field(2e-5, gt=0)
     lr_scheduler_type: str = "cosine"
@@ -237,11 +277,11 @@ class EvaluateSection(Section):
     train_prompts: int = Field(
         0, ge=0, description="Also report greedy reward on this many training prompts"
     )
-    perplexity_model: str | None = Field(
+    perplexity_model: OptionalUserPath = Field(
         None, description="Fixed LM under which every variant's answers get a perplexity "
         "(the paper's measure); None = the initial model, unquantised",
     )
-    ranking_candidates: str | None = Field(
+    ranking_candidates: OptionalUserPath = Field(
         None, description="Held-out listwise set for the model-as-reward-model ranking accuracy"
     )
     plots: bool = True

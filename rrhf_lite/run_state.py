@@ -13,6 +13,7 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import atomic_write_text
 from rrhf_lite.recipe import Recipe, dump_recipe
 from rrhf_lite.recipe_sections import GeneratorSection
+from rrhf_lite.run_lock import LOCK_NAME
 
 INITIAL = "initial"
 # What a run writes in its directory (see pipeline.py's docstring); --force removes these only.
@@ -83,7 +84,8 @@ def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
     saved = run_dir / "recipe.yaml"
     # Only a run that got past its first stage is protected: a run that failed on bad input
     # left nothing but recipe.yaml, and the corrected recipe may take its place.
-    has_results = run_dir.exists() and any(p.name != "recipe.yaml" for p in run_dir.iterdir())
+    ours = ("recipe.yaml", LOCK_NAME)  # the lock is this run's own (taken before this check)
+    has_results = run_dir.exists() and any(p.name not in ours for p in run_dir.iterdir())
     other_recipe = has_results and saved.exists() and saved.read_text(encoding="utf-8") != text
     if other_recipe and not force:
         raise UserInputError(
@@ -91,7 +93,8 @@ def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
             where=str(run_dir),
             hint="use --output-dir for a new run, or --force to replace its results",
         )
-    if run_dir.exists() and not saved.exists() and any(run_dir.iterdir()) and not force:
+    if (run_dir.exists() and not saved.exists() and not force
+            and any(p.name != LOCK_NAME for p in run_dir.iterdir())):
         raise UserInputError(
             "output directory exists and is not an rrhf-lite run directory", where=str(run_dir),
             hint="choose an empty or new directory with --output-dir, or pass --force",

@@ -33,6 +33,7 @@ from rrhf_lite import cpu_4bit, distributed
 from rrhf_lite.data import load_listwise
 from rrhf_lite.distributed import all_gather_object
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.finite_guard import NonFiniteGuard
 from rrhf_lite.logprobs import chunk_logprob_sums
 from rrhf_lite.loss import rrhf_loss
 from rrhf_lite.tokenization import RRHFCollator, tokenize_listwise
@@ -180,6 +181,8 @@ class RRHFTrainer(Trainer):
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
+        self.finite_guard = NonFiniteGuard(self)  # a NaN/inf loss or weight stops training
+        self.add_callback(self.finite_guard)
 
     # ---------------------------------------------------------------- setup
 
@@ -317,6 +320,7 @@ class RRHFTrainer(Trainer):
         else:
             loss, metrics = self._micro_batched_backward(model, inputs, chunks, scale, padding)
         self._store_metrics(metrics, "train")
+        self.finite_guard.note_loss(loss)
         return loss.detach() * scale
 
     def _micro_batched_backward(self, model, inputs, chunks, scale, padding=0):

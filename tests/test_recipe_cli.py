@@ -90,7 +90,10 @@ def test_cli_exit_code_2_on_missing_recipe(tmp_path, capsys):
 
 
 def test_cli_validate_and_set(tmp_path, capsys):
-    path = write(tmp_path, MINIMAL)
+    (tmp_path / "cands.jsonl").write_text("")  # validate checks that named data files exist
+    raw = {**MINIMAL, "data": {"candidates": str(tmp_path / "cands.jsonl")},
+           "output_dir": str(tmp_path / "run")}
+    path = write(tmp_path, raw)
     assert main(["validate", str(path), "--set", "train.learning_rate=0.5"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     assert resolved["train"]["learning_rate"] == 0.5

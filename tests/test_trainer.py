@@ -305,7 +305,7 @@ def test_config_and_model_errors(small_lm_dir, tmp_path):
         RRHFConfig(output_dir=str(tmp_path), candidate_micro_batch_size=0)
     with pytest.raises(UserInputError, match="4-bit"):
         load_model_for_training(ModelArguments(str(small_lm_dir), use_lora=False))
-    with pytest.raises(UserInputError, match="could not load the model"):
+    with pytest.raises(UserInputError, match="model not found"):
         load_model_for_training(ModelArguments(str(tmp_path / "no-such-model")))
     config = RRHFConfig(output_dir=str(tmp_path))
     assert config.logging_steps == 1 and config.activation_checkpointing

@@ -9,6 +9,7 @@ import torch
 
 from rrhf_lite.generation import generate_candidates
 from rrhf_lite.inference import load_causal_lm
+from rrhf_lite.io import check_text
 
 
 def generate_texts(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 128,
@@ -90,6 +91,8 @@ def run_generate_command(args) -> None:
     Reads args.model, args.adapter, args.prompt (list or None), args.max_new_tokens,
     args.temperature, args.top_p, args.load_in_4bit, args.trust_remote_code.
     """
+    for number, prompt in enumerate(args.prompt or [], start=1):
+        check_text(prompt, f"--prompt {number}")  # invalid UTF-8 in argv, before the model loads
     model, tokenizer = load_causal_lm(
         args.model, adapter_path=getattr(args, "adapter", None),
         load_in_4bit=getattr(args, "load_in_4bit", False),

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import datetime
 import gc
-import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,13 @@ from rrhf_lite.stages.merge_checks import (
     compare_logits,
     policy_check,
     prompt_logits,
+)
+from rrhf_lite.user_files import (
+    check_adapter_config,
+    check_output_path,
+    load_adapter,
+    load_pretrained,
+    user_file_errors,
 )
 
 DEFAULT_VERIFY_PROMPTS = [
@@ -88,18 +95,12 @@ def check_adapter_dir(adapter_path: str | Path) -> dict:
             f"no {ADAPTER_WEIGHTS} in the adapter directory", where=str(path),
             hint="the directory holds an adapter config but no weights; was training finished?",
         )
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise UserInputError(
-            f"adapter_config.json is not valid JSON ({err.msg}, line {err.lineno})",
-            where=str(config_file), hint="re-save the adapter",
-        ) from None
+    return check_adapter_config(path)  # a JSON object with sane LoRA numbers, intact weights
 
 
 def check_output_dir(output_dir: str | Path, force: bool, inputs: list[str | Path]) -> Path:
     """Refuse a non-empty existing output directory (unless force) or one that holds an input."""
-    out = Path(output_dir)
+    out = check_output_path(output_dir, str(output_dir))  # not a file, not under one, writable
     if out.exists() and not out.is_dir():
         raise UserInputError("output path exists and is a file", where=str(out),
                              hint="choose a directory path for the merged model")
@@ -176,16 +177,8 @@ def roundtrip_4bit(
 def _load_base(base_model: str, dtype: torch.dtype, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
 
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            base_model, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except OSError as err:
-        raise UserInputError(
-            f"could not load the base model: {err}", where=str(base_model),
-            hint="pass a local directory or hub name with safetensors weights "
-            "(pickle .bin checkpoints are not loaded)",
-        ) from None
+    return load_pretrained(AutoModelForCausalLM, str(base_model), what="base model", dtype=dtype,
+                           use_safetensors=True, trust_remote_code=trust_remote_code)
 
 
 def _load_tokenizer(adapter_path: Path, base_model: str, trust_remote_code: bool):
@@ -194,7 +187,8 @@ def _load_tokenizer(adapter_path: Path, base_model: str, trust_remote_code: bool
 
     has_own = any((adapter_path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     source = str(adapter_path) if has_own else base_model
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    with user_file_errors(str(source), "tokenizer", "check the tokenizer files there"):
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
 
 
 def _save_merged(model, tokenizer, directory: Path, max_shard_size: str | int) -> None:
@@ -244,9 +238,10 @@ def merge_adapter(
       at torch_dtype: much faster NF4 round trip and verification for 7B+ models).
     Returns the report that is also written to output_dir/merge_report.json.
     """
-    from peft import PeftModel
-
     dtype = resolve_dtype(torch_dtype)
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise UserInputError(f"tolerance must be a finite number >= 0, got {tolerance}",
+                             where="merge tolerance", hint="e.g. 0.05, or leave it unset")
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserInputError(f"device {device!r} requested but CUDA is not available",
                              where="merge device", hint="use device='cpu'")
@@ -282,7 +277,7 @@ def merge_adapter(
         )
     base_logits = prompt_logits(model, tokenizer, prompts) if prompts else None
 
-    peft_model = PeftModel.from_pretrained(model, str(adapter_path), is_trainable=False)
+    peft_model = load_adapter(model, str(adapter_path), is_trainable=False)
     check_adapter_matches(peft_model, adapter_path)
     reference = prompt_logits(peft_model, tokenizer, prompts) if prompts else None
     merged = peft_model.merge_and_unload()

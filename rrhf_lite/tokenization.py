@@ -172,7 +172,8 @@ def tokenize_example(
     """Token ids for one prompt and its k candidates, or None when no response token fits.
 
     The prompt is tokenised by `tokenize_prompt` (truncated to max_prompt_length on
-    `truncation_side`). Each response is tokenised without special tokens and ends with EOS;
+    `truncation_side`). Each response is tokenised without special tokens and ends with its first
+    EOS (appended when absent; a chat template's turn markup after it is dropped);
     prompt + response longer than max_length loses the response's tail. A prompt that alone
     reaches max_length is cut to max_length (per side) and leaves no response token, so the row
     is dropped (counted in stats).
@@ -195,7 +196,11 @@ def tokenize_example(
     for response in example["responses"]:
         text = _response_text(example["prompt"], prompt.text, response, tokenizer, prompt.templated)
         ids = _ids(tokenizer, text, special=False)
-        if not ids or ids[-1] != eos:
+        # A chat template closes the turn with EOS and often more ("<|im_end|>\n"): end at that
+        # EOS, as a sampled response does, so EOS is there exactly once and nothing follows it.
+        if eos in ids:
+            ids = ids[:ids.index(eos) + 1]
+        else:
             ids.append(eos)
         if room is not None and len(ids) > room:
             ids = ids[:room]

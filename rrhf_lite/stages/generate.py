@@ -86,7 +86,8 @@ def chat_loop(model, tokenizer, *, max_new_tokens: int = 128, temperature: float
 
 
 def run_generate_command(args) -> None:
-    """The CLI's `generate` subcommand: answer --prompt values, or chat when there are none.
+    """The CLI's `generate` subcommand: answer --prompt values (as one user message each when
+    the tokenizer has a chat template), or chat when there are none.
 
     Reads args.model, args.adapter, args.prompt (list or None), args.max_new_tokens,
     args.temperature, args.top_p, args.load_in_4bit, args.trust_remote_code.
@@ -101,7 +102,11 @@ def run_generate_command(args) -> None:
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p)
     if args.prompt:
-        for prompt, answer in zip(args.prompt, generate_texts(model, tokenizer, args.prompt,
+        # A chat model is asked as in chat: each --prompt becomes one user message (a bare
+        # string after no template markup is not what an instruct model was trained on).
+        templated = bool(getattr(tokenizer, "chat_template", None))
+        prompts = [[{"role": "user", "content": p}] if templated else p for p in args.prompt]
+        for prompt, answer in zip(args.prompt, generate_texts(model, tokenizer, prompts,
                                                               **settings), strict=True):
             print(f"### prompt\n{prompt}\n### answer\n{answer}\n")
     else:

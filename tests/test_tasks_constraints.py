@@ -1,0 +1,89 @@
+"""The constraints task: prompt sets and the graded reward (pure Python, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rrhf_lite import tasks_constraints as tc
+from rrhf_lite.sources import load_prompt_rows
+
+
+def msg(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def test_every_kind_is_parsed_back_from_its_own_sentence():
+    import random
+
+    rng = random.Random(0)
+    for kind in tc.KINDS:
+        prompt = tc.make_prompt("the ocean", [kind], rng)
+        assert [k for k, _ in tc.parse_constraints(msg(prompt))] == [kind], prompt
+
+
+@pytest.mark.parametrize("kind,args,response,expected", [
+    ("all_caps", (), "THE OCEAN IS BIG.", 1.0),
+    ("all_caps", (), "THE OCEAN is", 0.8),
+    ("all_caps", (), "", 0.0),
+    ("n_items", ("3",), "- a\n- b\n- c", 1.0),
+    ("n_items", ("3",), "Here:\n- a\n- b", pytest.approx(2 / 3)),
+    ("n_items", ("2",), "no list at all", 0.0),
+    ("include_word", ("blue",), "The sky is Blue today.", 1.0),
+    ("include_word", ("blue",), "Bluer skies.", 0.0),
+    ("avoid_word", ("blue",), "The sky is grey.", 1.0),
+    ("avoid_word", ("blue",), "blue sky", 0.0),
+    ("max_words", ("5",), "one two three", 1.0),
+    ("max_words", ("5",), "one two three four five six seven eight nine ten", 0.5),
+    ("json_keys", ("name", "color"), '{"name": "sea", "color": "blue"}', 1.0),
+    ("json_keys", ("name", "color"), '```json\n{"name": "sea", "color": "blue"}\n```', 1.0),
+    ("json_keys", ("name", "color"), '{"name": "sea"}', 0.25 + 0.75 / 2),
+    ("json_keys", ("name", "color"), "[1, 2]", 0.25),
+    ("json_keys", ("name", "color"), "name: sea", 0.0),
+    ("end_with", ("The end.",), "A story. The end.", 1.0),
+    ("end_with", ("The end.",), "The end. And more.", 0.5),
+    ("end_with", ("The end.",), "Nothing", 0.0),
+])
+def test_check_grades_each_kind(kind, args, response, expected):
+    assert tc.check(kind, args, response) == expected
+
+
+def test_reward_is_the_mean_of_the_constraints_and_reads_strings_or_messages():
+    prompt = ('Describe cats. Write your whole answer in capital letters. '
+              'Use the word "happy" in your answer.')
+    assert tc.reward([prompt, msg(prompt)], ["CATS ARE HAPPY.", "cats are happy."]) == [1.0, 0.5]
+    assert tc.reward(["Describe cats."], ["anything"]) == [0.0]  # no constraint: nothing met
+    with pytest.raises(ValueError):
+        tc.reward([prompt], [])
+
+
+def test_success_by_kind_counts_only_full_marks():
+    prompts = [msg('Describe cats. Answer in at most 5 words.'),
+               msg('Describe dogs. Answer in at most 5 words.')]
+    assert tc.success_by_kind(prompts, ["Cats purr.", "one two three four five six"]) == {
+        "max_words": 0.5}
+
+
+def test_splits_are_disjoint_with_unseen_topics_and_one_unseen_kind():
+    train = tc.make_rows(200, seed=0, held_out=False)
+    held = tc.make_rows(80, seed=0, held_out=True)
+    train_texts = {r["prompt"][0]["content"] for r in train}
+    held_texts = {r["prompt"][0]["content"] for r in held}
+    assert len(train_texts) == 200 and len(held_texts) == 80 and not train_texts & held_texts
+    assert {r["topic"] for r in train} <= set(tc.TRAIN_TOPICS)
+    assert {r["topic"] for r in held} <= set(tc.HELD_OUT_TOPICS)
+    assert not set(tc.TRAIN_TOPICS) & set(tc.HELD_OUT_TOPICS)
+    train_kinds = {k for r in train for k in r["kinds"]}
+    held_kinds = {k for r in held for k in r["kinds"]}
+    assert tc.HELD_OUT_KIND not in train_kinds and train_kinds == set(tc.TRAIN_KINDS)
+    assert tc.HELD_OUT_KIND in held_kinds
+    # The kinds a row says it has are the ones the reward parses from its text.
+    for row in train + held:
+        assert sorted(k for k, _ in tc.parse_constraints(row["prompt"])) == sorted(row["kinds"])
+        assert not any(frozenset(row["kinds"]) == c for c in tc.CONFLICTS)
+
+
+def test_rows_are_reproducible_and_served_as_builtin_prompts():
+    assert tc.make_rows(10, seed=3, held_out=False) == tc.make_rows(10, seed=3, held_out=False)
+    assert tc.make_rows(10, seed=3, held_out=False) != tc.make_rows(10, seed=4, held_out=False)
+    rows = load_prompt_rows("builtin:constraints/eval", split="test", limit=12, seed=1, key="k")
+    assert rows == tc.make_rows(12, seed=1, held_out=True)

@@ -114,10 +114,21 @@ def test_dry_run_e2e_rows(dry_results):
     assert max(losses) - min(losses) < 0.5 * max(abs(x) for x in losses)
 
 
+def test_dry_run_hidden_state_rows(dry_results):
+    results, md, _ = dry_results
+    checks = results["hidden_correctness"]
+    assert len(checks) == len(runner.dry_plan().hidden_shapes) and all(r["passed"] for r in checks)
+    rows = results["hidden"]
+    assert {r["path"] for r in rows} == {"logits", "hidden_fused", "hidden_autograd"}
+    for row in rows:
+        assert row["ms"] > 0 and row["max_abs_err_vs_logits"] < 1e-4
+    assert "Log-probs from hidden states" in md
+
+
 def test_dry_run_goals_and_markdown(dry_results):
     results, md, stdout = dry_results
     goals = {g["goal"]: g for g in results["goals"]}
-    assert len(goals) == 5
+    assert len(goals) == 7
     assert all(g["status"] in {"PASS", "FAIL", "NOT MEASURED"} for g in goals.values())
     correctness = next(g for name, g in goals.items() if "float64" in name)
     assert correctness["status"] == "PASS"

@@ -81,6 +81,9 @@ class _FromHidden(torch.autograd.Function):
         lp, lse = tiles.token_logprobs(ops, hidden, weight, bias, rows, targets, *shape)
         ctx.save_for_backward(hidden, weight, bias, rows, targets, owners, lse)
         ctx.ops, ctx.shape = ops, shape
+        # backward recomputes the tiles: under the same autocast state, so the same logits
+        kind = hidden.device.type
+        ctx.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
         return _sums(lp, owners, hidden.shape[0]), lse
 
     @staticmethod
@@ -91,8 +94,11 @@ class _FromHidden(torch.autograd.Function):
         if not any(need):
             return None, None, None, None, None, None, None
         coef = grad_sums.to(lse.dtype)[owners]
-        gh, gw, gb, _ = tiles.token_grads(ctx.ops, hidden, weight, bias, rows, targets, coef,
-                                          *ctx.shape, lse=lse, need=need)
+        kind, enabled, dtype = ctx.autocast
+        with torch.autocast(kind, dtype=dtype, enabled=enabled):
+            gh, gw, gb, _ = tiles.token_grads(ctx.ops, hidden, weight, bias, rows, targets, coef,
+                                              *ctx.shape, lse=lse, need=need)
+        gh = None if gh is None else gh.to(hidden.dtype)
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(bias.dtype)
         return gh, gw, gb, None, None, None, None

@@ -113,7 +113,8 @@ def _memory_case(path, shape, dtype_name, device):
 
 
 def _peak_extra(path, shape, dtype_name, device):
-    arg = json.dumps({"path": path, "shape": list(shape), "dtype": dtype_name, "device": device})
+    arg = json.dumps({"path": path, "shape": list(shape), "dtype": dtype_name, "device": device,
+                      "threads": torch.get_num_threads()})
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
     env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
@@ -242,15 +243,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=576, help="H of the op table (SmolLM2: 576)")
     parser.add_argument("--vocabs", type=int, nargs="+", default=[49152, 128256])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads (default 1, as the test suite: on a busy shared "
+                             "CPU each op's thread-pool synchronisation stalls, which punishes the "
+                             "tiled path's many ops more than the logits path's few)")
     parser.add_argument("--no-step", action="store_true", help="skip the training-step table")
     parser.add_argument("--_memory-case", dest="memory_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_case:  # internal: one memory measurement in this fresh process
         case = json.loads(args.memory_case)
+        torch.set_num_threads(case["threads"])
         print(json.dumps(_memory_case(case["path"], tuple(case["shape"]), case["dtype"], case["device"])))
         return 0
     if args.device == "cpu":
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+        torch.set_num_threads(max(1, args.threads))
     n, t = (int(x) for x in args.tokens.lower().split("x"))
     vocabs = [97, 300] if args.dry else args.vocabs
     shapes = [(2, 8, 16, v) for v in vocabs] if args.dry else [(n, t, args.hidden, v) for v in vocabs]

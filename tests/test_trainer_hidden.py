@@ -61,6 +61,7 @@ def test_hidden_path_same_loss_and_lora_grads_as_logits(lm_dir, tmp_path, load_i
         monkeypatch.setattr(tiles, "MIN_TILE", 64)
         monkeypatch.setattr(tiles, "MAX_TILE", 64)
         monkeypatch.setattr(tiles, "ROW_TARGET", 4)
+        assert tiles.tile_shape(40, 100, None, None) == (4, 16)
 
     def make():
         model, tok = _model(lm_dir, load_in_4bit=load_in_4bit)

@@ -22,19 +22,25 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Tile budget in elements: 1/64 of the [valid tokens x V] logits, clamped. A tile costs about
-# 10 bytes per element at its peak (matmul output, a float32 copy, its gradient), so the peak
-# stays near 8 % of one bf16 logits buffer; the clamp keeps tiny inputs in one tile and huge
-# ones from making the tile itself large.
-TILE_FRACTION = 64
+# Tile budget: TILE_SHARE of the bytes of the [valid tokens x V] logits in the weight's dtype,
+# divided by what one tile element costs at its peak (the matmul output, a float32 copy or
+# temporary: 8 bytes for float32, 10 for bf16/fp16, 16 for float64), clamped. Peak extra memory
+# then stays under 10 % of one logits buffer with the per-token vectors and the [rows, H]
+# accumulator on top, in few, large tiles (each op on a tile has a fixed cost, large on a busy
+# multi-threaded CPU).
+TILE_SHARE = 0.07
 MIN_TILE = 2**15
 MAX_TILE = 2**24
-ROW_TARGET = 256  # token rows per chunk when the vocabulary must be split
+ROW_TARGET = 512  # token rows per chunk when the vocabulary must be split
+_TILE_BYTES = {torch.float32: 8, torch.float64: 16}
 
 
-def tile_shape(tokens: int, vocab: int, rows: int | None, cols: int | None) -> tuple[int, int]:
+def tile_shape(tokens: int, vocab: int, rows: int | None, cols: int | None,
+               dtype: torch.dtype = torch.float32) -> tuple[int, int]:
     """(token rows, vocabulary columns) per tile; explicit values win."""
-    budget = min(MAX_TILE, max(MIN_TILE, tokens * vocab // TILE_FRACTION))
+    logits_bytes = tokens * vocab * dtype.itemsize
+    budget = int(TILE_SHARE * logits_bytes / _TILE_BYTES.get(dtype, 10))
+    budget = min(MAX_TILE, max(MIN_TILE, budget))
     if cols is None:
         cols = min(vocab, max(1, budget // max(1, min(tokens, ROW_TARGET))))
     cols = max(1, min(vocab, int(cols)))
@@ -53,7 +59,7 @@ class TorchTiles:
         x = tile.to(run_max.dtype)
         new_max = torch.maximum(run_max, x.amax(dim=1))
         shift = torch.where(torch.isinf(new_max), torch.zeros_like(new_max), new_max)
-        run_sum.mul_(torch.exp(run_max - shift)).add_(torch.exp(x - shift[:, None]).sum(dim=1))
+        run_sum.mul_(torch.exp(run_max - shift)).add_((x - shift[:, None]).exp_().sum(dim=1))
         run_max.copy_(new_max)
         local = targets - v0
         inside = (local >= 0) & (local < tile.shape[1])

@@ -128,7 +128,7 @@ class _WeightedFromHidden(torch.autograd.Function):
 
 def _shape(hidden, weight, labels, ignore_index, chunk_tokens, chunk_vocab):
     tokens = int((labels != ignore_index).sum())
-    return tiles.tile_shape(tokens, weight.shape[0], chunk_tokens, chunk_vocab)
+    return tiles.tile_shape(tokens, weight.shape[0], chunk_tokens, chunk_vocab, weight.dtype)
 
 
 def candidate_logprob_sums_from_hidden(
@@ -143,7 +143,7 @@ def candidate_logprob_sums_from_hidden(
     [N] float32 (float64 for float64 weights), differentiable w.r.t. hidden, weight and bias, and
     ``counts`` [N] int64; with ``return_lse`` also the per-token logsumexp [N, T] (0 where
     ignored; no gradient), which ``weighted_logprob_sum_from_hidden(lse=...)`` can reuse.
-    ``chunk_tokens`` / ``chunk_vocab``: tile shape (None: about 1/64 of the logits' size).
+    ``chunk_tokens`` / ``chunk_vocab``: tile shape (None: a few % of the logits' bytes).
     """
     _check(hidden, weight, bias, labels, ignore_index)
     counts = (labels != ignore_index).sum(dim=-1)

@@ -94,6 +94,7 @@ def _chunk_lse(ops, h, weight, bias, targets, cols):
     target_logit = torch.zeros(r, dtype=acc, device=h.device)
     last = None
     for v0 in range(0, weight.shape[0], cols):
+        last = None  # free the previous tile before the next one is made
         last = _tile(h, weight, bias, v0, min(v0 + cols, weight.shape[0]))
         ops.lse_update(last, run_max, run_sum, target_logit, targets, v0)
     return run_max + torch.log(run_sum), target_logit, last
@@ -137,12 +138,14 @@ def token_grads(ops, hidden, weight, bias, flat_rows, targets, coef, rows, cols,
         if lse is None:
             chunk_lse, target_logit, last = _chunk_lse(ops, h, weight, bias, tgt, cols)
             reuse = last if cols >= vocab else None  # one tile: no second pass
+            del last
         else:
             chunk_lse = lse[c0:c0 + rows]
             target_logit = torch.zeros_like(chunk_lse)
         acc_h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
         for v0 in range(0, vocab, cols):
             v1 = min(v0 + cols, vocab)
+            tile = g = None  # free the previous tile before the next one is made
             tile = reuse if reuse is not None else _tile(h, weight, bias, v0, v1)
             if lse is not None:  # the target logit is read from the tile that holds it
                 local = tgt - v0
@@ -156,6 +159,7 @@ def token_grads(ops, hidden, weight, bias, flat_rows, targets, coef, rows, cols,
                 grad_w[v0:v1] += (g.t() @ h).to(acc)
             if grad_b is not None:
                 grad_b[v0:v1] += g.to(acc).sum(dim=0)
+        tile = g = reuse = None
         lp[c0:c0 + rows] = target_logit - chunk_lse
         if need_h:
             grad_h[n_idx, t_idx] = acc_h.to(grad_h.dtype)

@@ -16,6 +16,7 @@ from _suite_runner import Plan
 GOAL_BANDWIDTH_FRACTION = 0.80
 GOAL_SPEEDUP_VS_NAIVE = 3.0
 GOAL_PEAK_GB = 12.0
+GOAL_HIDDEN_PEAK_VS_LOGITS = 0.10
 
 
 # --------------------------------------------------------------------------- goals
@@ -69,6 +70,18 @@ def evaluate_goals(results: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
         status, where = "NOT MEASURED", tests.get("status", "not run")
     goals.append({"goal": "pytest -m gpu passes", "target": tests.get("tests"),
                   "measured": tests.get("passed"), "status": status, "where": where})
+    hidden = [r for r in results.get("hidden", []) if r.get("path") == "hidden_fused"
+              and r.get("shape", "").endswith("x128256")]
+    goal("hidden-state log-probs: peak extra <= 10 % of one logits buffer (V = 128256)",
+         hidden[0].get("peak_extra_vs_logits") if hidden else None, GOAL_HIDDEN_PEAK_VS_LOGITS,
+         False, f"hidden_fused {hidden[0]['dtype']} {hidden[0]['shape']}" if hidden else "V = 128256")
+    hidden_checked = results.get("hidden_correctness", [])
+    goals.append({"goal": "hidden-state log-probs match the float64 reference",
+                  "target": len(hidden_checked),
+                  "measured": sum(bool(r.get("passed")) for r in hidden_checked),
+                  "status": ("NOT MEASURED" if not hidden_checked else
+                             "PASS" if all(r.get("passed") for r in hidden_checked) else "FAIL"),
+                  "where": f"{len(hidden_checked)} cases"})
     return goals
 
 
@@ -80,6 +93,8 @@ CORRECTNESS_COLUMNS = ("name", "valid_tokens", "max_sum_err", "sum_err_vs_tol", 
                        "grad_err_vs_tol", "ignored_grad_max", "passed")
 E2E_COLUMNS = ("model", "variant", "peak_memory_gb", "memory_vs_reference", "step_s",
                "speedup_vs_reference", "model_memory_gb", "build_s", "status")
+HIDDEN_COLUMNS = ("path", "shape", "dtype", "ms", "speed_vs_logits", "peak_extra_mb",
+                  "peak_extra_vs_logits", "max_abs_err_vs_logits")
 GOAL_COLUMNS = ("goal", "status", "measured", "target", "where")
 
 
@@ -105,6 +120,10 @@ def to_markdown(results: dict[str, Any]) -> str:
         "device-to-device copy)\n", markdown_table(results["kernel"], KERNEL_COLUMNS),
         "## End-to-end RRHF step (warm-up, then the mean of timed steps; peak = "
         "torch.cuda.max_memory_allocated)\n", markdown_table(results["e2e"], E2E_COLUMNS),
+        "## Log-probs from hidden states vs from logits (head + log-prob sums, fwd+bwd; peak "
+        "extra memory in units of one logits buffer)\n",
+        markdown_table(results.get("hidden", []), HIDDEN_COLUMNS),
+        markdown_table(results.get("hidden_correctness", []), ("name", "max_sum_err", "sum_err_vs_tol", "max_grad_err", "grad_err_vs_tol", "passed")),
         "## Kernel correctness vs float64 (err_vs_tol <= 1 passes)\n",
         markdown_table(results["correctness"], CORRECTNESS_COLUMNS),
     ]
@@ -142,6 +161,8 @@ def print_summary(results: dict[str, Any], out_dir: Path, stem: str) -> None:
     print_table(results["kernel"], KERNEL_COLUMNS, title="Kernel fwd+bwd")
     print()
     print_table(results["e2e"], E2E_COLUMNS, title="End-to-end RRHF step")
+    print()
+    print_table(results.get("hidden", []), HIDDEN_COLUMNS, title="Log-probs from hidden states")
     print()
     if results["skipped"]:
         print_table(results["skipped"], ("item", "reason"), title="Skipped")

@@ -32,6 +32,9 @@ class Plan:
     e2e_shape: dict[str, int]  # k, seq_len, prompt_len
     e2e_steps: int
     budget_s: float
+    # log-probs from hidden states (benchmarks/hidden_logprob_bench.py): (N, T, H, V) shapes
+    hidden_shapes: tuple[tuple[int, int, int, int], ...] = ()
+    hidden_dtype: str = "bf16"
 
 
 def gpu_plan() -> Plan:
@@ -43,7 +46,8 @@ def gpu_plan() -> Plan:
             ((4, 1024, 262144), "bf16"), ((4, 1024, 128256), "fp16"))
     return Plan(tuple(cases), goal, rest, kernel_repeat=5, kernel_memory=True,
                 e2e_models=("llama3-8b", "llama2-7b"), e2e_goal_model="llama3-8b",
-                e2e_shape=dict(k=4, seq_len=512, prompt_len=64), e2e_steps=3, budget_s=480.0)
+                e2e_shape=dict(k=4, seq_len=512, prompt_len=64), e2e_steps=3, budget_s=480.0,
+                hidden_shapes=((4, 1024, 4096, 128256), (8, 512, 2048, 49152)))
 
 
 def dry_plan() -> Plan:
@@ -53,7 +57,8 @@ def dry_plan() -> Plan:
     goal = ((2, 8, 1000), "bf16", "rrhf_torch")
     return Plan(tuple(cases), goal, (((2, 8, 1000), "fp32"),), kernel_repeat=1,
                 kernel_memory=False, e2e_models=("tiny-llama3",), e2e_goal_model="tiny-llama3",
-                e2e_shape=dict(k=4, seq_len=16, prompt_len=4), e2e_steps=1, budget_s=900.0)
+                e2e_shape=dict(k=4, seq_len=16, prompt_len=4), e2e_steps=1, budget_s=900.0,
+                hidden_shapes=((2, 8, 16, 300),), hidden_dtype="fp32")
 
 
 # --------------------------------------------------------------------------- time budget
@@ -205,6 +210,21 @@ def run_sections(suite: Suite, plan: Plan, device: str, sections: set[str]) -> N
                 run_tests_item()
     elif "tests" in sections:
         run_tests_item()
+    if "hidden" in sections:
+        def hidden():
+            from hidden_logprob_bench import check_against_reference, run_op_bench
+
+            for shape in plan.hidden_shapes:
+                row = check_against_reference(shape, plan.hidden_dtype, device)
+                results["hidden_correctness"].append(row)
+                print(f"  {row['name']}: {'ok' if row['passed'] else 'FAILED'}", flush=True)
+                results["hidden"].extend(run_op_bench([shape], plan.hidden_dtype, device,
+                                                      repeat=plan.kernel_repeat,
+                                                      measure_memory=plan.kernel_memory))
+                _free_memory()
+
+        suite.run_item("hidden-state log-probs", 60 if device == "cuda" else 5, hidden,
+                       cap_s=150 if device == "cuda" else None)
     if "kernel" in sections:
         kernel_item(goal_shape, goal_dtype, label=" (all paths)")  # compiled naive, Liger, TRL
         for shape, dtype_name in plan.kernel_rest:

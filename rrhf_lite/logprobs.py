@@ -1,6 +1,9 @@
 """A model's own log-probabilities of candidate responses: per chunk (training) and per row (scoring).
 
 `chunk_logprob_sums` is the forward pass the trainer runs on each chunk of candidates;
+`chunk_hidden_logprobs` is its twin without logits (the model runs without its Linear head and
+rrhf_kernels reduces the hidden states with the head's weight, tile by tile), which the trainer
+picks when `hidden_path_agrees`;
 `model_candidate_scores` runs it over whole listwise rows to give the model's length-normalised
 score of each candidate (the p_i of RRHF), for evaluation and perplexity. Not to be confused
 with the score stage (rrhf_lite.stages.score.score_candidates), which asks a reward.
@@ -8,11 +11,34 @@ with the score stage (rrhf_lite.stages.score.score_candidates), which asks a rew
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from rrhf_lite.tokenization import IGNORE_INDEX, RRHFCollator, eos_id, tokenize_listwise
+
+
+def _trim(input_ids, attention_mask, labels):
+    """Drop right padding shared by the chunk; find the positions whose outputs predict a label.
+
+    Returns (input_ids, attention_mask, labels, first, keep) or None when nothing is scored:
+    outputs at positions first-1 .. width-1 (`keep` of them) predict labels[:, first:].
+    """
+    width = int(attention_mask.sum(dim=1).max())
+    input_ids, attention_mask, labels = (t[:, :width] for t in (input_ids, attention_mask, labels))
+    valid = labels != IGNORE_INDEX
+    # first position with a label; logits at t-1 predict it (position 0 can never be predicted)
+    first = int(torch.where(valid.any(dim=1), valid.float().argmax(dim=1), width).min())
+    first = max(first, 1)
+    if first >= width:
+        return None
+    return input_ids, attention_mask, labels, first, width - first + 1
+
+
+def _nothing(input_ids):
+    zeros = torch.zeros(len(input_ids), device=input_ids.device)
+    return zeros, torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
 
 
 def chunk_logprob_sums(model, input_ids, attention_mask, labels, *, backend: str = "auto"):
@@ -24,20 +50,122 @@ def chunk_logprob_sums(model, input_ids, attention_mask, labels, *, backend: str
     """
     from rrhf_kernels import candidate_logprob_sums
 
-    # trim right padding shared by the whole chunk
-    width = int(attention_mask.sum(dim=1).max())
-    input_ids, attention_mask, labels = (t[:, :width] for t in (input_ids, attention_mask, labels))
-    valid = labels != IGNORE_INDEX
-    # first position with a label; logits at t-1 predict it (position 0 can never be predicted)
-    first = int(torch.where(valid.any(dim=1), valid.float().argmax(dim=1), width).min())
-    first = max(first, 1)
-    if first >= width:  # nothing to score in this chunk
-        zeros = torch.zeros(len(input_ids), device=input_ids.device)
-        return zeros, torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
-    keep = width - first + 1  # logits for positions first-1 .. width-1
+    trimmed = _trim(input_ids, attention_mask, labels)
+    if trimmed is None:  # nothing to score in this chunk
+        return _nothing(input_ids)
+    input_ids, attention_mask, labels, first, keep = trimmed
     logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
     sums, counts = candidate_logprob_sums(logits[:, :-1], labels[:, first:], backend=backend)
     return sums, counts
+
+
+# ---------------------------------------------------------------- from hidden states
+
+def linear_output_head(model) -> torch.nn.Linear | None:
+    """The model's output embedding if it is a plain float torch.nn.Linear (not LoRA-wrapped,
+    not quantised), else None. Wrappers (DDP, PEFT) are looked through."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module) and not hasattr(model, "get_output_embeddings"):
+        model = model.module
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not torch.nn.Linear:
+        return None
+    if head.weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return head
+
+
+def _identity(hidden):
+    return hidden
+
+
+@contextlib.contextmanager
+def head_bypassed(head: torch.nn.Module):
+    """Within the block the head returns its input: the model's forward (through every wrapper:
+    PEFT, DDP, hooks) then yields the hidden states the head would have read, as `.logits`."""
+    saved = head.__dict__.get("forward")
+    head.forward = _identity
+    try:
+        yield
+    finally:
+        if saved is None:
+            del head.forward
+        else:
+            head.forward = saved
+
+
+def chunk_hidden_logprobs(model, head, input_ids, attention_mask, labels, *, backend: str = "auto",
+                          coef: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+                          return_lse: bool = False):
+    """chunk_logprob_sums without logits: the model runs without its head and rrhf_kernels
+    reduces its hidden states with the head's weight (and bias) tile by tile.
+
+    coef None: returns (sums, counts) (plus the per-token logsumexp with `return_lse`).
+    coef [n] given: returns (total, sums, counts), total = sum(coef * sums) with the gradients
+    made during the forward (rrhf_kernels.weighted_logprob_sum_from_hidden); `lse` is the
+    logsumexp a `return_lse` call gave for the same chunk.
+    """
+    from rrhf_kernels import candidate_logprob_sums_from_hidden, weighted_logprob_sum_from_hidden
+
+    trimmed = _trim(input_ids, attention_mask, labels)
+    if trimmed is None:
+        sums, counts = _nothing(input_ids)
+        if coef is not None:
+            return sums.sum(), sums, counts
+        return (sums, counts, None) if return_lse else (sums, counts)
+    input_ids, attention_mask, labels, first, keep = trimmed
+    with head_bypassed(head):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+    hidden, labels = hidden[:, :-1], labels[:, first:]
+    if hidden.device != head.weight.device:
+        hidden = hidden.to(head.weight.device)
+    if coef is None:
+        return candidate_logprob_sums_from_hidden(hidden, head.weight, labels, head.bias,
+                                                  backend=backend, return_lse=return_lse)
+    return weighted_logprob_sum_from_hidden(hidden, head.weight, labels, coef, head.bias,
+                                            backend=backend, lse=lse)
+
+
+def choose_output_head(model, input_ids, attention_mask, path: str = "auto", *, sharded: bool = False):
+    """(head, None) when candidate log-probs can come from hidden states, else (None, reason).
+
+    path "logits" never; parameter-sharding engines (`sharded`: FSDP, ZeRO-3) never, since the
+    head's weight would be read outside the forward; otherwise the output embedding must be a
+    plain Linear and reproduce the model's logits on this input (one candidate, eval mode).
+    """
+    if path == "logits":
+        return None, "logprob_path is 'logits'"
+    if sharded:
+        return None, "the engine may shard the head's weight"
+    head = linear_output_head(model)
+    if head is None:
+        return None, "the output embedding is not a plain Linear (LoRA on it, or quantised)"
+    was_training = model.training
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            agrees = hidden_path_agrees(model, head, input_ids, attention_mask)
+    finally:
+        model.train(was_training)
+    if not agrees:
+        return None, "the logits are not the head's Linear of the hidden states"
+    return head, None
+
+
+@torch.no_grad()
+def hidden_path_agrees(model, head, input_ids, attention_mask) -> bool:
+    """Whether the model's logits are exactly its head applied to the hidden states it yields
+    (no softcapping, scaling or other step after the head). Run once, on a few tokens."""
+    width = int(attention_mask.sum(dim=1).max())
+    input_ids, attention_mask = input_ids[:, :width], attention_mask[:, :width]
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=4).logits
+    with head_bypassed(head):
+        hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=4).logits
+    if hidden.shape[-1] != head.weight.shape[1]:
+        return False
+    mine = torch.nn.functional.linear(hidden.to(head.weight.device), head.weight, head.bias)
+    return bool(torch.allclose(mine.float(), logits.float().to(mine.device), rtol=1e-2, atol=1e-3))
 
 
 @torch.no_grad()

@@ -256,6 +256,9 @@ class TrainSection(Section):
         None, gt=0, description="Candidates per forward pass; None = all at once"
     )
     logprob_backend: Literal["auto", "triton", "torch"] = "auto"
+    logprob_path: Literal["auto", "hidden", "logits"] = Field(
+        "auto", description="auto = log-probs straight from hidden states (no [N, T, V] logits) "
+        "where the model's head allows it; hidden = require that; logits = never")
     gradient_checkpointing: bool = True
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="auto = bf16 on GPUs that have it, fp16 on others (T4), none on CPU"

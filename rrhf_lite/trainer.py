@@ -10,6 +10,14 @@ backpropagates sum_{i in chunk} g_i * S_i. The sum over chunks is the full-batch
 only one chunk's activations live at a time. Dropout masks match between the two passes because
 each chunk's RNG state is saved in pass 1 and restored in pass 3.
 
+No logits in training (logprob_path "auto"/"hidden"): when the model's output embedding is a
+plain Linear and its logits are exactly that Linear of the hidden states (LLaMA family, most
+decoders; checked once on real input), the model runs without its head and rrhf_kernels reduces
+the hidden states with the head's weight tile by tile. Pass 1 also keeps each token's
+logsumexp; pass 3, knowing g_i, computes the gradients during the forward
+(weighted_logprob_sum_from_hidden), so nothing [N, T, V]-sized exists at any point. Other models
+(LoRA on the head, softcapped logits, ...) and parameter-sharding engines keep the logits path.
+
 Several processes (accelerate launch / torchrun with DDP, FSDP or DeepSpeed): the argument holds
 per rank, since each rank's gradient is exact for its own batch and the engine averages the
 ranks' gradients once per optimizer step (only the step's last backward synchronises). Engines
@@ -34,7 +42,11 @@ from rrhf_lite.data import load_listwise
 from rrhf_lite.distributed import all_gather_object
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.finite_guard import NonFiniteGuard
-from rrhf_lite.logprobs import chunk_logprob_sums
+from rrhf_lite.logprobs import (
+    choose_output_head,
+    chunk_hidden_logprobs,
+    chunk_logprob_sums,
+)
 from rrhf_lite.loss import rrhf_loss
 from rrhf_lite.tokenization import RRHFCollator, tokenize_listwise
 
@@ -59,6 +71,9 @@ class RRHFConfig(TrainingArguments):
         at once. Any value gives the same gradient (see the module docstring).
     logprob_backend: rrhf_kernels backend, "auto" (Triton on CUDA, torch elsewhere) | "triton"
         | "torch".
+    logprob_path: "auto" (log-probs straight from hidden states when the model allows it, else
+        from logits; said once in the log) | "hidden" (required: an error if not possible) |
+        "logits" (always the [N, T, V] logits).
     Defaults differing from TrainingArguments: logging every step, unused columns kept (the
     collator needs them), non-reentrant gradient checkpointing.
     """
@@ -71,6 +86,7 @@ class RRHFConfig(TrainingArguments):
     truncation_side: str = "left"
     candidate_micro_batch_size: int | None = None
     logprob_backend: str = "auto"
+    logprob_path: str = "auto"
     logging_steps: float = 1
     remove_unused_columns: bool = False
     report_to: None | str | list[str] = field(default="none")
@@ -82,6 +98,9 @@ class RRHFConfig(TrainingArguments):
         if self.logprob_backend not in ("auto", "triton", "torch"):
             raise UserInputError(f"unknown logprob_backend {self.logprob_backend!r}",
                                  where="logprob_backend", hint="use 'auto', 'triton' or 'torch'")
+        if self.logprob_path not in ("auto", "hidden", "logits"):
+            raise UserInputError(f"unknown logprob_path {self.logprob_path!r}",
+                                 where="logprob_path", hint="use 'auto', 'hidden' or 'logits'")
         if self.candidate_micro_batch_size is not None and self.candidate_micro_batch_size < 1:
             raise UserInputError("candidate_micro_batch_size must be >= 1 (or None for all)",
                                  where="candidate_micro_batch_size", hint="e.g. 2")
@@ -237,11 +256,35 @@ class RRHFTrainer(Trainer):
         count = torch.tensor([len(chunks)], device=self.accelerator.device)
         return int(self.accelerator.gather(count).max()) - len(chunks)
 
-    def _chunk_sums(self, model, inputs: dict, part: slice):
+    def _output_head(self, model, inputs: dict):
+        """The Linear head when log-probs come from hidden states, else None; decided once."""
+        if getattr(self, "_head_decided", False):
+            return self._head
+        sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         with self.compute_loss_context_manager():
-            return chunk_logprob_sums(
-                model, inputs["input_ids"][part], inputs["attention_mask"][part],
-                inputs["labels"][part], backend=self.args.logprob_backend)
+            head, reason = choose_output_head(model, inputs["input_ids"][:1], inputs["attention_mask"][:1],
+                                              self.args.logprob_path, sharded=sharded)
+        if head is None and self.args.logprob_path == "hidden":
+            raise UserInputError(f"logprob_path 'hidden' is not possible here: {reason}",
+                                 where="logprob_path", hint="use 'auto' or 'logits'")
+        if head is None:
+            logger.info("rrhf-lite: candidate log-probs from [N, T, V] logits (%s)", reason)
+        else:
+            logger.info("rrhf-lite: candidate log-probs straight from hidden states and the %d x %d "
+                        "output embedding: no logits tensor in training", *head.weight.shape)
+        self._head, self._head_decided = head, True
+        return head
+
+    def _chunk_sums(self, model, inputs: dict, part: slice, **hidden_kw):
+        """(sums, counts) of a chunk; with the hidden path, `hidden_kw` (coef, lse, return_lse)
+        go to chunk_hidden_logprobs and change what comes back (see there)."""
+        head = self._output_head(model, inputs)
+        args = (inputs["input_ids"][part], inputs["attention_mask"][part], inputs["labels"][part])
+        with self.compute_loss_context_manager():
+            if head is None:
+                return chunk_logprob_sums(model, *args, backend=self.args.logprob_backend)
+            return chunk_hidden_logprobs(model, head, *args, backend=self.args.logprob_backend,
+                                         **hidden_kw)
 
     def loss_from_sums(self, sums: torch.Tensor, counts: torch.Tensor, inputs: dict):
         """RRHF loss and metrics from flat per-candidate sums [N] and counts [N]."""
@@ -324,13 +367,18 @@ class RRHFTrainer(Trainer):
         return loss.detach() * scale
 
     def _micro_batched_backward(self, model, inputs, chunks, scale, padding=0):
-        states, sums, counts = [], [], []
+        states, sums, counts, lses = [], [], [], []
         # padding chunks (one candidate, weight 0) only keep sharded engines in step across ranks
         runs = chunks + [slice(0, 1)] * padding
+        hidden = self._output_head(model, inputs) is not None
         with torch.no_grad():  # pass 1: every score, no activations kept
             for i, part in enumerate(runs):
                 states.append(_rng_state())
-                s, c = self._chunk_sums(model, inputs, part)
+                if hidden:  # each token's logsumexp, reused by pass 3
+                    s, c, lse = self._chunk_sums(model, inputs, part, return_lse=True)
+                    lses.append(lse)
+                else:
+                    s, c = self._chunk_sums(model, inputs, part)
                 if i < len(chunks):
                     sums.append(s)
                     counts.append(c)
@@ -345,8 +393,12 @@ class RRHFTrainer(Trainer):
             # only the last backward synchronises ranks (the others accumulate locally)
             sync = i == len(runs) - 1
             with contextlib.nullcontext() if sync else self._defer_gradient_sync(model):
-                s, _ = self._chunk_sums(model, inputs, part)
-                self._backward((weight.to(s.dtype) * s).sum() * scale)
+                if hidden:  # gradients made during the forward: no logits, no logits' gradient
+                    total, _, _ = self._chunk_sums(model, inputs, part, coef=weight, lse=lses[i])
+                    self._backward(total * scale)
+                else:
+                    s, _ = self._chunk_sums(model, inputs, part)
+                    self._backward((weight.to(s.dtype) * s).sum() * scale)
         _set_rng_state(after)
         return loss, metrics
 

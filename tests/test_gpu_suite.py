@@ -114,10 +114,21 @@ def test_dry_run_e2e_rows(dry_results):
     assert max(losses) - min(losses) < 0.5 * max(abs(x) for x in losses)
 
 
+def test_dry_run_hidden_state_rows(dry_results):
+    results, md, _ = dry_results
+    checks = results["hidden_correctness"]
+    assert len(checks) == len(runner.dry_plan().hidden_shapes) and all(r["passed"] for r in checks)
+    rows = results["hidden"]
+    assert {r["path"] for r in rows} == {"logits", "hidden_fused", "hidden_autograd"}
+    for row in rows:
+        assert row["ms"] > 0 and row["max_abs_err_vs_logits"] < 1e-4
+    assert "Log-probs from hidden states" in md
+
+
 def test_dry_run_goals_and_markdown(dry_results):
     results, md, stdout = dry_results
     goals = {g["goal"]: g for g in results["goals"]}
-    assert len(goals) == 5
+    assert len(goals) == 7
     assert all(g["status"] in {"PASS", "FAIL", "NOT MEASURED"} for g in goals.values())
     correctness = next(g for name, g in goals.items() if "float64" in name)
     assert correctness["status"] == "PASS"
@@ -234,12 +245,16 @@ def test_goals_pass_fail_and_not_measured():
     }
     goals = output.evaluate_goals(results, plan)
     status = [g["status"] for g in goals]
-    assert status == ["PASS", "FAIL", "PASS", "FAIL", "NOT MEASURED"]
+    assert status == ["PASS", "FAIL", "PASS", "FAIL", "NOT MEASURED", "NOT MEASURED", "NOT MEASURED"]
     assert goals[2]["measured"] == 11.0 and "mb=1" in goals[2]["where"]
     results["gpu_tests"] = {"status": "failed", "tests": 3, "passed": 2, "summary": "1 failed"}
-    assert output.evaluate_goals(results, plan)[-1]["status"] == "FAIL"
+    assert output.evaluate_goals(results, plan)[4]["status"] == "FAIL"
     results["gpu_tests"] = {"status": "ok", "tests": 3, "passed": 3, "summary": "3 passed"}
-    assert output.evaluate_goals(results, plan)[-1]["status"] == "PASS"
+    assert output.evaluate_goals(results, plan)[4]["status"] == "PASS"
+    results["hidden"] = [{"path": "hidden_fused", "shape": "4x1024x4096x128256", "dtype": "bf16",
+                          "peak_extra_vs_logits": 0.07}]
+    results["hidden_correctness"] = [{"passed": True}]
+    assert [g["status"] for g in output.evaluate_goals(results, plan)[5:]] == ["PASS", "PASS"]
     empty = output.evaluate_goals({"kernel": [], "e2e": [], "correctness": []}, plan)
     assert {g["status"] for g in empty} == {"NOT MEASURED"}
 

@@ -29,6 +29,22 @@ compute_dtype=torch.float64)`` and ``reference_logprob_sums(...) -> (sums, count
     Plain full log_softmax + gather + mask, for tests (float64) and benchmarks (float32 is the
     RRHF reference code's approach). Differentiable; memory-hungry by design.
 
+``candidate_logprob_sums_from_hidden(hidden, weight, labels, bias=None, ignore_index=-100,
+backend="auto", *, chunk_tokens=None, chunk_vocab=None, return_lse=False) -> (sums, counts)``
+    The same sums and counts for logits = hidden [N, T, H] @ weight [V, H].T (+ bias [V]), without
+    ever building the logits: tiled over tokens and vocabulary with an online logsumexp (Triton
+    tile kernels on CUDA, torch elsewhere). Differentiable w.r.t. hidden, weight and bias (tied
+    embeddings included). ``return_lse=True`` adds the per-token logsumexp [N, T].
+
+``weighted_logprob_sum_from_hidden(hidden, weight, labels, coef, bias=None, ignore_index=-100,
+backend="auto", *, lse=None, chunk_tokens=None, chunk_vocab=None) -> (total, sums, counts)``
+    When d loss / d sums = ``coef`` [N] is known up front (the trainer's third pass): total =
+    sum(coef * sums), with its gradients computed during the forward (nothing logits-sized is
+    kept); ``sums`` detached. ``lse`` from an earlier forward skips a vocabulary pass.
+
+``reference_logprob_sums_from_hidden(hidden, weight, labels, bias=None, ...)``: the float64
+reference of the two above (full logits, then reference_logprob_sums).
+
 ``triton_available() -> bool``: whether triton imports here.
 
 Errors: malformed inputs (wrong shapes/dtypes, a label outside [0, V) that is not
@@ -37,11 +53,19 @@ without triton raises RuntimeError. Importing this package never imports triton.
 """
 
 from .api import candidate_logprob_sums, candidate_logprobs, triton_available
-from .reference import reference_candidate_logprobs, reference_logprob_sums
+from .hidden import candidate_logprob_sums_from_hidden, weighted_logprob_sum_from_hidden
+from .reference import (
+    reference_candidate_logprobs,
+    reference_logprob_sums,
+    reference_logprob_sums_from_hidden,
+)
 
 __all__ = [
     "candidate_logprobs",
     "candidate_logprob_sums",
+    "candidate_logprob_sums_from_hidden",
+    "weighted_logprob_sum_from_hidden",
+    "reference_logprob_sums_from_hidden",
     "reference_candidate_logprobs",
     "reference_logprob_sums",
     "triton_available",

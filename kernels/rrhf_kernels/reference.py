@@ -37,3 +37,21 @@ def reference_candidate_logprobs(
     """RRHF's p_i = sum_t log p(y_t) / max(count, 1) ** length_penalty, in `compute_dtype`."""
     sums, counts = reference_logprob_sums(logits, labels, ignore_index, compute_dtype)
     return sums / counts.clamp(min=1).to(compute_dtype) ** length_penalty
+
+
+def reference_logprob_sums_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    compute_dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference_logprob_sums of the full logits hidden @ weight.T + bias, all in `compute_dtype`.
+
+    Differentiable w.r.t. hidden, weight and bias; builds the whole [N, T, V] logits.
+    """
+    logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    return reference_logprob_sums(logits, labels, ignore_index, compute_dtype)

@@ -43,3 +43,13 @@ def sum_allowance(dtype: torch.dtype, reference_sum: float, count: int) -> float
     """Allowed |error| of a row's log-prob SUM over `count` valid tokens: SCORE_RTOL relative
     plus SCORE_ATOL per token (the score bound, multiplied back by the count)."""
     return SCORE_RTOL[dtype] * abs(reference_sum) + SCORE_ATOL * max(1, count)
+
+# The hidden-state op (candidate_logprob_sums_from_hidden) against the float64 reference of
+# F.linear(hidden, weight, bias) followed by the log-softmax. fp32 / fp64: the tiles' matmuls
+# and the float32 accumulation differ from float64 by float32 rounding only, so the score and
+# gradient bounds above hold. bf16 / fp16: each logit is rounded to that dtype by the matmul (as
+# the model's own head rounds it), and each gradient tile is rounded once more before its matmul
+# (as autograd rounds the logits' gradient): errors of a few units in the last place of the
+# dtype, relative to the largest logit or gradient entry, so these bounds are relative to the
+# row's scale (max |reference|), not element-wise.
+HIDDEN_LOWP_RTOL = {torch.bfloat16: 4 * 2**-8, torch.float16: 4 * 2**-11}

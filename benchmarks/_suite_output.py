@@ -80,6 +80,8 @@ CORRECTNESS_COLUMNS = ("name", "valid_tokens", "max_sum_err", "sum_err_vs_tol", 
                        "grad_err_vs_tol", "ignored_grad_max", "passed")
 E2E_COLUMNS = ("model", "variant", "peak_memory_gb", "memory_vs_reference", "step_s",
                "speedup_vs_reference", "model_memory_gb", "build_s", "status")
+PLAN_COLUMNS = ("shape", "k", "micro_batch", "seq_len", "meas_total_mb", "pred_total_mb",
+                "err_total", "pred_peak_at")
 GOAL_COLUMNS = ("goal", "status", "measured", "target", "where")
 
 
@@ -105,6 +107,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         "device-to-device copy)\n", markdown_table(results["kernel"], KERNEL_COLUMNS),
         "## End-to-end RRHF step (warm-up, then the mean of timed steps; peak = "
         "torch.cuda.max_memory_allocated)\n", markdown_table(results["e2e"], E2E_COLUMNS),
+        "## Memory plan vs measured (rrhf-lite plan; err = predicted / measured - 1)\n",
+        markdown_table(results.get("plan", []), PLAN_COLUMNS),
         "## Kernel correctness vs float64 (err_vs_tol <= 1 passes)\n",
         markdown_table(results["correctness"], CORRECTNESS_COLUMNS),
     ]
@@ -142,6 +146,8 @@ def print_summary(results: dict[str, Any], out_dir: Path, stem: str) -> None:
     print_table(results["kernel"], KERNEL_COLUMNS, title="Kernel fwd+bwd")
     print()
     print_table(results["e2e"], E2E_COLUMNS, title="End-to-end RRHF step")
+    print()
+    print_table(results.get("plan", []), PLAN_COLUMNS, title="Memory plan vs measured")
     print()
     if results["skipped"]:
         print_table(results["skipped"], ("item", "reason"), title="Skipped")

@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="global time budget in seconds (default 480; dry 900)")
-    parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e", "tests"),
+    parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e", "tests", "plan"),
                         help="run only these sections")
     parser.add_argument("--commit", default=None,
                         help="git commit to record when the tree has no .git (device copies)")
@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "mode": "dry" if args.dry else "gpu",
         "status": "running", "budget_s": budget, "elapsed_s": 0.0,
         "versions": versions(args.commit), "setup": setup,
-        "goals": [], "correctness": [], "kernel": [], "e2e": [], "gpu_tests": {},
+        "goals": [], "correctness": [], "kernel": [], "e2e": [], "plan": [], "gpu_tests": {},
         "skipped": [], "errors": setup_errors, "timings_s": {}, "_start": start,
     }
     try:
@@ -109,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     suite = Suite(results, budget, write)
     suite.start = start  # the budget counts the wheel install and imports too
-    sections = set(args.only or ("correctness", "kernel", "e2e", "tests"))
+    sections = set(args.only or ("correctness", "kernel", "e2e", "tests", "plan"))
     try:
         run_sections(suite, plan, device, sections)
         results["status"] = "complete" if not results["skipped"] else "partial"

@@ -47,6 +47,7 @@ SHAPES = {
 # (k candidates, micro-batch m, tokens per candidate, prompt tokens)
 CONFIGS = [(2, 2, 256, 32), (4, 1, 256, 32), (4, 2, 256, 32), (4, 4, 256, 32), (8, 2, 128, 32)]
 QUICK = [(2, 1, 32, 8), (4, 2, 32, 8)]
+GPU_CONFIGS = [(4, 1, 512, 64), (4, 2, 512, 64), (4, 4, 512, 64), (8, 2, 256, 64)]
 TOLERANCE = 0.15
 
 
@@ -116,20 +117,29 @@ def measure_shape(name: str, configs, device: str) -> list[dict]:
     import tempfile
 
     import torch
-    from e2e_bench import build_random_qlora_model, llama_config, make_batch, make_trainer
+    from e2e_bench import (
+        build_random_qlora_model,
+        llama_config,
+        make_batch,
+        make_trainer,
+        mixed_precision,
+    )
     from transformers import LlamaConfig
 
     base = llama_config("tiny-llama2").to_dict()
     base.update(SHAPES[name])
     config = LlamaConfig(**base)
     model = build_random_qlora_model(config, device)
+    # as the Trainer runs on a GPU: bf16 autocast (mixed_precision auto); fp32 on the CPU
+    bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
     rows = []
     for k, m, seq, prompt in configs:
         batch = make_batch(config.vocab_size, k, seq, prompt)
-        trainer = make_trainer(model, m, False, "auto", tempfile.mkdtemp(prefix="rrhf_plan_"))
+        trainer = make_trainer(model, m, bf16, "auto", tempfile.mkdtemp(prefix="rrhf_plan_"))
 
         def step(trainer=trainer, batch=batch):
-            trainer.training_step(model, dict(batch))
+            with mixed_precision(model, bf16) as prepared:
+                trainer.training_step(prepared, dict(batch))
             trainer.optimizer.step()
             trainer.optimizer.zero_grad(set_to_none=True)
 
@@ -160,6 +170,34 @@ def measure_shape(name: str, configs, device: str) -> list[dict]:
         trainer = None
         gc.collect()
     return rows
+
+
+def e2e_rows_vs_plan(e2e_rows: list[dict], prompt_len: int) -> list[dict]:
+    """The plan's prediction beside each measured rrhf-lite row of e2e_bench (GPU suite)."""
+    from e2e_bench import MODEL_CONFIGS
+
+    from rrhf_lite.memory_plan import Regime, TrainSettings, training_parts
+    from rrhf_lite.plan_shapes import shape_from_config
+
+    out = []
+    for r in e2e_rows:
+        if not str(r.get("variant", "")).startswith("rrhf-lite") or r.get("status") != "ok":
+            continue
+        shape = shape_from_config({**MODEL_CONFIGS[r["model"]], "model_type": "llama",
+                                   "tie_word_embeddings": False}, r["model"])
+        regime = Regime.gpu() if r.get("autocast") else Regime.cpu()
+        prompt = prompt_len
+        settings = TrainSettings(candidates=r["k"], micro_batch=r["micro_batch"],
+                                 max_length=r["seq_len"], response_tokens=r["seq_len"] - prompt + 1)
+        plan = training_parts(shape, settings, regime)
+        measured = r.get("peak_memory_gb")
+        predicted = plan.allocated / 2**30
+        out.append({"shape": r["model"], "k": r["k"], "micro_batch": r["micro_batch"],
+                    "seq_len": r["seq_len"], "meas_total_mb": measured and measured * 1024,
+                    "pred_total_mb": predicted * 1024, "pred_peak_at": plan.peak_phase,
+                    "err_total": predicted / measured - 1 if measured else None,
+                    "source": "e2e"})
+    return out
 
 
 COLUMNS = ("shape", "k", "micro_batch", "seq_len", "meas_static_mb", "pred_static_mb",

@@ -14,6 +14,7 @@ import re
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.memory_plan import (
+    CUDA_CONTEXT_BYTES,
     GiB,
     Part,
     Regime,
@@ -78,6 +79,10 @@ def policy_weight_parts(shape: ModelShape, double_quant: bool) -> list[Part]:
             Part("embeddings + head", shape.embedding_params() * 2, "static", "16-bit")]
 
 
+def _context() -> Part:
+    return Part("CUDA context", CUDA_CONTEXT_BYTES, "overhead", "estimate, not allocated")
+
+
 def sampling_plan(recipe, shape: ModelShape, regime: Regime) -> StepPlan | None:
     if "sample" not in recipe.stages:
         return None
@@ -99,7 +104,7 @@ def sampling_plan(recipe, shape: ModelShape, regime: Regime) -> StepPlan | None:
             Part("KV cache", kv, "dynamic", f"{seqs} sequences x {tokens} tokens, {g.method}"),
             Part("prefill block", block, "dynamic", f"{prefill} prompt tokens, one block"),
             Part("dequantised weight", dequantised_weight_bytes(shape, regime), "dynamic", ""),
-            Part("next-token logits", logits, "dynamic", "fp32, three copies")]
+            Part("next-token logits", logits, "dynamic", "fp32, three copies"), _context()]
         plan = StepPlan(parts, f"sampling ({g.method}, {seqs} sequences)")
         if best is None or plan.allocated > best.allocated:
             best = plan
@@ -119,7 +124,8 @@ def scoring_plan(recipe, regime: Regime) -> StepPlan | None:
     parts = [Part("reward model weights", weights, "static", shape.source),
              Part("forward activations", tokens * (4 * shape.hidden_size + 2 * shape.intermediate_size)
                   * shape.weight_bytes, "dynamic", f"{sc.batch_size} x {sc.max_length} tokens"),
-             Part("attention scores", attention, "dynamic", "eager attention, one layer")]
+             Part("attention scores", attention, "dynamic", "eager attention, one layer"),
+             _context()]
     return StepPlan(parts, "scoring")
 
 

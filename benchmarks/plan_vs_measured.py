@@ -127,6 +127,7 @@ def measure_shape(name: str, configs, device: str) -> list[dict]:
     from transformers import LlamaConfig
 
     base = llama_config("tiny-llama2").to_dict()
+    base.pop("head_dim", None)  # the tiny config's head_dim (16) must not carry over
     base.update(SHAPES[name])
     config = LlamaConfig(**base)
     model = build_random_qlora_model(config, device)
@@ -157,6 +158,8 @@ def measure_shape(name: str, configs, device: str) -> list[dict]:
         else:
             resident = _resident_bytes(model, trainer.optimizer)
             total = resident + _profiled_peak(step)
+        heads = model.base_model.model.model.layers[0].self_attn
+        assert heads.head_dim * config.num_attention_heads == shape_of(name).q_dim, "shape drift"
         row = {"shape": name, "k": k, "micro_batch": m, "seq_len": seq, "prompt_len": prompt,
                "device": device, "meas_static_mb": resident / 2**20,
                "meas_step_mb": (total - resident) / 2**20, "meas_total_mb": total / 2**20}

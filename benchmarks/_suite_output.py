@@ -95,6 +95,8 @@ E2E_COLUMNS = ("model", "variant", "peak_memory_gb", "memory_vs_reference", "ste
                "speedup_vs_reference", "model_memory_gb", "build_s", "status")
 HIDDEN_COLUMNS = ("path", "shape", "dtype", "ms", "speed_vs_logits", "peak_extra_mb",
                   "peak_extra_vs_logits", "max_abs_err_vs_logits")
+PLAN_COLUMNS = ("shape", "k", "micro_batch", "seq_len", "meas_total_mb", "pred_total_mb",
+                "err_total", "pred_peak_at")
 GOAL_COLUMNS = ("goal", "status", "measured", "target", "where")
 
 
@@ -124,6 +126,8 @@ def to_markdown(results: dict[str, Any]) -> str:
         "extra memory in units of one logits buffer)\n",
         markdown_table(results.get("hidden", []), HIDDEN_COLUMNS),
         markdown_table(results.get("hidden_correctness", []), ("name", "max_sum_err", "sum_err_vs_tol", "max_grad_err", "grad_err_vs_tol", "passed")),
+        "## Memory plan vs measured (rrhf-lite plan; err = predicted / measured - 1)\n",
+        markdown_table(results.get("plan", []), PLAN_COLUMNS),
         "## Kernel correctness vs float64 (err_vs_tol <= 1 passes)\n",
         markdown_table(results["correctness"], CORRECTNESS_COLUMNS),
     ]
@@ -163,6 +167,7 @@ def print_summary(results: dict[str, Any], out_dir: Path, stem: str) -> None:
     print_table(results["e2e"], E2E_COLUMNS, title="End-to-end RRHF step")
     print()
     print_table(results.get("hidden", []), HIDDEN_COLUMNS, title="Log-probs from hidden states")
+    print_table(results.get("plan", []), PLAN_COLUMNS, title="Memory plan vs measured")
     print()
     if results["skipped"]:
         print_table(results["skipped"], ("item", "reason"), title="Skipped")

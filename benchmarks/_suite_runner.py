@@ -35,6 +35,7 @@ class Plan:
     # log-probs from hidden states (benchmarks/hidden_logprob_bench.py): (N, T, H, V) shapes
     hidden_shapes: tuple[tuple[int, int, int, int], ...] = ()
     hidden_dtype: str = "bf16"
+    plan_shapes: tuple[str, ...] = ()  # benchmarks/plan_vs_measured.SHAPES measured on the device
 
 
 def gpu_plan() -> Plan:
@@ -47,7 +48,8 @@ def gpu_plan() -> Plan:
     return Plan(tuple(cases), goal, rest, kernel_repeat=5, kernel_memory=True,
                 e2e_models=("llama3-8b", "llama2-7b"), e2e_goal_model="llama3-8b",
                 e2e_shape=dict(k=4, seq_len=512, prompt_len=64), e2e_steps=3, budget_s=480.0,
-                hidden_shapes=((4, 1024, 4096, 128256), (8, 512, 2048, 49152)))
+                hidden_shapes=((4, 1024, 4096, 128256), (8, 512, 2048, 49152)),
+                plan_shapes=("llama-s", "llama-m", "llama-l"))
 
 
 def dry_plan() -> Plan:
@@ -58,7 +60,8 @@ def dry_plan() -> Plan:
     return Plan(tuple(cases), goal, (((2, 8, 1000), "fp32"),), kernel_repeat=1,
                 kernel_memory=False, e2e_models=("tiny-llama3",), e2e_goal_model="tiny-llama3",
                 e2e_shape=dict(k=4, seq_len=16, prompt_len=4), e2e_steps=1, budget_s=900.0,
-                hidden_shapes=((2, 8, 16, 300),), hidden_dtype="fp32")
+                hidden_shapes=((2, 8, 16, 300),), hidden_dtype="fp32",
+                plan_shapes=("tiny",))
 
 
 # --------------------------------------------------------------------------- time budget
@@ -208,6 +211,8 @@ def run_sections(suite: Suite, plan: Plan, device: str, sections: set[str]) -> N
                            cap_s=200 if device == "cuda" else None)
             if model == plan.e2e_goal_model and "tests" in sections:
                 run_tests_item()
+            if model == plan.e2e_goal_model and "plan" in sections:
+                run_plan_item(suite, plan, device)
     elif "tests" in sections:
         run_tests_item()
     if "hidden" in sections:
@@ -225,10 +230,32 @@ def run_sections(suite: Suite, plan: Plan, device: str, sections: set[str]) -> N
 
         suite.run_item("hidden-state log-probs", 60 if device == "cuda" else 5, hidden,
                        cap_s=150 if device == "cuda" else None)
+    if "plan" in sections and "e2e" not in sections:
+        run_plan_item(suite, plan, device)
     if "kernel" in sections:
         kernel_item(goal_shape, goal_dtype, label=" (all paths)")  # compiled naive, Liger, TRL
         for shape, dtype_name in plan.kernel_rest:
             kernel_item(shape, dtype_name)
+
+
+def run_plan_item(suite: Suite, plan: Plan, device: str) -> None:
+    """`rrhf-lite plan`'s prediction against the measured peak: the plan_vs_measured shapes run
+    here (GPU: bf16 autocast, max_memory_allocated; dry: the tiny shape on CPU, profiled), and
+    beside every e2e row measured so far."""
+    results = suite.results
+
+    def run():
+        from plan_vs_measured import GPU_CONFIGS, QUICK, e2e_rows_vs_plan, measure_shape
+
+        shapes = plan.plan_shapes
+        configs = GPU_CONFIGS if device == "cuda" else QUICK
+        results["plan"].extend(e2e_rows_vs_plan(results["e2e"], plan.e2e_shape["prompt_len"]))
+        for name in shapes:
+            results["plan"].extend(measure_shape(name, configs, device))
+            _free_memory()
+
+    suite.run_item("plan vs measured", 30 if device == "cuda" else 10, run,
+                   cap_s=90 if device == "cuda" else None)
 
 
 def add_kernel_rows(rows: list[dict], new_rows: Sequence[dict]) -> None:

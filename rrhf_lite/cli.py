@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the recipe's JSON schema (every key, type and default)")
     validate = sub.add_parser("validate", help="check a recipe and print it resolved")
     _add_recipe_args(validate)
+    plan = sub.add_parser("plan", help="will it fit? peak GPU memory by part, without a GPU")
+    _add_recipe_args(plan)
+    plan.add_argument("--gpu-memory", default="16GB", help="the card: 16GB, 24GiB, 15360MiB, t4")
     return parser
 
 
@@ -138,6 +141,11 @@ def dispatch(args) -> int:
         for attr in ("base", "model"):
             if is_builtin(getattr(args, attr, None)):
                 setattr(args, attr, resolve_model(getattr(args, attr)))
+    if args.command == "plan":
+        from rrhf_lite.plan_recipe import format_plan, parse_memory, plan_recipe
+
+        print(format_plan(plan_recipe(_load(args), parse_memory(args.gpu_memory))))
+        return EXIT_OK
     if args.command == "merge":
         from rrhf_lite.stages.merge import merge_adapter
 

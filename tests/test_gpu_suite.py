@@ -125,6 +125,16 @@ def test_dry_run_hidden_state_rows(dry_results):
     assert "Log-probs from hidden states" in md
 
 
+def test_dry_run_plan_rows(dry_results):
+    rows = dry_results[0]["plan"]
+    measured = [r for r in rows if r.get("source") != "e2e"]
+    beside_e2e = [r for r in rows if r.get("source") == "e2e"]
+    assert len(measured) == 2 and all(abs(r["err_total"]) <= 0.15 for r in measured), measured
+    assert {r["micro_batch"] for r in beside_e2e} >= {1, 2}  # one per measured rrhf-lite row
+    assert all(r["pred_total_mb"] > 0 and r["meas_total_mb"] is None for r in beside_e2e)
+    assert "## Memory plan vs measured" in dry_results[1]
+
+
 def test_dry_run_goals_and_markdown(dry_results):
     results, md, stdout = dry_results
     goals = {g["goal"]: g for g in results["goals"]}

@@ -21,7 +21,7 @@ _EXPORTS = {
     "rank_loss": "rrhf_lite.loss",
     "sft_loss": "rrhf_lite.loss",
     "rrhf_loss": "rrhf_lite.loss",
-    "RRHFConfig": "rrhf_lite.trainer",
+    "RRHFConfig": "rrhf_lite.trainer_config",
     "RRHFTrainer": "rrhf_lite.trainer",
     "UserInputError": "rrhf_lite.errors",
 }

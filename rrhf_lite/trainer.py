@@ -1,4 +1,4 @@
-"""RRHFConfig and RRHFTrainer: the RRHF objective on a transformers.Trainer.
+"""RRHFTrainer: the RRHF objective on a transformers.Trainer (its RRHFConfig: trainer_config).
 
 Micro-batched candidates with an exact gradient. The loss L depends on the model only through
 the per-candidate token log-prob sums S_i (p_i = S_i / |y_i|^lambda and the SFT term
@@ -31,13 +31,12 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 from accelerate.utils import DistributedType
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
-from rrhf_lite import cpu_4bit, distributed
+from rrhf_lite import cpu_4bit
 from rrhf_lite.data import load_listwise
 from rrhf_lite.distributed import all_gather_object
 from rrhf_lite.errors import UserInputError
@@ -49,82 +48,11 @@ from rrhf_lite.logprobs import (
 )
 from rrhf_lite.loss import rrhf_loss
 from rrhf_lite.tokenization import RRHFCollator, tokenize_listwise
+from rrhf_lite.trainer_config import RRHFConfig
+from rrhf_lite.trainer_metrics import aggregate_metrics, combine_rank_totals, metric_totals
 
 logger = logging.getLogger(__name__)
 
-# metrics averaged with the number of rank pairs as weight (a batch without pairs says nothing)
-_PAIR_WEIGHTED = ("rank/accuracy", "rank/margin")
-# counts that add up over ranks (the pairs of one global batch), instead of averaging
-_SUMMED_OVER_RANKS = ("rank/pairs",)
-
-
-@dataclass
-class RRHFConfig(TrainingArguments):
-    """TrainingArguments plus the RRHF settings.
-
-    length_penalty: lambda in p_i = (sum of token log-probs) / |y_i|^lambda (paper default 1).
-    rank_weight, sft_weight: weights of the rank loss and the SFT loss on the best candidate.
-    max_length: prompt + response tokens per candidate; longer responses lose their tail.
-    max_prompt_length: prompts longer than this are truncated on `truncation_side`.
-    truncation_side: "left" keeps the end of long prompts (the reference code's choice).
-    candidate_micro_batch_size: candidates per forward pass; None = all candidates of the batch
-        at once. Any value gives the same gradient (see the module docstring).
-    logprob_backend: rrhf_kernels backend, "auto" (Triton on CUDA, torch elsewhere) | "triton"
-        | "torch".
-    logprob_path: "auto" (log-probs straight from hidden states when the model allows it, else
-        from logits; said once in the log) | "hidden" (required: an error if not possible) |
-        "logits" (always the [N, T, V] logits).
-    Defaults differing from TrainingArguments: logging every step, unused columns kept (the
-    collator needs them), non-reentrant gradient checkpointing.
-    """
-
-    length_penalty: float = 1.0
-    rank_weight: float = 1.0
-    sft_weight: float = 1.0
-    max_length: int | None = 512
-    max_prompt_length: int | None = 256
-    truncation_side: str = "left"
-    candidate_micro_batch_size: int | None = None
-    logprob_backend: str = "auto"
-    logprob_path: str = "auto"
-    logging_steps: float = 1
-    remove_unused_columns: bool = False
-    report_to: None | str | list[str] = field(default="none")
-
-    def __post_init__(self):
-        if self.truncation_side not in ("left", "right"):
-            raise UserInputError(f"truncation_side must be 'left' or 'right', got {self.truncation_side!r}",
-                                 where="truncation_side", hint="use 'left' or 'right'")
-        if self.logprob_backend not in ("auto", "triton", "torch"):
-            raise UserInputError(f"unknown logprob_backend {self.logprob_backend!r}",
-                                 where="logprob_backend", hint="use 'auto', 'triton' or 'torch'")
-        if self.logprob_path not in ("auto", "hidden", "logits"):
-            raise UserInputError(f"unknown logprob_path {self.logprob_path!r}",
-                                 where="logprob_path", hint="use 'auto', 'hidden' or 'logits'")
-        if self.candidate_micro_batch_size is not None and self.candidate_micro_batch_size < 1:
-            raise UserInputError("candidate_micro_batch_size must be >= 1 (or None for all)",
-                                 where="candidate_micro_batch_size", hint="e.g. 2")
-        if self.length_penalty < 0:
-            raise UserInputError("length_penalty must be >= 0", where="length_penalty",
-                                 hint="1.0 is the paper's default")
-        # Checkpointing on by default, non-reentrant; set through the new names (transformers 5
-        # renamed gradient_* to activation_*) unless the user set either spelling.
-        # The old spelling is moved over here, silently (recipes say gradient_checkpointing).
-        if self.activation_checkpointing is None:
-            self.activation_checkpointing = (True if self.gradient_checkpointing is None
-                                             else self.gradient_checkpointing)
-            self.gradient_checkpointing = None
-        if self.activation_checkpointing_kwargs is None:
-            self.activation_checkpointing_kwargs = (
-                {"use_reentrant": False} if self.gradient_checkpointing_kwargs is None
-                else self.gradient_checkpointing_kwargs)
-            self.gradient_checkpointing_kwargs = None
-        # Several processes on a machine without an accelerator (torchrun / accelerate launch on
-        # CPUs): without use_cpu, transformers sets up accelerate's state as one process on every
-        # rank, and each rank would train alone on the whole data set and write the results.
-        if not self.use_cpu and not torch.accelerator.is_available() and distributed.is_distributed():
-            self.use_cpu = True
-        super().__post_init__()
 
 
 class _Features(torch.utils.data.Dataset):
@@ -415,44 +343,13 @@ class RRHFTrainer(Trainer):
         for key, value in metrics.items():
             self._metrics[mode][key].append(value)
 
-    @staticmethod
-    def _metric_totals(stored: dict[str, list]) -> dict[str, tuple[float, float]]:
-        """key -> (numerator, denominator) over the steps since the last log."""
-        totals = {}
-        pairs = stored.get("rank/pairs", [])
-        for key, values in stored.items():
-            if not values:
-                continue
-            if key in _PAIR_WEIGHTED and pairs and len(pairs) == len(values):
-                weighted = sum(v * w for v, w in zip(values, pairs, strict=True))
-                totals[key] = (float(weighted), float(sum(pairs)))
-            else:
-                totals[key] = (float(sum(values)), float(len(values)))
-        return totals
-
-    @staticmethod
-    def aggregate_metrics(stored: dict[str, list]) -> dict[str, float]:
-        """Mean over the steps since the last log; accuracy and margin weighted by pair count."""
-        totals = RRHFTrainer._metric_totals(stored)
-        return {key: num / den if den else 0.0 for key, (num, den) in totals.items()}
-
-    @staticmethod
-    def combine_rank_totals(every: list[dict[str, tuple[float, float]]]) -> dict[str, float]:
-        """Metrics from each rank's _metric_totals: weighted means over all ranks' steps, except
-        rank/pairs, summed over the ranks (the pairs of one global batch, as one process with
-        that batch would count them). One rank gives exactly aggregate_metrics."""
-        out = {}
-        for key in sorted({k for totals in every for k in totals}):
-            parts = [totals[key] for totals in every if key in totals]
-            if key in _SUMMED_OVER_RANKS:
-                out[key] = sum(num / den for num, den in parts if den)
-            else:
-                num, den = sum(p[0] for p in parts), sum(p[1] for p in parts)
-                out[key] = num / den if den else 0.0
-        return out
+    # the reductions, as the trainer's own (tests and callbacks call them there)
+    _metric_totals = staticmethod(metric_totals)
+    aggregate_metrics = staticmethod(aggregate_metrics)
+    combine_rank_totals = staticmethod(combine_rank_totals)
 
     def _aggregate_across_ranks(self, stored: dict[str, list]) -> dict[str, float]:
-        totals = self._metric_totals(stored)
+        totals = metric_totals(stored)
         if self.accelerator.num_processes == 1:
             return self.combine_rank_totals([totals])
 

@@ -24,6 +24,7 @@ import torch
 from rrhf_lite.data import is_finite_number
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import write_jsonl
+from rrhf_lite.recipe_sections import ScoringSection
 from rrhf_lite.tokenization import pad_rows
 
 logger = logging.getLogger(__name__)
@@ -31,12 +32,17 @@ logger = logging.getLogger(__name__)
 
 # --- reward spec ------------------------------------------------------------------------------
 
+# the recipe's scoring defaults, the one copy of them
+_RECIPE_DEFAULT = {name: ScoringSection.model_fields[name].default
+                   for name in ("batch_size", "max_length", "joiner")}
+
+
 def normalize_reward_spec(reward: Any) -> dict:
     """One of {"model": ...}, {"function": "module:function"}, {"given": True}, with options.
 
     Accepts the recipe's scoring section too (reward_model / reward_function / given keys).
-    Options: batch_size (8), max_length (512, tokens; the start of long texts is cut), joiner
-    ("" between prompt text and response), append_eos (False; some reward models read their
+    Options (defaults: the recipe's scoring section): batch_size, max_length (tokens; the start
+    of long texts is cut), joiner (between prompt text and response), append_eos (False; some reward models read their
     score at an EOS), torch_dtype, load_in_4bit, trust_remote_code, device.
     """
     if hasattr(reward, "model_dump"):
@@ -48,9 +54,9 @@ def normalize_reward_spec(reward: Any) -> dict:
         "model": reward.get("model", reward.get("reward_model")),
         "function": reward.get("function", reward.get("reward_function")),
         "given": bool(reward.get("given", False)),
-        "batch_size": reward.get("batch_size") or 8,
-        "max_length": reward.get("max_length") or 512,
-        "joiner": reward.get("joiner") or "",
+        "batch_size": reward.get("batch_size") or _RECIPE_DEFAULT["batch_size"],
+        "max_length": reward.get("max_length") or _RECIPE_DEFAULT["max_length"],
+        "joiner": reward.get("joiner") or _RECIPE_DEFAULT["joiner"],
         "append_eos": bool(reward.get("append_eos", False)),
         "torch_dtype": reward.get("torch_dtype", "auto"),
         "load_in_4bit": bool(reward.get("load_in_4bit", False)),

@@ -19,6 +19,27 @@ MAX_BLOCK = 4096  # widest vocabulary tile: one pass over V in tiles, never a bl
 
 
 @triton.jit
+def row_max_and_sum(row_ptr, n_cols, BLOCK: tl.constexpr):
+    """(max, sum of exp(x - max)) over one row's n_cols values, read once, tile by tile.
+
+    Per-lane running max and sum of exp; lanes are combined once at the end. A lane that has
+    only seen -inf (padding past the row's end) shifts by 0 instead of -inf, so it adds
+    exp(-inf) = 0 rather than NaN.
+    """
+    run_max = tl.full([BLOCK], float("-inf"), tl.float32)
+    run_sum = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        new_max = tl.maximum(run_max, x)
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
+        run_max = new_max
+    row_max = tl.max(run_max, axis=0)
+    return row_max, tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
+
+
+@triton.jit
 def _forward_kernel(
     logits_ptr, labels_ptr, lse_ptr, token_lp_ptr,
     T, V, stride_ln, stride_lt, stride_bn, stride_bt, ignore_index,
@@ -30,20 +51,8 @@ def _forward_kernel(
     label = tl.load(labels_ptr + n * stride_bn + t * stride_bt).to(tl.int64)
     if label != ignore_index:
         row_ptr = logits_ptr + n * stride_ln + t * stride_lt
-        # Per-lane running max and sum of exp; lanes are combined once at the end. A lane
-        # that has only seen -inf (padding past V) shifts by 0 instead of -inf, so it adds
-        # exp(-inf) = 0 rather than NaN.
-        run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        run_sum = tl.zeros([BLOCK_V], tl.float32)
-        for start in range(0, V, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            new_max = tl.maximum(run_max, x)
-            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
-            run_max = new_max
-        row_max = tl.max(run_max, axis=0)
-        lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), axis=0))
+        row_max, row_sum = row_max_and_sum(row_ptr, V, BLOCK_V)
+        lse = row_max + tl.log(row_sum)
         target = tl.load(row_ptr + label).to(tl.float32)
         tl.store(lse_ptr + row, lse)
         tl.store(token_lp_ptr + row, target - lse)

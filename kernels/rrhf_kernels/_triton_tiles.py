@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton_backend import _interpreting
+from ._triton_backend import _interpreting, row_max_and_sum
 
 MAX_BLOCK = 4096
 
@@ -26,17 +26,7 @@ def _lse_update_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = tile_ptr + row * stride
-    run_max = tl.full([BLOCK], float("-inf"), tl.float32)
-    run_sum = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, C, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + cols, mask=cols < C, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(run_max, x)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp(run_max - shift) + tl.exp(x - shift)
-        run_max = new_max
-    tile_max = tl.max(run_max, axis=0)
-    tile_sum = tl.sum(run_sum * tl.exp(run_max - tile_max), axis=0)
+    tile_max, tile_sum = row_max_and_sum(row_ptr, C, BLOCK)
     old_max = tl.load(max_ptr + row)
     old_sum = tl.load(sum_ptr + row)
     both_max = tl.maximum(old_max, tile_max)

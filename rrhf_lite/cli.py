@@ -10,7 +10,9 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from rrhf_lite.errors import UserInputError
@@ -176,10 +178,43 @@ def dispatch(args) -> int:
     return EXIT_OK
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`), raised so that locks and open files unwind."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _stdout_closed() -> int:
+    # The reader went away (`rrhf-lite schema | head`): not an error of ours. Point stdout at
+    # devnull so the interpreter's final flush does not raise again, and exit as a pipe writer does.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Only where nobody else handles SIGTERM (accelerate, a test runner) and only while we run.
+    own_sigterm = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if own_sigterm:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return dispatch(args)
+        return _dispatch_reporting_errors(args)
+    finally:
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _dispatch_reporting_errors(args: argparse.Namespace) -> int:
+    try:
+        code = dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except UserInputError as err:
         print(f"rrhf-lite: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -191,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
               "results)\n  what to do: free space (or make the disk writable) and rerun: "
               "finished stages and complete checkpoints are reused", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _Terminated:
+        print("rrhf-lite: terminated (SIGTERM); completed stages and checkpoints are kept",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("rrhf-lite: interrupted; completed stages and checkpoints are kept", file=sys.stderr)
         return 130

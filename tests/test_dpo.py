@@ -263,3 +263,31 @@ def test_dpo_ablation_in_a_run_steps_like_rrhf_and_gets_a_report_row(tiny_lm_dir
     assert "reward/held_out" in variants["dpo"]
     text = (run / "report.md").read_text()
     assert "| dpo" in text and "dpo: DPO (sigmoid, beta 0.2) on 4 best-vs-worst pairs" in text
+
+
+def test_smollm2_dpo_step_on_rrhfs_tokens(smollm2_dir, tmp_path):
+    """The real model (BPE tokenizer, chat template, NF4 + LoRA): DPOTrainer's batch holds
+    RRHF's ids for the chosen candidate (no second template, EOS once), and one step trains."""
+    from datasets import Dataset
+
+    args = ModelArguments(str(smollm2_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                          gradient_checkpointing=False)
+    row = {"prompt": [{"role": "user", "content": "What is 2 + 2? Answer with a number only."}],
+           "responses": ["Four.", "4", "The answer is 4."], "scores": [0.5, 1.0, 0.0]}
+    model, tokenizer = load_model_for_training(args, add_lora=False)
+    pairs, _ = tokenize_pairs(best_worst_pairs([row])[0], tokenizer, max_length=96,
+                              max_prompt_length=64)
+    trainer = pretokenized_dpo_trainer()(
+        model=model, args=_dpo_config(tmp_path, 1, per_device_train_batch_size=1, max_length=96),
+        train_dataset=Dataset.from_list(pairs), processing_class=tokenizer,
+        peft_config=lora_config_from_args(args))
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    rrhf = tokenize_example(row, tokenizer, max_length=96, max_prompt_length=64)
+    chosen = rrhf["prompt_ids"] + rrhf["responses_ids"][1]
+    assert batch["input_ids"][0, :len(chosen)].tolist() == chosen
+    assert tokenizer.decode(rrhf["responses_ids"][1]) == "4" + tokenizer.eos_token
+    assert rrhf["responses_ids"][1].count(tokenizer.eos_token_id) == 1  # the template's own
+    # closing markup after EOS ("<|im_end|>\n") is dropped, as for a sampled response
+    assert tokenizer.decode(rrhf["prompt_ids"]).endswith("<|im_start|>assistant\n")
+    result = trainer.train()
+    assert trainer.state.global_step == 1 and math.isfinite(result.metrics["train_loss"])

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from rrhf_lite.dpo import best_worst_pairs, pretokenized_dpo_trainer, tokenize_pairs
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.modeling import ModelArguments, load_model_for_training, lora_config_from_args
-from rrhf_lite.recipe import load_recipe, parse_recipe
+from rrhf_lite.recipe import dump_recipe, load_recipe, parse_recipe
 from rrhf_lite.tiny import build_char_tokenizer, save_tiny_causal_lm
 from rrhf_lite.tokenization import RRHFCollator, tokenize_example
 
@@ -118,6 +118,10 @@ def test_dpo_section_defaults_and_overrides(tmp_path):
     set_ = _recipe(tmp_path, {"name": "dpo", "method": "dpo", "train": {"learning_rate": 1e-4},
                               "dpo": {"beta": 0.5, "loss_type": "ipo"}}).ablations[0]
     assert (set_.dpo.beta, set_.dpo.loss_type, set_.train) == (0.5, "ipo", {"learning_rate": 1e-4})
+    # the resolved recipe a run saves reads back as itself (a rerun must match it to resume)
+    recipe = _recipe(tmp_path, {"name": "dpo", "method": "dpo"})
+    again = parse_recipe(yaml.safe_load(dump_recipe(recipe)))
+    assert dump_recipe(again) == dump_recipe(recipe) and again.ablations[0].dpo.beta == 0.1
 
 
 # ------------------------------------------------------------------------------ training

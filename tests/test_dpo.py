@@ -124,6 +124,31 @@ def test_dpo_section_defaults_and_overrides(tmp_path):
     assert dump_recipe(again) == dump_recipe(recipe) and again.ablations[0].dpo.beta == 0.1
 
 
+def test_step_count_is_rrhf_round_ones(tmp_path):
+    """dpo.max_steps if set, else round 1's recorded global_step, else what the Trainer would
+    take for round 1's train section (ceil(ceil(rows / batch) / accumulation) x epochs)."""
+    from rrhf_lite.stages.train_dpo import dpo_steps
+
+    def steps(dpo=None, train=None, summary=None):
+        recipe = parse_recipe({"model": {"name_or_path": "m"}, "stages": ["train"],
+                               "data": {"candidates": "c.jsonl"}, "train": train or {},
+                               "ablations": [{"name": "d", "method": "dpo", "dpo": dpo or {}}]})
+        round1 = tmp_path / "round-1" / "train"
+        round1.mkdir(parents=True, exist_ok=True)
+        (round1 / "train_summary.json").unlink(missing_ok=True)
+        if summary is not None:
+            (round1 / "train_summary.json").write_text(json.dumps(summary))
+        return dpo_steps(recipe, recipe.ablations[0], round1, _rows(n_prompts=9, ties=1))
+
+    assert steps(summary={"global_step": 7})[0] == 7
+    assert steps(dpo={"max_steps": 2}, summary={"global_step": 7}) == (2, "dpo.max_steps")
+    assert steps(train={"max_steps": 4})[0] == 4
+    # 10 rows, batch 3 -> 4 batches, accumulation 3 -> 2 steps an epoch, 2.5 epochs -> 5
+    computed = steps(train={"per_device_train_batch_size": 3, "gradient_accumulation_steps": 3,
+                            "num_train_epochs": 2.5})
+    assert computed == (5, "as RRHF round 1, computed from the train section")
+
+
 # ------------------------------------------------------------------------------ training
 
 

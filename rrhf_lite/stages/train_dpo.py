@@ -71,9 +71,12 @@ def run_train_dpo(data: Any, model_args: ModelArguments, config, *, max_prompt_l
     out = Path(config.output_dir)
     target = out / ("adapter" if model_args.use_lora else "model")
     accelerator = trainer.accelerator
+    # sharded engines hold a slice of each weight per rank: gather full weights (collective)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state_dict = accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
     if accelerator.is_main_process:
         with atomic_directory(target, overwrite=True) as tmp:  # safetensors, no pickles
-            accelerator.unwrap_model(trainer.model).save_pretrained(tmp)
+            accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
         write_jsonl(out / "metrics.jsonl", trainer.state.log_history)
         write_json(out / "train_summary.json", {

@@ -7,7 +7,7 @@ Layout of a run directory (every file written atomically, so a killed run resume
     round-1/scored.jsonl             score: the same rows with "scores"
     round-1/train/                   train: checkpoints, metrics.jsonl; train/adapter = result
     round-2/...                      iterated RRHF: sampled from the round-1 policy
-    ablations/<name>/train/adapter   variants trained on round-1 data (e.g. no rank loss)
+    ablations/<name>/train/adapter   variants trained on round-1 data (e.g. no rank loss, DPO)
     eval/                            evaluate: generations, scored candidates, plots
     merged/                          merge: the full-precision merged model
     report.md, metrics.json          the results, for people and for machines
@@ -32,6 +32,7 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import last_complete_checkpoint, looks_like_local_path, read_jsonl, write_jsonl
 from rrhf_lite.preflight import check_recipe
 from rrhf_lite.recipe import Recipe
+from rrhf_lite.recipe_sections import AblationSection
 from rrhf_lite.run_lock import run_dir_lock
 from rrhf_lite.run_state import RunState, prepare_run_dir, say
 from rrhf_lite.sources import load_prompt_rows, resolve_model
@@ -40,6 +41,7 @@ from rrhf_lite.stages.merge import merge_adapter
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
 from rrhf_lite.stages.train import model_arguments, run_train, training_config
+from rrhf_lite.stages.train_dpo import train_dpo_ablation
 
 log = logging.getLogger("rrhf_lite")
 
@@ -75,7 +77,7 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
             break
     if "train" in recipe.stages:
         for ablation in recipe.ablations:
-            _train_ablation(state, ablation.name, ablation.train)
+            _train_ablation(state, ablation)
 
     metrics: dict = {}
     # Evaluation and merging are not sharded: the main process does them, the others wait.
@@ -277,15 +279,21 @@ ROUND_STAGES = (
 )
 
 
+def _resume_point(recipe: Recipe, out: Path) -> Path | None:
+    """The last complete checkpoint in `out` when the recipe resumes, else None."""
+    if not (recipe.train.resume and out.exists()):
+        return None
+    # a checkpoint killed while being saved has no trainer_state.json: skip it
+    resume = last_complete_checkpoint(out)
+    if resume:
+        say(f"resuming training from {resume}")
+    return resume
+
+
 def _train(state: RunState, data: Path | str, out: Path, init_adapter: Path | None,
            overrides: dict) -> None:
     recipe = state.recipe
-    resume = None
-    if recipe.train.resume and out.exists():
-        # a checkpoint killed while being saved has no trainer_state.json: skip it
-        resume = last_complete_checkpoint(out)
-        if resume:
-            say(f"resuming training from {resume}")
+    resume = _resume_point(recipe, out)
     say(f"training on {data} -> {out}")
     run_train(
         str(data), model_arguments(recipe, state.base_model, init_adapter),
@@ -294,15 +302,22 @@ def _train(state: RunState, data: Path | str, out: Path, init_adapter: Path | No
     )
 
 
-def _train_ablation(state: RunState, name: str, overrides: dict) -> None:
-    """A variant trained from the initial model on round 1's data, with train.* overrides."""
+def _train_ablation(state: RunState, ablation: AblationSection) -> None:
+    """A variant trained from the initial model on round 1's data: RRHF with train.*
+    overrides, or DPO on the best-vs-worst pairs."""
+    name = ablation.name
     out = state.ablation_dir(name) / "train"
     adapter = out / "adapter"
     if "train" in state.stages and not _skip(adapter, f"ablation '{name}': train"):
         data = _training_data(state, 1)
         _require(data, "score")
-        say(f"ablation '{name}': {overrides}")
-        _train(state, data, out, init_adapter=None, overrides=overrides)
+        if ablation.method == "dpo":
+            train_dpo_ablation(state.recipe, ablation, state.base_model, data, out,
+                               round1_train=state.round_dir(1) / "train",
+                               resume=_resume_point(state.recipe, out))
+        else:
+            say(f"ablation '{name}': {ablation.train}")
+            _train(state, data, out, init_adapter=None, overrides=ablation.train)
     if adapter.exists():
         state.ablation_adapters[name] = adapter
 

@@ -146,6 +146,22 @@ def check_training_arguments(recipe: Recipe) -> None:
                 where=f"recipe key {key}",
                 hint="fix that key (train.lr_scheduler_type, train.report_to, train.extra.*: "
                 "see transformers.TrainingArguments)") from None
+    for ablation in recipe.ablations:
+        if ablation.method == "dpo":
+            _check_dpo_arguments(recipe, ablation)
+
+
+def _check_dpo_arguments(recipe: Recipe, ablation) -> None:
+    """Build the trl.DPOConfig a DPO ablation will build (its step count is known later)."""
+    from rrhf_lite.stages.train_dpo import dpo_training_config
+
+    try:
+        dpo_training_config(recipe, Path(recipe.output_dir), ablation, max_steps=1)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise UserInputError(
+            f"trl rejects the DPO training arguments: {str(err).splitlines()[0][:300]}",
+            where=f"recipe key ablations ({ablation.name})",
+            hint="fix its train.* overrides, dpo.* or train.extra.* (see trl.DPOConfig)") from None
 
 
 def check_recipe(recipe: Recipe, stages: list[str] | None = None) -> None:

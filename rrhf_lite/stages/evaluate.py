@@ -16,6 +16,7 @@ The pipeline hands in the run's state and the prompt sets; nothing here reads th
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from statistics import mean
@@ -213,6 +214,16 @@ def perplexities(state: RunState, responses_by_variant: dict[str, list[str]], pr
     return result
 
 
+def training_time(adapter: Path | None) -> dict:
+    """{"train/s_per_step": ...} from the train_summary.json beside a trained adapter (RRHF
+    and DPO alike), so the report compares the methods' cost per optimiser step; {} without."""
+    summary = Path(adapter).parent / "train_summary.json" if adapter else None
+    if summary is None or not summary.exists():
+        return {}
+    seconds = json.loads(summary.read_text(encoding="utf-8")).get("seconds_per_step")
+    return {"train/s_per_step": seconds} if isinstance(seconds, int | float) else {}
+
+
 def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     """Evaluate every variant of the run on `prompt_sets` ("held_out", optionally "train");
     write eval/, report.md, metrics.json, plots. Returns the metrics."""
@@ -234,6 +245,7 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
         say(f"evaluate: {variant}")
         entry, answers = evaluate_variant(state, scorer, adapter, prompt_sets, candidates,
                                           reference_rewards, str(out_dir / variant))
+        entry.update(training_time(adapter))
         metrics["variants"][variant] = entry
         held_out[variant] = answers["held_out"]
 
@@ -304,5 +316,24 @@ def _notes(state: RunState, plots: list[Path], metrics: dict) -> list[str]:
     if "best_of_n" in metrics:
         notes.append(f"best-of-k: k = {metrics['best_of_n']['n']:g} distinct initial-model "
                      "samples per held-out prompt on average (duplicates removed)")
+    notes += _dpo_notes(state)
+    notes.append("train/s_per_step: wall time per optimiser step of each trained variant")
     notes += [f"plot: {p.name}" for p in plots]
+    return notes
+
+
+def _dpo_notes(state: RunState) -> list[str]:
+    """What each DPO ablation trained on, from its train_summary.json."""
+    notes = []
+    for ablation in state.recipe.ablations:
+        summary = state.ablation_dir(ablation.name) / "train" / "train_summary.json"
+        if ablation.method != "dpo" or not summary.exists():
+            continue
+        done = json.loads(summary.read_text(encoding="utf-8"))
+        data = done.get("data", {})
+        notes.append(
+            f"{ablation.name}: DPO ({ablation.dpo.loss_type}, beta {ablation.dpo.beta}) on "
+            f"{data.get('pairs')} best-vs-worst pairs of round 1's candidates "
+            f"({data.get('skipped_tied_prompts')} prompts skipped: all scores tied), "
+            f"{done.get('global_step')} optimiser steps ({done.get('optimizer_steps_from')})")
     return notes

@@ -222,7 +222,7 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
             shard, generators=shifted,
             include_dataset_responses=recipe.sampling.include_dataset_responses,
             max_new_tokens=recipe.sampling.max_new_tokens,
-            max_prompt_length=recipe.sampling.max_prompt_length,
+            max_prompt_length=recipe.sampling_prompt_length,
             batch_size=recipe.sampling.batch_size, seed=recipe.seed + offset,
             load_kwargs=load_kwargs, progress=distributed.is_main_process(),
         )

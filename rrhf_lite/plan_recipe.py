@@ -95,9 +95,9 @@ def sampling_plan(recipe, shape: ModelShape, regime: Regime) -> StepPlan | None:
         per_prompt = g.num_candidates if g.method in ("top_p", "greedy") else (
             g.num_beams or g.num_candidates)
         seqs = s.batch_size * per_prompt
-        tokens = s.max_prompt_length + s.max_new_tokens
+        tokens = recipe.sampling_prompt_length + s.max_new_tokens
         kv = 2 * shape.num_layers * seqs * tokens * shape.kv_dim * c
-        prefill = seqs * s.max_prompt_length
+        prefill = seqs * recipe.sampling_prompt_length
         block = prefill * (4 * shape.hidden_size + 3 * shape.intermediate_size) * c
         logits = 3 * seqs * shape.vocab_size * 4  # last-token logits, processed scores, log-softmax
         parts = policy_weight_parts(shape, recipe.quantization.double_quant) + [

@@ -85,12 +85,24 @@ class Recipe(Section):
             raise ValueError("model.builtin holds settings of a builtin: model, but "
                              f"model.name_or_path is {self.model.name_or_path!r}; remove "
                              "model.builtin")
+        sampled = self.sampling.max_prompt_length
+        if {"sample", "train"} <= stages and sampled not in (None, self.train.max_prompt_length):
+            raise ValueError(
+                f"sampling.max_prompt_length ({sampled}) differs from train.max_prompt_length "
+                f"({self.train.max_prompt_length}): candidates would follow another prompt than "
+                "the one training reads; set train.max_prompt_length only (sampling follows it)"
+            )
         if self.rounds > 1 and not {"sample", "train"} <= stages:
             raise ValueError(
                 "rounds > 1 re-samples from the trained policy and trains again: add 'sample' "
                 "and 'train' to stages"
             )
         return self
+
+    @property
+    def sampling_prompt_length(self) -> int:
+        """Prompt tokens sampling keeps: sampling.max_prompt_length, else the training one."""
+        return self.sampling.max_prompt_length or self.train.max_prompt_length
 
     def policy_load_kwargs(self) -> dict:
         """How sampling and evaluation load the policy's base: as training saw it."""

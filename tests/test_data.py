@@ -265,21 +265,12 @@ def test_training_and_sampling_tokenise_prompts_alike(chat, max_prompt_length):
             assert len(sampled) == max_prompt_length
 
 
-def _bos_char_tokenizer():
-    """The char tokenizer with a LLaMA-style post-processor: BOS (id 1) before every text."""
-    from tokenizers.processors import TemplateProcessing
-
-    tok = build_char_tokenizer()
-    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return tok
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_left_truncation_keeps_bos_in_training_and_sampling(side):
     from rrhf_lite.inference import encode_prompts
     from rrhf_lite.tokenization import prompt_token_ids
 
-    tok = _bos_char_tokenizer()
+    tok = build_char_tokenizer(add_bos=True)
     text = "abcdefgh"
     assert tok(text)["input_ids"] == [1, *range(70, 78)]
     expected = [1, 74, 75, 76, 77] if side == "left" else [1, 70, 71, 72, 73]

@@ -138,7 +138,7 @@ def held_out_candidates(state: RunState, scorer: Scorer, eval_rows: list[dict], 
     rows = sample_candidates(
         eval_rows, generators=generators, include_dataset_responses=False,
         max_new_tokens=recipe.sampling.max_new_tokens,
-        max_prompt_length=recipe.sampling.max_prompt_length,
+        max_prompt_length=recipe.sampling_prompt_length,
         batch_size=recipe.sampling.batch_size, seed=recipe.seed + 1,
         load_kwargs=recipe.policy_load_kwargs(),
     )

@@ -2,6 +2,8 @@
 
 - a Hugging Face sequence-classification reward model (one label; the reward is that logit),
   reading prompt text + joiner + response (or the whole chat rendered by its chat template);
+  or a raw GPT-J value-head checkpoint (rrhf_lite.reward_checkpoint), scored as the reference
+  code scores it: EOS appended, the value head read at the first EOS;
 - a Python function named "module:function", called as fn(prompts, responses) -> floats;
 - scores already in the data ("given"), which are only checked.
 
@@ -42,22 +44,30 @@ def normalize_reward_spec(reward: Any) -> dict:
 
     Accepts the recipe's scoring section too (reward_model / reward_function / given keys).
     Options (defaults: the recipe's scoring section): batch_size, max_length (tokens; the start
-    of long texts is cut), joiner (between prompt text and response), append_eos (False; some reward models read their
-    score at an EOS), torch_dtype, load_in_4bit, trust_remote_code, device.
+    of long texts is cut), joiner (between prompt text and response), append_eos (False; some
+    reward models read their score at an EOS), read_at ("last_token", the classifier's own
+    reading, or "first_eos", the reference scorer's), format ("sequence_classification" or
+    "gptj_value_head", which also needs base and implies append_eos and read_at "first_eos"),
+    torch_dtype, load_in_4bit, trust_remote_code, device.
     """
     if hasattr(reward, "model_dump"):
         reward = reward.model_dump()
     if not isinstance(reward, Mapping):
         raise UserInputError(f"reward must be a mapping, got {type(reward).__name__}",
                              where="reward")
+    fmt = reward.get("format", reward.get("reward_format")) or "sequence_classification"
+    raw_gptj = fmt == "gptj_value_head"
     spec = {
         "model": reward.get("model", reward.get("reward_model")),
+        "format": fmt,
+        "base": reward.get("base", reward.get("reward_base")),
         "function": reward.get("function", reward.get("reward_function")),
         "given": bool(reward.get("given", False)),
         "batch_size": reward.get("batch_size") or _RECIPE_DEFAULT["batch_size"],
         "max_length": reward.get("max_length") or _RECIPE_DEFAULT["max_length"],
         "joiner": reward.get("joiner") or _RECIPE_DEFAULT["joiner"],
-        "append_eos": bool(reward.get("append_eos", False)),
+        "append_eos": raw_gptj or bool(reward.get("append_eos", False)),
+        "read_at": "first_eos" if raw_gptj else reward.get("read_at") or "last_token",
         "torch_dtype": reward.get("torch_dtype", "auto"),
         "load_in_4bit": bool(reward.get("load_in_4bit", False)),
         "trust_remote_code": bool(reward.get("trust_remote_code", False)),
@@ -72,6 +82,15 @@ def normalize_reward_spec(reward: Any) -> dict:
         )
     if not isinstance(spec["batch_size"], int) or spec["batch_size"] < 1:
         raise UserInputError("must be a positive integer", where="reward.batch_size")
+    if fmt not in ("sequence_classification", "gptj_value_head"):
+        raise UserInputError(f"unknown reward format {fmt!r}", where="reward.format",
+                             hint="sequence_classification or gptj_value_head")
+    if spec["read_at"] not in ("last_token", "first_eos"):
+        raise UserInputError(f"unknown reading {spec['read_at']!r}", where="reward.read_at",
+                             hint="last_token or first_eos")
+    if raw_gptj and isinstance(spec["model"], str) and not spec["base"]:
+        raise UserInputError("a gptj_value_head checkpoint needs its base", where="reward.base",
+                             hint="the model it was trained from, e.g. EleutherAI/gpt-j-6B")
     return spec
 
 
@@ -173,11 +192,29 @@ def _free_id(used: set[int], vocab_size: int) -> int:
     raise RuntimeError("no token id is free to pad with")
 
 
+def _values_at_first_eos(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                         eos: int) -> torch.Tensor:
+    """The reference scorer's reading: the value head on every position, taken at each row's
+    first EOS (the one appended after the response, unless the text already held one)."""
+    head = getattr(model, "score", None)
+    if head is None:
+        raise UserInputError("read_at first_eos needs a classifier with a `score` head",
+                             where="reward.read_at", hint="use read_at last_token")
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask)[0]
+    values = head(hidden).squeeze(-1).float()
+    is_eos = input_ids == eos
+    if not bool(is_eos.any(dim=1).all()):
+        raise RuntimeError("a scored row holds no EOS although one was appended")
+    ends = is_eos.float().argmax(dim=1, keepdim=True)  # argmax returns the first maximum
+    return values.gather(1, ends).squeeze(1)
+
+
 @torch.no_grad()
 def reward_model_scores(model, tokenizer, prompts: Sequence, responses: Sequence, *,
-                        max_length: int = 512, joiner: str = "", append_eos: bool = False
-                        ) -> list[float]:
-    """Rewards for one batch of (prompt, response) pairs from a sequence classifier."""
+                        max_length: int = 512, joiner: str = "", append_eos: bool = False,
+                        read_at: str = "last_token") -> list[float]:
+    """Rewards for one batch of (prompt, response) pairs from a sequence classifier: its logit
+    at the last real token, or (read_at "first_eos", with append_eos) at the first EOS."""
     rows = []
     for prompt, response in zip(prompts, responses, strict=True):
         text, templated = reward_model_text(tokenizer, prompt, response, joiner=joiner,
@@ -194,6 +231,12 @@ def reward_model_scores(model, tokenizer, prompts: Sequence, responses: Sequence
     batch_pad = pad if pad is not None and pad not in used else _free_id(used, config.vocab_size)
     device = next(model.parameters()).device
     input_ids, attention_mask = pad_rows(rows, batch_pad)
+    if read_at == "first_eos":
+        if not append_eos or tokenizer.eos_token_id is None:
+            raise UserInputError("read_at first_eos reads the EOS appended to every text",
+                                 where="reward.read_at", hint="set append_eos (and an EOS token)")
+        return _values_at_first_eos(model, input_ids.to(device), attention_mask.to(device),
+                                    int(tokenizer.eos_token_id)).tolist()
     config.pad_token_id = batch_pad
     try:
         logits = model(input_ids=input_ids.to(device),
@@ -274,15 +317,20 @@ def score_candidates(
         else:
             from rrhf_lite.inference import load_reward_model
 
+            path = spec["model"]
+            if spec["format"] == "gptj_value_head":  # the raw .pt, as safetensors (cached)
+                from rrhf_lite.reward_checkpoint import converted_reward_dir
+
+                path = str(converted_reward_dir(path, spec["base"]))
             model, tokenizer = load_reward_model(
-                spec["model"], torch_dtype=spec["torch_dtype"], load_in_4bit=spec["load_in_4bit"],
+                path, torch_dtype=spec["torch_dtype"], load_in_4bit=spec["load_in_4bit"],
                 trust_remote_code=spec["trust_remote_code"], device=spec["device"],
             )
 
         def score_batch(prompts, responses):
             return reward_model_scores(model, tokenizer, prompts, responses,
                                        max_length=spec["max_length"], joiner=spec["joiner"],
-                                       append_eos=spec["append_eos"])
+                                       append_eos=spec["append_eos"], read_at=spec["read_at"])
 
     scores: list[float] = []
     size = spec["batch_size"]

@@ -24,7 +24,7 @@ from rrhf_lite.memory_plan import (
     quantised_bytes,
     training_parts,
 )
-from rrhf_lite.plan_shapes import ModelShape, resolve_shape
+from rrhf_lite.plan_shapes import KNOWN_SHAPES, ModelShape, resolve_shape
 
 CARDS = {"t4": 15.0 * GiB}  # nvidia-smi reports 15360 MiB on a "16 GB" T4
 _ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -115,6 +115,8 @@ def scoring_plan(recipe, regime: Regime) -> StepPlan | None:
     name = recipe.scoring.reward_model
     if "score" not in recipe.stages or not name:
         return None
+    if recipe.scoring.reward_format == "gptj_value_head" and name not in KNOWN_SHAPES:
+        name = recipe.scoring.reward_base  # a raw checkpoint has no config.json: its base's
     shape = resolve_shape(name)
     sc = recipe.scoring
     tokens = sc.batch_size * sc.max_length

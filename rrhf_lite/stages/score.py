@@ -317,13 +317,17 @@ def score_candidates(
         else:
             from rrhf_lite.inference import load_reward_model
 
-            path = spec["model"]
+            from rrhf_lite.inference import default_device
+
+            path, dtype = spec["model"], spec["torch_dtype"]
             if spec["format"] == "gptj_value_head":  # the raw .pt, as safetensors (cached)
                 from rrhf_lite.reward_checkpoint import converted_reward_dir
 
                 path = str(converted_reward_dir(path, spec["base"]))
+                if dtype == "auto" and str(spec["device"] or default_device()).startswith("cuda"):
+                    dtype = "float16"  # the reference scores in half precision on the GPU
             model, tokenizer = load_reward_model(
-                path, torch_dtype=spec["torch_dtype"], load_in_4bit=spec["load_in_4bit"],
+                path, torch_dtype=dtype, load_in_4bit=spec["load_in_4bit"],
                 trust_remote_code=spec["trust_remote_code"], device=spec["device"],
             )
 

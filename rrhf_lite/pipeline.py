@@ -27,6 +27,7 @@ import torch
 from transformers import set_seed
 
 from rrhf_lite import distributed
+from rrhf_lite.candidate_stats import describe, k_stats, planned_k
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import last_complete_checkpoint, looks_like_local_path, read_jsonl, write_jsonl
@@ -230,6 +231,7 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
     rows = distributed.distributed_map(
         sample_shard, prompts, block_size=recipe.sampling.batch_size, pass_offset=True
     )
+    say(f"round {round_index}: candidates: {describe(k_stats(rows, planned_k(recipe.sampling)))}")
     _write_on_main(out, rows)
 
 
@@ -262,6 +264,8 @@ def _score(state: RunState, round_index: int, source: Path | str, out: Path) -> 
         ),
         rows,
     )
+    planned = planned_k(recipe.sampling) if "sample" in recipe.stages else None
+    say(f"round {round_index}: scored: {describe(k_stats(scored, planned))}")
     _write_on_main(out, scored)
 
 

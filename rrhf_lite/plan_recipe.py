@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from rrhf_lite.candidate_stats import planned_k
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.memory_plan import (
     CUDA_CONTEXT_BYTES,
@@ -45,10 +46,9 @@ def parse_memory(text: str) -> float:
 
 
 def candidates_per_prompt(recipe) -> int:
-    k = sum(g.num_candidates for g in recipe.sampling.generators) if "sample" in recipe.stages else 4
-    if "sample" in recipe.stages and recipe.sampling.include_dataset_responses:
-        k += 2  # chosen + rejected of a pairwise data set (the shipped recipes' data)
-    return k
+    """Planned k (chosen + rejected of a pairwise data set: the shipped recipes' data); 4 when
+    the candidates are given (not known from the recipe)."""
+    return planned_k(recipe.sampling) if "sample" in recipe.stages else 4
 
 
 def train_settings(recipe, *, micro_batch: int | None = None, max_length: int | None = None):

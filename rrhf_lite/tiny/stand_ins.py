@@ -60,7 +60,7 @@ def write_rm_static_like(path: str | Path, n: int, seed: int = 0) -> Path:
 def tiny_gptj_config(**overrides):
     from transformers import GPTJConfig
 
-    settings = {"vocab_size": 100, "n_positions": 512, "n_embd": 32, "n_layer": 2, "n_head": 4,
+    settings = {"vocab_size": 100, "n_positions": 1024, "n_embd": 32, "n_layer": 2, "n_head": 4,
                 "rotary_dim": 4, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": None,
                 "tie_word_embeddings": False, **overrides}
     return GPTJConfig(**settings)

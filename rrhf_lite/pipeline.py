@@ -258,6 +258,12 @@ def _score(state: RunState, round_index: int, source: Path | str, out: Path) -> 
     device = distributed.local_device() if distributed.is_distributed() else None
     spec = recipe.scoring.reward_spec(trust_remote_code=recipe.model.trust_remote_code,
                                       device=device)
+    if spec.get("format") == "gptj_value_head":  # converted once, by one process, before any loads
+        if distributed.is_main_process():
+            from rrhf_lite.reward_checkpoint import converted_reward_dir
+
+            converted_reward_dir(spec["model"], spec["base"])
+        distributed.barrier()
     scored = distributed.distributed_map(
         lambda shard: score_candidates(
             shard, reward=spec, progress=distributed.is_main_process(), where=str(source)

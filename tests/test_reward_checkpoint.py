@@ -113,9 +113,14 @@ def test_anything_but_the_expected_flat_state_dict_is_refused(raw_gptj, cache, t
     assert not list(cache.rglob("model.safetensors"))
 
 
-def test_a_good_file_reads_as_a_flat_dict(raw_gptj):
-    state = read_state_dict(raw_gptj[0] / "hf_ckpt.pt")
+def test_a_good_file_reads_as_a_flat_dict_in_either_torch_save_format(raw_gptj, tmp_path):
+    state = read_state_dict(raw_gptj[0] / "hf_ckpt.pt")  # zip format: memory-mapped
     assert "v_head.weight" in state and all(isinstance(v, torch.Tensor) for v in state.values())
+    legacy = tmp_path / "legacy.pt"  # the pre-1.6 format cannot be memory-mapped: read in full
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    again = read_state_dict(legacy)
+    assert again.keys() == state.keys()
+    assert all(torch.equal(again[k], state[k]) for k in state)
 
 
 def test_recipe_keys_say_which_format(raw_gptj, cache, tmp_path):

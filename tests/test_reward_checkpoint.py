@@ -134,3 +134,22 @@ def test_recipe_keys_say_which_format(raw_gptj, cache, tmp_path):
     tiny_llama_config().save_pretrained(tmp_path / "llama")
     with pytest.raises(UserInputError, match="'llama' model, not GPT-J"):
         converted_reward_dir(str(checkpoint), str(tmp_path / "llama"))
+
+
+def test_validate_names_a_missing_or_ambiguous_checkpoint(raw_gptj, tmp_path, capsys):
+    from pathlib import Path
+
+    from rrhf_lite.cli import main
+
+    paper = Path(__file__).resolve().parents[1] / "recipes" / "hh_paper.yaml"
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.pt", "b.bin"):
+        (two / name).write_bytes(b"")
+    for bad, message in ((tmp_path / "missing", "reward checkpoint not found"),
+                         (two, "expected one checkpoint file (.pt, .bin or .pth), found 2")):
+        code = main(["validate", str(paper), "--output-dir", str(tmp_path / "run"),
+                     "--set", f"scoring.reward_model={bad}",
+                     "--set", f"scoring.reward_base={raw_gptj[1]}"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "scoring.reward_model" in err

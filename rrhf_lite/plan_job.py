@@ -108,7 +108,7 @@ def job_plan(recipe: Recipe) -> dict:
     data, s, t, sc = recipe.data, recipe.sampling, recipe.train, recipe.scoring
     stages = set(recipe.stages)
     prompts = count_rows(data.prompts, data.prompts_split, data.max_prompts) \
-        if "sample" in stages else None
+        if "sample" in stages else count_rows(data.candidates, data.candidates_split, None)
     k = planned_k(s) if "sample" in stages else None
     generated = sum(generated_per_prompt(g) for g in s.generators)
     rows: list[dict] = []
@@ -118,8 +118,10 @@ def job_plan(recipe: Recipe) -> dict:
             rows.append({
                 "stage": f"{tag}sample", "prompts": prompts, "candidates": _times(prompts, k),
                 "tokens": _times(prompts, s.max_new_tokens * generated),
-                "note": f"{generated} generated + dataset answers = k {k} per prompt; prompts "
-                        f"cut to {recipe.sampling_prompt_length} tokens; tokens = new tokens"})
+                "note": f"{generated} generated"
+                        + (" + the data set's 2 answers" if s.include_dataset_responses else "")
+                        + f" = k {k} per prompt; prompts cut to {recipe.sampling_prompt_length} "
+                        "tokens; tokens = new tokens"})
         if "score" in stages:
             pairs = _times(prompts, k)
             rows.append({

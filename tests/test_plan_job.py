@@ -54,3 +54,22 @@ def test_sizes_follow_overrides_and_local_files(tmp_path):
                                                     "scoring.reward_base"]
     unknown = job_plan(load_recipe(ITERATED, ["data.prompts=someone/else", "data.max_prompts=null"]))
     assert _by_stage(unknown)["round 1: train"]["steps"] is None  # not known: said, not guessed
+
+
+def test_given_candidates_are_counted_for_training(tmp_path):
+    import json
+
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text("".join(json.dumps({"query": f"q{i}", "responses": ["a", "b"],
+                                         "scores": [1, 0]}) + "\n" for i in range(10)))
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump({
+        "model": {"name_or_path": "some/model"}, "stages": ["train"],
+        "data": {"candidates": str(cands)},
+        "train": {"gradient_accumulation_steps": 4, "num_train_epochs": 2}}))
+    plan = job_plan(load_recipe(recipe_file))
+    assert plan["stages"] == [{"stage": "train", "prompts": 10, "candidates": None,
+                               "steps": 2 * math.ceil(10 / 4), "tokens": None,
+                               "note": plan["stages"][0]["note"]}]
+    assert plan["downloads"] == [{"name": "some/model", "key": "model.name_or_path",
+                                  "what": "model: safetensors weights, config, tokenizer"}]

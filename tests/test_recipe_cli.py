@@ -207,3 +207,18 @@ def test_score_stage_reads_given_candidates_in_any_format(tmp_path, fmt):
     assert [r["responses"] for r in scored] == [["123", "321"], ["ab", "a"]]
     assert scored[0]["scores"][0] == 1.0 and scored[0]["scores"][1] < 1.0
     assert scored[1]["scores"] == [1.0, 0.5]
+
+
+def test_sampling_and_training_share_one_prompt_truncation(tmp_path):
+    both = {**MINIMAL, "stages": ["sample", "train"], "data": {"prompts": "p.jsonl"},
+            "train": {"max_prompt_length": 100}}
+    recipe = load_recipe(write(tmp_path, both))
+    assert recipe.sampling.max_prompt_length is None and recipe.sampling_prompt_length == 100
+    same = load_recipe(write(tmp_path, {**both, "sampling": {"max_prompt_length": 100}}))
+    assert same.sampling_prompt_length == 100
+    with pytest.raises(UserInputError, match=r"sampling.max_prompt_length \(256\) differs from "
+                       r"train.max_prompt_length \(100\)"):
+        load_recipe(write(tmp_path, {**both, "sampling": {"max_prompt_length": 256}}))
+    # sampling alone (no training to match) keeps its own
+    alone = {**both, "stages": ["sample"], "sampling": {"max_prompt_length": 256}}
+    assert load_recipe(write(tmp_path, alone)).sampling_prompt_length == 256

@@ -37,7 +37,7 @@ __all__ = ["normalize_reward_spec", "reward_model_scores", "reward_model_text", 
 
 # the recipe's scoring defaults, the one copy of them
 _RECIPE_DEFAULT = {name: ScoringSection.model_fields[name].default
-                   for name in ("batch_size", "max_length", "joiner")}
+                   for name in ("batch_size", "max_length", "joiner", "reward_format")}
 
 
 def normalize_reward_spec(reward: Any) -> dict:
@@ -56,7 +56,7 @@ def normalize_reward_spec(reward: Any) -> dict:
     if not isinstance(reward, Mapping):
         raise UserInputError(f"reward must be a mapping, got {type(reward).__name__}",
                              where="reward")
-    fmt = reward.get("format", reward.get("reward_format")) or "sequence_classification"
+    fmt = reward.get("format", reward.get("reward_format")) or _RECIPE_DEFAULT["reward_format"]
     raw_gptj = fmt == "gptj_value_head"
     spec = {
         "model": reward.get("model", reward.get("reward_model")),

@@ -219,6 +219,9 @@ def test_sampling_and_training_share_one_prompt_truncation(tmp_path):
     with pytest.raises(UserInputError, match=r"sampling.max_prompt_length \(256\) differs from "
                        r"train.max_prompt_length \(100\)"):
         load_recipe(write(tmp_path, {**both, "sampling": {"max_prompt_length": 256}}))
+    generator = {"generators": [{"method": "greedy", "max_prompt_length": 64}]}
+    with pytest.raises(UserInputError, match=r"sampling.generators.0.max_prompt_length \(64\)"):
+        load_recipe(write(tmp_path, {**both, "sampling": generator}))
     # sampling alone (no training to match) keeps its own
     alone = {**both, "stages": ["sample"], "sampling": {"max_prompt_length": 256}}
     assert load_recipe(write(tmp_path, alone)).sampling_prompt_length == 256

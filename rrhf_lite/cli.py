@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the recipe's JSON schema (every key, type and default)")
     validate = sub.add_parser("validate", help="check a recipe and print it resolved")
     _add_recipe_args(validate)
+    validate.add_argument(
+        "--plan", action="store_true",
+        help="also print the size of the job, from the recipe alone: what it downloads, and "
+        "the prompts, candidates, optimiser steps and tokens of each stage (as YAML comments)",
+    )
     plan = sub.add_parser("plan", help="will it fit? peak GPU memory by part, without a GPU")
     _add_recipe_args(plan)
     plan.add_argument("--gpu-memory", default="16GB", help="the card: 16GB, 24GiB, 15360MiB, t4")
@@ -136,6 +141,12 @@ def dispatch(args) -> int:
         recipe = _load(args)
         check_recipe(recipe)  # paths, model files, the resolved training arguments
         print(dump_recipe(recipe), end="")
+        if args.plan:
+            from rrhf_lite.plan_job import format_job_plan, job_plan
+
+            # comments, so the output stays a loadable recipe
+            text = format_job_plan(job_plan(recipe))
+            print("\n".join(f"# {line}".rstrip() for line in ["", *text.splitlines()]))
         return EXIT_OK
     if args.command in ("merge", "generate"):  # a builtin: base is built (once, cached) first
         from rrhf_lite.sources import is_builtin, resolve_model

@@ -27,6 +27,7 @@ import torch
 from transformers import set_seed
 
 from rrhf_lite import distributed
+from rrhf_lite.candidate_stats import describe, k_stats, planned_k
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import last_complete_checkpoint, looks_like_local_path, read_jsonl, write_jsonl
@@ -224,7 +225,7 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
             shard, generators=shifted,
             include_dataset_responses=recipe.sampling.include_dataset_responses,
             max_new_tokens=recipe.sampling.max_new_tokens,
-            max_prompt_length=recipe.sampling.max_prompt_length,
+            max_prompt_length=recipe.sampling_prompt_length,
             batch_size=recipe.sampling.batch_size, seed=recipe.seed + offset,
             load_kwargs=load_kwargs, progress=distributed.is_main_process(),
         )
@@ -232,6 +233,7 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
     rows = distributed.distributed_map(
         sample_shard, prompts, block_size=recipe.sampling.batch_size, pass_offset=True
     )
+    say(f"round {round_index}: candidates: {describe(k_stats(rows, planned_k(recipe.sampling)))}")
     _write_on_main(out, rows)
 
 
@@ -258,12 +260,20 @@ def _score(state: RunState, round_index: int, source: Path | str, out: Path) -> 
     device = distributed.local_device() if distributed.is_distributed() else None
     spec = recipe.scoring.reward_spec(trust_remote_code=recipe.model.trust_remote_code,
                                       device=device)
+    if spec.get("format") == "gptj_value_head":  # converted once, by one process, before any loads
+        if distributed.is_main_process():
+            from rrhf_lite.reward_checkpoint import converted_reward_dir
+
+            converted_reward_dir(spec["model"], spec["base"])
+        distributed.barrier()
     scored = distributed.distributed_map(
         lambda shard: score_candidates(
             shard, reward=spec, progress=distributed.is_main_process(), where=str(source)
         ),
         rows,
     )
+    planned = planned_k(recipe.sampling) if "sample" in recipe.stages else None
+    say(f"round {round_index}: scored: {describe(k_stats(scored, planned))}")
     _write_on_main(out, scored)
 
 

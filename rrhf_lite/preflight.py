@@ -51,6 +51,20 @@ def _check_model(value: str | None, key: str, *, tokenizer: bool = True) -> None
         raise
 
 
+def _check_reward(recipe: Recipe) -> None:
+    """A classifier directory; or a raw checkpoint (a local file or directory is found and
+    named, nothing is read yet) and its base's config and tokenizer."""
+    scoring = recipe.scoring
+    if scoring.reward_format != "gptj_value_head":
+        _check_model(scoring.reward_model, "scoring.reward_model")
+        return
+    if looks_like_local_path(scoring.reward_model) or Path(scoring.reward_model).exists():
+        from rrhf_lite.reward_checkpoint import find_checkpoint
+
+        find_checkpoint(scoring.reward_model)
+    _check_model(scoring.reward_base, "scoring.reward_base")
+
+
 def check_paths(recipe: Recipe, stages: set[str]) -> None:
     """The paths the stages in `stages` use (a merge-only run needs no data file)."""
     check_output_path(recipe.output_dir, f"recipe key output_dir ({recipe.output_dir})")
@@ -63,7 +77,7 @@ def check_paths(recipe: Recipe, stages: set[str]) -> None:
             raise
     _check_model(model.name_or_path, "model.name_or_path", tokenizer=model.tokenizer is None)
     if stages & {"score", "evaluate"}:
-        _check_model(recipe.scoring.reward_model, "scoring.reward_model")
+        _check_reward(recipe)
     if "evaluate" in stages:
         _check_model(recipe.evaluate.perplexity_model, "evaluate.perplexity_model")
     generators = recipe.sampling.generators if stages & {"sample", "evaluate"} else []

@@ -234,3 +234,21 @@ def test_run_saved_by_an_older_version_resumes(tmp_path):
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     with pytest.raises(UserInputError, match="different recipe"):
         prepare_run_dir(recipe, force=False)
+
+
+def test_sampling_and_training_share_one_prompt_truncation(tmp_path):
+    both = {**MINIMAL, "stages": ["sample", "train"], "data": {"prompts": "p.jsonl"},
+            "train": {"max_prompt_length": 100}}
+    recipe = load_recipe(write(tmp_path, both))
+    assert recipe.sampling.max_prompt_length is None and recipe.sampling_prompt_length == 100
+    same = load_recipe(write(tmp_path, {**both, "sampling": {"max_prompt_length": 100}}))
+    assert same.sampling_prompt_length == 100
+    with pytest.raises(UserInputError, match=r"sampling.max_prompt_length \(256\) differs from "
+                       r"train.max_prompt_length \(100\)"):
+        load_recipe(write(tmp_path, {**both, "sampling": {"max_prompt_length": 256}}))
+    generator = {"generators": [{"method": "greedy", "max_prompt_length": 64}]}
+    with pytest.raises(UserInputError, match=r"sampling.generators.0.max_prompt_length \(64\)"):
+        load_recipe(write(tmp_path, {**both, "sampling": generator}))
+    # sampling alone (no training to match) keeps its own
+    alone = {**both, "stages": ["sample"], "sampling": {"max_prompt_length": 256}}
+    assert load_recipe(write(tmp_path, alone)).sampling_prompt_length == 256

@@ -24,6 +24,7 @@ from statistics import mean
 import torch
 from rich.console import Console
 
+from rrhf_lite.candidate_stats import describe, k_stats, planned_k
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.inference import load_causal_lm
@@ -139,7 +140,7 @@ def held_out_candidates(state: RunState, scorer: Scorer, eval_rows: list[dict], 
     rows = sample_candidates(
         eval_rows, generators=generators, include_dataset_responses=False,
         max_new_tokens=recipe.sampling.max_new_tokens,
-        max_prompt_length=recipe.sampling.max_prompt_length,
+        max_prompt_length=recipe.sampling_prompt_length,
         batch_size=recipe.sampling.batch_size, seed=recipe.seed + 1,
         load_kwargs=recipe.policy_load_kwargs(),
     )
@@ -255,9 +256,27 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     responses = {variant: answer[0] for variant, answer in held_out.items()}
     for variant, ppl in perplexities(state, responses, held_out_prompts).items():
         metrics["variants"][variant]["perplexity"] = ppl
+    candidates_k = training_candidate_stats(state)
+    if candidates_k:
+        metrics["candidates"] = candidates_k
     rewards = {variant: answer[1] for variant, answer in held_out.items()}
     write_report(state, metrics, rewards, candidate_rewards)
     return metrics
+
+
+def training_candidate_stats(state: RunState) -> dict:
+    """k per prompt of each round's training candidates against the planned k (de-duplication
+    and empty answers lower it): {"round-1": k_stats, ...}, for the rounds that were scored."""
+    recipe = state.recipe
+    planned = planned_k(recipe.sampling) if "sample" in recipe.stages else None
+    out = {}
+    for index in range(1, recipe.rounds + 1):
+        for name in ("scored.jsonl", "candidates.jsonl"):
+            path = state.round_dir(index) / name
+            if path.exists():
+                out[f"round-{index}"] = k_stats(read_jsonl(path), planned)
+                break
+    return out
 
 
 # ------------------------------------------------------------------------------ the report
@@ -318,6 +337,9 @@ def _notes(state: RunState, plots: list[Path], metrics: dict) -> list[str]:
                      "samples per held-out prompt on average (duplicates removed)")
     notes += _dpo_notes(state)
     notes.append("train/s_per_step: wall time per optimiser step of each trained variant")
+    for name, stats in metrics.get("candidates", {}).items():
+        notes.append(f"training candidates, {name}: {describe(stats)} (identical candidates "
+                     "are kept once: a duplicate carries no ranking signal)")
     notes += [f"plot: {p.name}" for p in plots]
     return notes
 

@@ -33,7 +33,7 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import last_complete_checkpoint, looks_like_local_path, read_jsonl, write_jsonl
 from rrhf_lite.preflight import check_recipe
 from rrhf_lite.recipe import Recipe
-from rrhf_lite.recipe_sections import AblationSection
+from rrhf_lite.recipe_ablations import AblationSection
 from rrhf_lite.run_lock import run_dir_lock
 from rrhf_lite.run_state import RunState, prepare_run_dir, say
 from rrhf_lite.sources import load_prompt_rows, resolve_model

@@ -23,8 +23,8 @@ from pydantic import (
 )
 
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.recipe_ablations import AblationSection
 from rrhf_lite.recipe_sections import (
-    AblationSection,
     DataSection,
     EvaluateSection,
     LoraSection,

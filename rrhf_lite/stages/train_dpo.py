@@ -23,7 +23,7 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import atomic_directory, write_json, write_jsonl
 from rrhf_lite.modeling import ModelArguments, load_model_for_training, lora_config_from_args
 from rrhf_lite.recipe import Recipe
-from rrhf_lite.recipe_sections import AblationSection
+from rrhf_lite.recipe_ablations import AblationSection
 from rrhf_lite.run_state import say
 from rrhf_lite.stages.train import (
     model_arguments,

@@ -157,7 +157,7 @@ def run_shared_bench(shapes=SHAPES, device="cpu", repeat=3, attn="sdpa", dry=Fal
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
         for _ in range(repeat):
             for mode in MODES:
-                times[mode].append(time_fn(lambda mode=mode: step(*built[mode]), warmup=0, repeat=1,
+                times[mode].append(time_fn(lambda pair=built[mode]: step(*pair), warmup=0, repeat=1,
                                            device=device)["ms"])
         label = "P{} R{} k{}".format(*shape)
         shape_rows = []

@@ -8,9 +8,9 @@ None, the default) unless --micro. Per shape (prompt P, response R, k):
 - ms: RRHFTrainer.training_step wall time, median of --repeat; both modes in this process,
   their repeats interleaved (unshared, shared, unshared, ...) so that a busy shared CPU slows
   both alike;
-- peak_extra_mb: peak memory of one step beyond what the process held before it, in a fresh
-  process per mode (CPU: VmHWM after resetting it through /proc/self/clear_refs; CUDA:
-  max_memory_allocated);
+- peak_extra_mb: peak memory of one step beyond what the process held before it (CPU: in a
+  fresh process per mode, VmHWM after resetting it through /proc/self/clear_refs; CUDA: in this
+  process, max_memory_allocated after reset_peak_memory_stats);
 - tokens: what the model runs (unshared k(P + R); packed P + kR, plus padding);
 - loss_diff: |loss shared - loss unshared| on the same batch (same numbers expected).
 
@@ -20,7 +20,8 @@ Usage::
     python benchmarks/shared_prompt_bench.py --dry     # tiny model and shapes, no result file
     python benchmarks/shared_prompt_bench.py --device cuda --attn sdpa
 
-Function API (benchmarks/gpu_suite): ``run_shared_bench(shapes, device, ...)`` returns rows.
+Function API (benchmarks/gpu_suite): ``run_shared_bench(shapes, device, ...)`` returns rows;
+``check_exactness(device, attn)`` one row comparing packed and unshared sums and gradients.
 """
 
 from __future__ import annotations
@@ -62,10 +63,11 @@ def build(shape, share, device="cpu", attn="sdpa", dry=False, micro=None, checkp
     from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
 
     config = dict(TINY if dry else SMOLLM2)
-    if config.pop("tie_word_embeddings", False):
-        config["tie_word_embeddings"] = True
+    tied = config.pop("tie_word_embeddings", False)
     model = make_tiny_causal_lm(seed=0, attn_implementation=attn, **config).to(device)
-    model.config._attn_implementation = attn
+    if tied:  # as SmolLM2: the head is the input embedding
+        model.lm_head.weight = model.model.embed_tokens.weight
+        model.config.tie_word_embeddings = True
     if checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -136,6 +138,17 @@ def _peak_extra(shape, share, device, **kw) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _cuda_peak_extra(trainer, batch) -> dict:
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step(trainer, batch)
+    torch.cuda.synchronize()
+    return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before,
+            "memory_method": "torch.cuda.max_memory_allocated delta, in process"}
+
+
 def _tokens(trainer, batch, share) -> int:
     if not share:
         return int(batch["input_ids"].numel())
@@ -167,8 +180,9 @@ def run_shared_bench(shapes=SHAPES, device="cpu", repeat=3, attn="sdpa", dry=Fal
                    "ms": ms, "ms_min": min(times[mode]), "ms_all": times[mode],
                    "loss": losses[mode], "loss_diff": abs(losses[mode] - losses["unshared"]),
                    "attn": attn, "micro": micro, "checkpointing": checkpointing}
-            if measure_memory:
-                mem = _peak_extra(shape, mode == "shared", device, **kw)
+            if measure_memory:  # CUDA: in this process (the peak counter resets per step)
+                mem = (_cuda_peak_extra(*built[mode]) if device.startswith("cuda")
+                       else _peak_extra(shape, mode == "shared", device, **kw))
                 extra = mem.pop("peak_extra_bytes")
                 row["peak_extra_mb"] = None if extra is None else extra / 2**20
                 row["memory_method"] = mem["memory_method"]
@@ -183,6 +197,43 @@ def run_shared_bench(shapes=SHAPES, device="cpu", repeat=3, attn="sdpa", dry=Fal
         del built
         gc.collect()
     return rows
+
+
+def check_exactness(device="cpu", attn="sdpa", tolerance=1e-5) -> dict:
+    """Packed vs unshared rows on a small random fp32 LLaMA (k = 3, 1, 2, one-token and
+    truncated responses): per-candidate log-prob sums and every parameter's gradient of
+    sum_i w_i S_i. Passed when each error is <= tolerance x max(1, |reference|)."""
+    from rrhf_lite.logprobs import chunk_logprob_sums
+    from rrhf_lite.tiny.models import make_tiny_causal_lm
+    from rrhf_lite.tokenization import RRHFCollator
+
+    model = make_tiny_causal_lm(seed=0, hidden_size=64, intermediate_size=128, num_heads=4,
+                                num_kv_heads=2, attn_implementation=attn).to(device)
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(n):
+        return torch.randint(3, 100, (n,), generator=gen).tolist()
+
+    features = [{"prompt_ids": ids(9), "responses_ids": [ids(6) + [2], [2], ids(11)], "scores": [0.0] * 3},
+                {"prompt_ids": ids(4), "responses_ids": [ids(3) + [2]], "scores": [0.0]},
+                {"prompt_ids": [1] + ids(20), "responses_ids": [ids(7) + [2], ids(2)], "scores": [0.0] * 2}]
+    batch = RRHFCollator(0)(features)
+    args = [batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")]
+    groups = (batch["candidate_index"] // batch["rewards"].shape[1]).to(device)
+    weights = torch.linspace(-1.0, 2.0, len(args[0]), device=device)
+    out = {}
+    for mode, g in (("unshared", None), ("shared", groups)):
+        model.zero_grad(set_to_none=True)
+        sums, _ = chunk_logprob_sums(model, *args, backend="torch", groups=g)
+        (weights * sums).sum().backward()
+        out[mode] = (sums.detach().double(), [p.grad.double() for p in model.parameters()])
+    (ref, ref_grads), (got, grads) = out["unshared"], out["shared"]
+    sum_err = float(((got - ref).abs() / ref.abs().clamp(min=1)).max())
+    grad_err = max(float(((g - r).abs() / r.abs().max().clamp(min=1)).max())
+                   for g, r in zip(grads, ref_grads, strict=True))
+    return {"name": f"shared prompt exactness {attn} fp32", "device": device, "attn": attn,
+            "max_sum_err": sum_err, "max_grad_err": grad_err, "tolerance": tolerance,
+            "passed": sum_err <= tolerance and grad_err <= tolerance}
 
 
 def _shape(text: str) -> tuple[int, int, int]:

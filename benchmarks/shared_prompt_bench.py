@@ -8,8 +8,8 @@ None, the default) unless --micro. Per shape (prompt P, response R, k):
 - ms: RRHFTrainer.training_step wall time, median of --repeat; both modes in this process,
   their repeats interleaved (unshared, shared, unshared, ...) so that a busy shared CPU slows
   both alike;
-- peak_extra_mb: peak memory of one step beyond what the process held before it (CPU: in a
-  fresh process per mode, VmHWM after resetting it through /proc/self/clear_refs; CUDA: in this
+- peak_extra_mb: peak memory of one step beyond what the process held before it (CPU: the
+  first step of a fresh process per mode, after the trainer's one-off decisions, VmHWM after resetting it through /proc/self/clear_refs; CUDA: in this
   process, max_memory_allocated after reset_peak_memory_stats);
 - tokens: what the model runs (unshared k(P + R); packed P + kR, plus padding);
 - loss_diff: |loss shared - loss unshared| on the same batch (same numbers expected).
@@ -106,9 +106,13 @@ def _proc_kb(field):
 
 
 def memory_case(shape, share, device, **kw) -> dict:
-    """In this (fresh) process: peak memory of one step beyond what was held before it."""
+    """In this (fresh) process: peak memory of its first step beyond what was held before it."""
     trainer, batch = build(shape, share, device, **kw)
-    step(trainer, batch)  # decisions, optimizer state, allocator warm-up
+    # the trainer's one-off decisions (small forwards) before the measure, not a whole step: a
+    # warm-up step would leave its freed memory in the process and hide the next step's peak
+    inputs = trainer._prepare_inputs(dict(batch))
+    trainer._output_head(trainer.model, inputs)
+    trainer._share_prompt(trainer.model, inputs)
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()

@@ -105,3 +105,16 @@ def test_config_accepts_auto_true_false_only(tmp_path):
     assert RRHFConfig(output_dir=str(tmp_path), share_prompt="false").share_prompt is False
     with pytest.raises(UserInputError, match="share_prompt"):
         RRHFConfig(output_dir=str(tmp_path), share_prompt="yes")
+
+
+def test_recipe_key_reaches_the_config(tmp_path):
+    from pydantic import ValidationError
+
+    from rrhf_lite.recipe_sections import TrainSection
+
+    assert TrainSection().share_prompt == "auto"
+    assert TrainSection(share_prompt=False).share_prompt is False
+    with pytest.raises(ValidationError, match="share_prompt"):
+        TrainSection(share_prompt="sometimes")
+    fields = TrainSection(share_prompt=False).model_dump(include={"share_prompt"})
+    assert RRHFConfig(output_dir=str(tmp_path), **fields).share_prompt is False

@@ -7,7 +7,8 @@ recipe default), one prompt per step, all candidates in one chunk (candidate_mic
 None, the default) unless --micro. Per shape (prompt P, response R, k):
 - ms: RRHFTrainer.training_step wall time, median of --repeat; both modes in this process,
   their repeats interleaved (unshared, shared, unshared, ...) so that a busy shared CPU slows
-  both alike;
+  both alike; cpu_ms: the process's CPU time over the same steps (with one thread, the work
+  itself: robust to other jobs taking the cores, which wall time is not);
 - peak_extra_mb: peak memory of one step beyond what the process held before it (CPU: the
   first step of a fresh process per mode, after the trainer's one-off decisions, VmHWM after resetting it through /proc/self/clear_refs; CUDA: in this
   process, max_memory_allocated after reset_peak_memory_stats);
@@ -30,8 +31,10 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,7 +51,8 @@ SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "
            "max_position_embeddings": 2048}
 TINY = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
         "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 256}
-COLUMNS = ["mode", "shape", "tokens", "ms", "speed_vs_unshared", "peak_extra_mb",
+COLUMNS = ["mode", "shape", "tokens", "ms", "speed_vs_unshared", "cpu_ms", "cpu_speed_vs_unshared",
+           "peak_extra_mb",
            "memory_vs_unshared", "loss_diff"]
 MODES = ("unshared", "shared")
 
@@ -172,16 +176,20 @@ def run_shared_bench(shapes=SHAPES, device="cpu", repeat=3, attn="sdpa", dry=Fal
         losses = {mode: step(*built[mode]) for mode in MODES}  # warm-up, and the exactness check
         assert built["shared"][0]._share is True and built["unshared"][0]._share is False
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
+        cpu_times: dict[str, list[float]] = {mode: [] for mode in MODES}
         for _ in range(repeat):
             for mode in MODES:
+                started = time.process_time()
                 times[mode].append(time_fn(lambda pair=built[mode]: step(*pair), warmup=0, repeat=1,
                                            device=device)["ms"])
+                cpu_times[mode].append((time.process_time() - started) * 1e3)
         label = "P{} R{} k{}".format(*shape)
         shape_rows = []
         for mode in MODES:
             ms = sorted(times[mode])[len(times[mode]) // 2]
             row = {"mode": mode, "shape": label, "tokens": _tokens(*built[mode], mode == "shared"),
                    "ms": ms, "ms_min": min(times[mode]), "ms_all": times[mode],
+                   "cpu_ms": statistics.median(cpu_times[mode]), "cpu_ms_all": cpu_times[mode],
                    "loss": losses[mode], "loss_diff": abs(losses[mode] - losses["unshared"]),
                    "attn": attn, "micro": micro, "checkpointing": checkpointing}
             if measure_memory:  # CUDA: in this process (the peak counter resets per step)
@@ -194,6 +202,7 @@ def run_shared_bench(shapes=SHAPES, device="cpu", repeat=3, attn="sdpa", dry=Fal
         base = shape_rows[0]
         for row in shape_rows:
             row["speed_vs_unshared"] = base["ms"] / row["ms"]
+            row["cpu_speed_vs_unshared"] = base["cpu_ms"] / row["cpu_ms"]
             if base.get("peak_extra_mb") and row.get("peak_extra_mb") is not None:
                 row["memory_vs_unshared"] = row["peak_extra_mb"] / base["peak_extra_mb"]
         print_table(shape_rows, COLUMNS)
@@ -255,7 +264,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--micro", type=int, default=None, help="candidate_micro_batch_size")
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="CPU intra-op threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU intra-op threads (default 1: on a busy shared CPU the process's "
+                             "CPU time then measures the work, free of thread-pool waits)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     parser.add_argument("--_memory-case", dest="memory_case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -16,7 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
-from rrhf_lite.shared_prompt import embedding_dtype, mask_dtype_of, pack_chunk, static_reason
+from rrhf_lite.segment_attention import restore, use_segments
+from rrhf_lite.shared_prompt import (
+    embedding_dtype,
+    mask_dtype_of,
+    pack_chunk,
+    segments_in_use,
+    static_reason,
+    unwrapped,
+)
 from rrhf_lite.tokenization import IGNORE_INDEX, RRHFCollator, eos_id, tokenize_listwise
 
 
@@ -61,8 +69,10 @@ def _predicting_outputs(model, input_ids, attention_mask, labels, groups):
     packed = pack_chunk(input_ids, attention_mask, labels, groups, mask_dtype=mask_dtype_of(model))
     if packed is None:
         return None
+    # a model switched to rrhf_lite.segment_attention computes only the unmasked parts
+    layout = {"rrhf_layout": packed.layout} if segments_in_use(model) else {}
     outputs = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
-                    position_ids=packed.position_ids, logits_to_keep=packed.keep).logits
+                    position_ids=packed.position_ids, logits_to_keep=packed.keep, **layout).logits
     # a gather, not a view: the first response token of every candidate reads the prompt's end
     return outputs.reshape(-1, outputs.shape[-1])[packed.source], packed.labels, packed.scored
 
@@ -211,12 +221,16 @@ def choose_prompt_sharing(model, input_ids, attention_mask, labels, groups, sett
     """(True, None) when a chunk may be packed by prompt (rrhf_lite.shared_prompt), else
     (False, reason). setting False never; otherwise the attention implementation must honour
     custom 4-D masks and packing must reproduce the unshared log-prob sums on this input (a few
-    candidates of one prompt, eval mode)."""
+    candidates of one prompt, eval mode). A model with plain sdpa or eager attention is switched
+    to rrhf_lite.segment_attention first (the check then covers it)."""
     if setting is False:
         return False, "share_prompt is false"
     reason = static_reason(model)
     if reason is not None:
         return False, reason
+    config = getattr(unwrapped(model), "config", None)
+    # attention over the unmasked parts only, where the model's attention is plain (else the mask)
+    segments = config is not None and use_segments(config)
     was_training = model.training
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
     model.eval()
@@ -226,6 +240,8 @@ def choose_prompt_sharing(model, input_ids, attention_mask, labels, groups, sett
     finally:
         model.train(was_training)
     if not agrees:
+        if segments:
+            restore(config)
         return False, "packed rows do not reproduce the unshared log-probs (custom 4-D masks ignored?)"
     return True, None
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rrhf_lite.segment_attention import PREFIX as SEGMENTS_PREFIX
+from rrhf_lite.segment_attention import SegmentLayout
 from rrhf_lite.tokenization import IGNORE_INDEX
 
 # attention implementations known to drop a custom 4-D mask (they take a 2-D padding mask only)
@@ -41,7 +43,7 @@ class PackedChunk:
     scored [m] long: the chunk's candidates with at least one label to score (the others have
     sum 0 and count 0, as unshared); source [m, R] long: for each of their labels, the flat index
     into the [rows * keep] outputs that predicts it (0 on padding); labels [m, R] (-100 on
-    padding).
+    padding); layout: the same rows in parts, for rrhf_lite.segment_attention.
     """
 
     input_ids: torch.Tensor
@@ -51,6 +53,7 @@ class PackedChunk:
     scored: torch.Tensor
     source: torch.Tensor
     labels: torch.Tensor
+    layout: SegmentLayout
 
     @property
     def tokens(self) -> int:
@@ -87,7 +90,7 @@ def pack_chunk(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
     rows: dict[tuple, list] = {}
     for i, first, length in spans:
         rows.setdefault((grp[i], tuple(ids[i][:first])), []).append((i, first, length))
-    built, order, sources, targets = [], [], [], []
+    built, order, sources, targets, spans_of = [], [], [], [], []
     for r, ((_, prompt), members) in enumerate(rows.items()):
         P = len(prompt)
         tokens, positions, segments = list(prompt), list(range(P)), [0] * P
@@ -97,6 +100,7 @@ def pack_chunk(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
             positions += range(P, P + length - first)
             segments += [j] * (length - first)
             order.append(i)
+            spans_of.append((r, start, length - first))
             # the prompt's last output predicts the first response token, then the response's own
             sources.append((r, [P - 1] + list(range(start, start + length - first - 1))))
             targets.append(labs[i][first:length])
@@ -122,7 +126,35 @@ def pack_chunk(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: to
         input_ids=token_t.to(device), position_ids=position_t.to(device),
         attention_mask=segment_mask(segment_t, mask_dtype).to(device), keep=keep,
         scored=torch.tensor(order, dtype=torch.long, device=device),
-        source=source_t.to(device), labels=label_t.to(device))
+        source=source_t.to(device), labels=label_t.to(device),
+        layout=_layout(built, spans_of, width, device))
+
+
+def _layout(built, spans_of, width, device) -> SegmentLayout:
+    """The packed rows' parts for rrhf_lite.segment_attention (see SegmentLayout)."""
+    prompts = torch.tensor([P for _, _, _, P in built])
+    P = int(prompts.max())
+    causal = torch.ones(P, P, dtype=torch.bool).tril()
+    prompt_mask = None
+    if bool((prompts < P).any()):
+        prompt_mask = (causal & (torch.arange(P)[None, None, :] < prompts[:, None, None])).unsqueeze(1)
+    R = max(length for _, _, length in spans_of)
+    rows = torch.tensor([r for r, _, _ in spans_of])
+    starts = torch.tensor([start for _, start, _ in spans_of])
+    lengths = torch.tensor([length for _, _, length in spans_of])
+    t = torch.arange(R)
+    prompt_keys = torch.arange(P)[None, :] < prompts[rows][:, None]  # [n, P]
+    own_keys = t[None, :] < lengths[:, None]  # [n, R]; also which queries are real
+    base = rows[:, None] * width
+    key_index = torch.cat([torch.where(prompt_keys, base + torch.arange(P), base),
+                           torch.where(own_keys, base + starts[:, None] + t, base)], dim=1)
+    query_index = torch.where(own_keys, base + starts[:, None] + t, base)
+    own = own_keys[:, None, :] & (t[None, None, :] <= t[None, :, None])  # [n, R(query), R(key)]
+    response_mask = torch.cat([prompt_keys[:, None, :].expand(-1, R, -1), own], dim=2).unsqueeze(1)
+    return SegmentLayout(
+        prompt_width=P, prompt_mask=None if prompt_mask is None else prompt_mask.to(device),
+        key_index=key_index.to(device), query_index=query_index.to(device),
+        response_mask=response_mask.to(device), query_valid=own_keys.to(device))
 
 
 def segment_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -141,7 +173,7 @@ def segment_mask(segments: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 def embedding_dtype(model) -> torch.dtype:
     """The input embeddings' dtype (what the hidden states start as); float32 if unknown."""
-    model = _unwrapped(model)
+    model = unwrapped(model)
     get = getattr(model, "get_input_embeddings", None)
     weight = getattr(get() if callable(get) else None, "weight", None)
     if weight is not None and weight.dtype.is_floating_point:
@@ -152,20 +184,25 @@ def embedding_dtype(model) -> torch.dtype:
 def mask_dtype_of(model) -> torch.dtype:
     """bool for sdpa (what transformers gives it; no dtype to match under autocast), else the
     input embeddings' dtype for an additive mask (eager adds it to the scores, flex too)."""
-    if attention_implementation(model) == "sdpa":
+    if attention_implementation(model) in ("sdpa", SEGMENTS_PREFIX + "sdpa"):
         return torch.bool
     return embedding_dtype(model)
 
 
-def _unwrapped(model):
+def unwrapped(model):
     """Through DDP-style wrappers (`.module`) to the model that has a config."""
     while not hasattr(model, "config") and isinstance(getattr(model, "module", None), torch.nn.Module):
         model = model.module
     return model
 
 
+def segments_in_use(model) -> bool:
+    """Whether the model runs rrhf_lite.segment_attention (packed forwards pass their layout)."""
+    return str(attention_implementation(model)).startswith(SEGMENTS_PREFIX)
+
+
 def attention_implementation(model) -> str | None:
-    return getattr(getattr(_unwrapped(model), "config", None), "_attn_implementation", None)
+    return getattr(getattr(unwrapped(model), "config", None), "_attn_implementation", None)
 
 
 def static_reason(model) -> str | None:

@@ -48,6 +48,7 @@ from rrhf_lite.logprobs import (
     chunk_logprob_sums,
 )
 from rrhf_lite.loss import rrhf_loss
+from rrhf_lite.shared_prompt import segments_in_use
 from rrhf_lite.tokenization import RRHFCollator, tokenize_listwise
 from rrhf_lite.trainer_config import RRHFConfig
 from rrhf_lite.trainer_metrics import aggregate_metrics, combine_rank_totals, metric_totals
@@ -223,7 +224,9 @@ class RRHFTrainer(Trainer):
                                  where="share_prompt", hint="use 'auto' or false")
         if share:
             logger.info("rrhf-lite: each prompt runs once for its candidates (share_prompt %s: "
-                        "packed rows, 4-D attention mask)", setting)
+                        "packed rows, %s)", setting,
+                        "attention over the unmasked parts only" if segments_in_use(model)
+                        else "4-D attention mask")
         else:
             logger.info("rrhf-lite: every candidate row repeats its prompt (share_prompt off: %s)", reason)
         self._share, self._share_decided = share, True

@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from rrhf_lite.logprobs import choose_prompt_sharing, chunk_hidden_logprobs, chunk_logprob_sums
-from rrhf_lite.shared_prompt import pack_chunk, segment_mask
+from rrhf_lite.segment_attention import use_segments
+from rrhf_lite.shared_prompt import pack_chunk, segment_mask, segments_in_use
 from rrhf_lite.tiny import make_tiny_causal_lm
 from rrhf_lite.tokenization import IGNORE_INDEX, RRHFCollator
 
-ATTENTION = ["eager", "sdpa"]
+# the 4-D mask with eager and sdpa attention, and rrhf_lite.segment_attention over each
+ATTENTION = ["eager", "sdpa", "segments-eager", "segments-sdpa"]
 
 
 def _features():
@@ -42,9 +44,12 @@ def batch():
 
 
 def _model(attn: str):
+    base = attn.removeprefix("segments-")
     model = make_tiny_causal_lm(seed=0, hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2,
-                                attn_implementation=attn)
-    model.config._attn_implementation = attn
+                                attn_implementation=base)
+    assert model.config._attn_implementation == base
+    if attn.startswith("segments-"):
+        assert use_segments(model.config) and segments_in_use(model)
     return model.float()
 
 
@@ -164,10 +169,37 @@ def test_an_ignored_mask_would_be_caught(batch, monkeypatch):
         return original(torch.where(segments > 0, 1, segments), dtype)
 
     monkeypatch.setattr("rrhf_lite.shared_prompt.segment_mask", causal_only)
+    monkeypatch.setattr("rrhf_lite.logprobs.use_segments", lambda config: False)  # the mask path
     leaky, _ = chunk_logprob_sums(model, *_args(batch), backend="torch", groups=batch["groups"])
     assert (leaky - plain).abs().max() > 1e-3
     share, reason = choose_prompt_sharing(model, *_args(batch), batch["groups"])
     assert not share and "do not reproduce" in reason
+
+
+def test_leaky_segments_would_be_caught_and_switched_back(batch, monkeypatch):
+    import rrhf_lite.segment_attention as segments
+
+    model = _model("sdpa")
+    plain, _ = chunk_logprob_sums(model, *_args(batch), backend="torch")
+    original = segments.segment_attention
+
+    def leaky(module, query, key, value, layout, scaling, dropout):  # responses see each other
+        see_all = torch.ones_like(layout.response_mask[:, :, :, :layout.prompt_width])
+        wide = layout.response_mask.clone()
+        wide[:, :, :, :layout.prompt_width] = see_all
+        wide[:, :, :, layout.prompt_width:] = True
+        return original(module, query, key, value, type(layout)(**{**vars(layout), "response_mask": wide}),
+                        scaling, dropout)
+
+    monkeypatch.setattr(segments, "segment_attention", leaky)
+    share, reason = choose_prompt_sharing(model, *_args(batch), batch["groups"])
+    assert not share and "do not reproduce" in reason
+    assert model.config._attn_implementation == "sdpa"  # switched back
+    monkeypatch.setattr(segments, "segment_attention", original)
+    assert choose_prompt_sharing(model, *_args(batch), batch["groups"]) == (True, None)
+    assert segments_in_use(model)
+    again, _ = chunk_logprob_sums(model, *_args(batch), backend="torch")  # unpacked: the base
+    assert torch.equal(again, plain)
 
 
 def test_auto_decision(batch):

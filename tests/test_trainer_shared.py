@@ -13,6 +13,7 @@ import torch
 from test_trainer import _config, _first_batch, _lora_params, _model, _randomise_lora_b, _rows
 
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.shared_prompt import segments_in_use
 from rrhf_lite.tiny import save_tiny_causal_lm
 from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
 
@@ -45,6 +46,8 @@ def _compare(tmp_path, make, micros=(None, 2, 3), checkpointing=False, **kw):
         batch = _first_batch(trainer)
         runs[share] = [_step(trainer, batch, m) for m in micros]
         assert trainer._share is share
+        # plain sdpa / eager LLaMA attention: packed rows run rrhf_lite.segment_attention
+        assert segments_in_use(model) is share
     for (loss_s, grads_s), (loss_u, grads_u), micro in zip(runs[True], runs[False], micros, strict=True):
         assert loss_s == pytest.approx(loss_u, rel=1e-5, abs=1e-6), micro
         assert grads_s.keys() == grads_u.keys() and grads_s
@@ -81,7 +84,7 @@ def test_auto_turns_sharing_on_and_says_so_once(lm_dir, tmp_path, caplog):
         trainer.train()
         trainer.train()  # decided once
     said = [r.message for r in caplog.records if "prompt" in r.message and "share_prompt" in r.message]
-    assert len(said) == 1 and "runs once" in said[0]
+    assert len(said) == 1 and "runs once" in said[0] and "unmasked parts only" in said[0]
     assert trainer._share is True
 
 

@@ -55,7 +55,8 @@ def gpu_plan() -> Plan:
                 hidden_shapes=((4, 1024, 4096, 128256), (8, 512, 2048, 49152)),
                 plan_shapes=("llama-s", "llama-m", "llama-l"),
                 shared_shapes=((200, 100, 6), (30, 30, 2), (30, 30, 4)),
-                shared_check_attn=("sdpa", "eager", "flex_attention"))
+                shared_check_attn=("sdpa", "eager", "flex_attention", "segments-sdpa",
+                                   "segments-eager"))
 
 
 def dry_plan() -> Plan:
@@ -67,7 +68,8 @@ def dry_plan() -> Plan:
                 kernel_memory=False, e2e_models=("tiny-llama3",), e2e_goal_model="tiny-llama3",
                 e2e_shape=dict(k=4, seq_len=16, prompt_len=4), e2e_steps=1, budget_s=900.0,
                 hidden_shapes=((2, 8, 16, 300),), hidden_dtype="fp32",
-                plan_shapes=("tiny",), shared_shapes=((6, 5, 3),), shared_check_attn=("sdpa", "eager"))
+                plan_shapes=("tiny",), shared_shapes=((6, 5, 3),),
+                shared_check_attn=("sdpa", "eager", "segments-sdpa"))
 
 
 # --------------------------------------------------------------------------- time budget

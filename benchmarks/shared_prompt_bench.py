@@ -217,11 +217,15 @@ def check_exactness(device="cpu", attn="sdpa", tolerance=1e-5) -> dict:
     truncated responses): per-candidate log-prob sums and every parameter's gradient of
     sum_i w_i S_i. Passed when each error is <= tolerance x max(1, |reference|)."""
     from rrhf_lite.logprobs import chunk_logprob_sums
+    from rrhf_lite.segment_attention import use_segments
     from rrhf_lite.tiny.models import make_tiny_causal_lm
     from rrhf_lite.tokenization import RRHFCollator
 
+    base = attn.removeprefix("segments-")  # "segments-sdpa": rrhf_lite.segment_attention over sdpa
     model = make_tiny_causal_lm(seed=0, hidden_size=64, intermediate_size=128, num_heads=4,
-                                num_kv_heads=2, attn_implementation=attn).to(device)
+                                num_kv_heads=2, attn_implementation=base).to(device)
+    if attn != base and not use_segments(model.config):
+        raise ValueError(f"segment attention cannot stand in for {base!r}")
     gen = torch.Generator().manual_seed(0)
 
     def ids(n):

@@ -18,7 +18,10 @@ give NaN in the softmax and, through its backward, in the values' gradient.
 
 The mask is honoured by the eager and sdpa attention of transformers (a 4-D mask is used as
 given); flash-attention kernels ignore it, which is why `share_prompt: auto` checks the model
-once (`packing_agrees`) before turning packing on.
+once (logprobs.packing_agrees) before turning packing on. Those attentions still compute the
+whole L x L block; a model with plain sdpa or eager attention is switched to
+rrhf_lite.segment_attention, which computes only the parts the mask lets through, from the
+`layout` a packed chunk carries.
 """
 
 from __future__ import annotations

@@ -59,17 +59,23 @@ def segment_attention(module, query, key, value, layout: SegmentLayout, scaling,
     layout of an attention function's output)."""
     rows, heads, width, dim = query.shape
     groups = heads // key.shape[1]
-    if groups > 1:  # grouped-query attention: one key/value head per `groups` query heads
-        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+
+    def per_query_head(t):  # grouped-query attention: one key/value head per `groups` query heads
+        return t.repeat_interleave(groups, dim=1) if groups > 1 else t
+
     P = layout.prompt_width
     prompt_out = F.scaled_dot_product_attention(
-        query[:, :, :P], key[:, :, :P], value[:, :, :P], attn_mask=layout.prompt_mask,
-        is_causal=layout.prompt_mask is None, dropout_p=dropout, scale=scaling)
-    flat_q, flat_k, flat_v = (t.transpose(1, 2).reshape(rows * width, heads, dim)
+        query[:, :, :P], per_query_head(key[:, :, :P]), per_query_head(value[:, :, :P]),
+        attn_mask=layout.prompt_mask, is_causal=layout.prompt_mask is None, dropout_p=dropout,
+        scale=scaling)
+    flat_q, flat_k, flat_v = (t.transpose(1, 2).reshape(rows * width, t.shape[1], dim)
                               for t in (query, key, value))
+    # gathered before the heads are repeated: the candidates' copies of the prompt's keys and
+    # values stay at the key/value head count
     response_out = F.scaled_dot_product_attention(
-        _heads_first(flat_q, layout.query_index), _heads_first(flat_k, layout.key_index),
-        _heads_first(flat_v, layout.key_index), attn_mask=layout.response_mask,
+        _heads_first(flat_q, layout.query_index),
+        per_query_head(_heads_first(flat_k, layout.key_index)),
+        per_query_head(_heads_first(flat_v, layout.key_index)), attn_mask=layout.response_mask,
         dropout_p=dropout, scale=scaling)
     # rows in order: the prompt block, then every response token in its place (padding 0)
     out = torch.zeros(rows, width, heads, dim, dtype=prompt_out.dtype, device=prompt_out.device)

@@ -17,6 +17,7 @@ GOAL_BANDWIDTH_FRACTION = 0.80
 GOAL_SPEEDUP_VS_NAIVE = 3.0
 GOAL_PEAK_GB = 12.0
 GOAL_HIDDEN_PEAK_VS_LOGITS = 0.10
+GOAL_SHARED_SPEEDUPS = (("P200 R100 k6", 1.8), ("P30 R30 k2", 1.2))  # shared vs unshared step
 
 
 # --------------------------------------------------------------------------- goals
@@ -82,6 +83,21 @@ def evaluate_goals(results: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
                   "status": ("NOT MEASURED" if not hidden_checked else
                              "PASS" if all(r.get("passed") for r in hidden_checked) else "FAIL"),
                   "where": f"{len(hidden_checked)} cases"})
+    shared = [r for r in results.get("shared", []) if r.get("mode") == "shared"]
+    for shape, target in GOAL_SHARED_SPEEDUPS:
+        row = _find(shared, shape=shape) or {}
+        goal(f"shared prompt: training step at {shape} >= {target}x unshared",
+             row.get("speed_vs_unshared"), target, True, f"SmolLM2-135M shape fp32 {shape}")
+    ratios = [r["memory_vs_unshared"] for r in shared if r.get("memory_vs_unshared") is not None]
+    goal("shared prompt: peak memory no higher than unshared (every shape)",
+         max(ratios) if ratios else None, 1.0, False, f"{len(ratios)} shapes")
+    shared_checked = results.get("shared_correctness", [])
+    goals.append({"goal": "shared prompt: packed = unshared sums and gradients (<= 1e-5)",
+                  "target": len(shared_checked),
+                  "measured": sum(bool(r.get("passed")) for r in shared_checked),
+                  "status": ("NOT MEASURED" if not shared_checked else
+                             "PASS" if all(r.get("passed") for r in shared_checked) else "FAIL"),
+                  "where": ", ".join(str(r.get("attn")) for r in shared_checked) or "-"})
     return goals
 
 
@@ -97,6 +113,9 @@ HIDDEN_COLUMNS = ("path", "shape", "dtype", "ms", "speed_vs_logits", "peak_extra
                   "peak_extra_vs_logits", "max_abs_err_vs_logits")
 PLAN_COLUMNS = ("shape", "k", "micro_batch", "seq_len", "meas_total_mb", "pred_total_mb",
                 "err_total", "pred_peak_at")
+SHARED_COLUMNS = ("mode", "shape", "tokens", "ms", "speed_vs_unshared", "peak_extra_mb",
+                  "memory_vs_unshared", "loss_diff")
+SHARED_CHECK_COLUMNS = ("name", "max_sum_err", "max_grad_err", "tolerance", "passed", "error")
 GOAL_COLUMNS = ("goal", "status", "measured", "target", "where")
 
 
@@ -126,6 +145,9 @@ def to_markdown(results: dict[str, Any]) -> str:
         "extra memory in units of one logits buffer)\n",
         markdown_table(results.get("hidden", []), HIDDEN_COLUMNS),
         markdown_table(results.get("hidden_correctness", []), ("name", "max_sum_err", "sum_err_vs_tol", "max_grad_err", "grad_err_vs_tol", "passed")),
+        "## Shared prompt: one training step, packed vs unshared rows (median ms; peak extra "
+        "memory of a step)\n", markdown_table(results.get("shared", []), SHARED_COLUMNS),
+        markdown_table(results.get("shared_correctness", []), SHARED_CHECK_COLUMNS),
         "## Memory plan vs measured (rrhf-lite plan; err = predicted / measured - 1)\n",
         markdown_table(results.get("plan", []), PLAN_COLUMNS),
         "## Kernel correctness vs float64 (err_vs_tol <= 1 passes)\n",
@@ -167,6 +189,8 @@ def print_summary(results: dict[str, Any], out_dir: Path, stem: str) -> None:
     print_table(results["e2e"], E2E_COLUMNS, title="End-to-end RRHF step")
     print()
     print_table(results.get("hidden", []), HIDDEN_COLUMNS, title="Log-probs from hidden states")
+    print_table(results.get("shared", []), SHARED_COLUMNS, title="Shared prompt vs unshared step")
+    print_table(results.get("shared_correctness", []), SHARED_CHECK_COLUMNS, title="Shared prompt exactness")
     print_table(results.get("plan", []), PLAN_COLUMNS, title="Memory plan vs measured")
     print()
     if results["skipped"]:

@@ -36,6 +36,10 @@ class Plan:
     hidden_shapes: tuple[tuple[int, int, int, int], ...] = ()
     hidden_dtype: str = "bf16"
     plan_shapes: tuple[str, ...] = ()  # benchmarks/plan_vs_measured.SHAPES measured on the device
+    # shared-prompt packing (benchmarks/shared_prompt_bench.py): (prompt, response, k) step
+    # shapes, and the attention implementations whose exactness is checked
+    shared_shapes: tuple[tuple[int, int, int], ...] = ()
+    shared_check_attn: tuple[str, ...] = ()
 
 
 def gpu_plan() -> Plan:
@@ -49,7 +53,10 @@ def gpu_plan() -> Plan:
                 e2e_models=("llama3-8b", "llama2-7b"), e2e_goal_model="llama3-8b",
                 e2e_shape=dict(k=4, seq_len=512, prompt_len=64), e2e_steps=3, budget_s=480.0,
                 hidden_shapes=((4, 1024, 4096, 128256), (8, 512, 2048, 49152)),
-                plan_shapes=("llama-s", "llama-m", "llama-l"))
+                plan_shapes=("llama-s", "llama-m", "llama-l"),
+                shared_shapes=((200, 100, 6), (30, 30, 2), (30, 30, 4)),
+                shared_check_attn=("sdpa", "eager", "flex_attention", "segments-sdpa",
+                                   "segments-eager"))
 
 
 def dry_plan() -> Plan:
@@ -61,7 +68,8 @@ def dry_plan() -> Plan:
                 kernel_memory=False, e2e_models=("tiny-llama3",), e2e_goal_model="tiny-llama3",
                 e2e_shape=dict(k=4, seq_len=16, prompt_len=4), e2e_steps=1, budget_s=900.0,
                 hidden_shapes=((2, 8, 16, 300),), hidden_dtype="fp32",
-                plan_shapes=("tiny",))
+                plan_shapes=("tiny",), shared_shapes=((6, 5, 3),),
+                shared_check_attn=("sdpa", "eager", "segments-sdpa"))
 
 
 # --------------------------------------------------------------------------- time budget
@@ -230,6 +238,8 @@ def run_sections(suite: Suite, plan: Plan, device: str, sections: set[str]) -> N
 
         suite.run_item("hidden-state log-probs", 60 if device == "cuda" else 5, hidden,
                        cap_s=150 if device == "cuda" else None)
+    if "shared" in sections:
+        run_shared_item(suite, plan, device)
     if "plan" in sections and "e2e" not in sections:
         run_plan_item(suite, plan, device)
     if "kernel" in sections:
@@ -256,6 +266,33 @@ def run_plan_item(suite: Suite, plan: Plan, device: str) -> None:
 
     suite.run_item("plan vs measured", 30 if device == "cuda" else 10, run,
                    cap_s=90 if device == "cuda" else None)
+
+
+def run_shared_item(suite: Suite, plan: Plan, device: str) -> None:
+    """Shared-prompt packing: packed vs unshared exactness per attention implementation, then
+    the training step side by side per shape (a random LLaMA of SmolLM2-135M's shape, fp32;
+    dry: a tiny one). Rows are kept shape by shape, so a stop keeps what was measured."""
+    results = suite.results
+
+    def run():
+        from shared_prompt_bench import check_exactness, run_shared_bench
+
+        for attn in plan.shared_check_attn:
+            try:
+                row = check_exactness(device, attn)
+            except Exception as err:  # noqa: BLE001 - e.g. flex attention missing: say so, go on
+                row = {"name": f"shared prompt exactness {attn} fp32", "attn": attn, "passed": False,
+                       "error": f"{type(err).__name__}: {err}"[:500]}
+            results["shared_correctness"].append(row)
+            print(f"  {row['name']}: {'ok' if row['passed'] else 'FAILED'}", flush=True)
+        for shape in plan.shared_shapes:
+            results["shared"].extend(run_shared_bench(
+                [shape], device, repeat=plan.kernel_repeat, attn="sdpa", dry=device != "cuda",
+                measure_memory=plan.kernel_memory))
+            _free_memory()
+
+    suite.run_item("shared prompt", 60 if device == "cuda" else 5, run,
+                   cap_s=150 if device == "cuda" else None)
 
 
 def add_kernel_rows(rows: list[dict], new_rows: Sequence[dict]) -> None:

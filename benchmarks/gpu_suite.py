@@ -37,7 +37,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="global time budget in seconds (default 480; dry 900)")
-    parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e", "tests", "hidden", "plan"),
+    parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e", "tests", "hidden", "shared", "plan"),
                         help="run only these sections")
     parser.add_argument("--commit", default=None,
                         help="git commit to record when the tree has no .git (device copies)")
@@ -92,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": "running", "budget_s": budget, "elapsed_s": 0.0,
         "versions": versions(args.commit), "setup": setup,
         "goals": [], "correctness": [], "kernel": [], "e2e": [], "hidden": [], "hidden_correctness": [],
-        "plan": [],
+        "plan": [], "shared": [], "shared_correctness": [],
         "gpu_tests": {},
         "skipped": [], "errors": setup_errors, "timings_s": {}, "_start": start,
     }
@@ -111,7 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     suite = Suite(results, budget, write)
     suite.start = start  # the budget counts the wheel install and imports too
-    sections = set(args.only or ("correctness", "kernel", "e2e", "tests", "hidden", "plan"))
+    sections = set(args.only or ("correctness", "kernel", "e2e", "tests", "hidden", "shared", "plan"))
     try:
         run_sections(suite, plan, device, sections)
         results["status"] = "complete" if not results["skipped"] else "partial"
@@ -120,7 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results["status"] = "interrupted"
         write()
     print_summary(results, out_dir, stem)
-    failed = [r for r in results["correctness"] + results["hidden_correctness"] if not r.get("passed")]
+    failed = [r for r in results["correctness"] + results["hidden_correctness"]
+              + results["shared_correctness"] if not r.get("passed")]
     failed += [r for r in results["e2e"] if str(r.get("status", "")).startswith("error")]
     if (results.get("gpu_tests") or {}).get("status") == "failed":
         failed.append(results["gpu_tests"])

@@ -335,6 +335,10 @@ def generate_candidates(
     else:
         settings.update(do_sample=False, num_beams=1 if method == "greedy" else beams,
                         length_penalty=length_penalty)
-    output = model.generate(**batch, generation_config=GenerationConfig(**settings))
+    from rrhf_lite.prefill import generate_from_one_prefill
+
+    # each prompt's prefill runs once for its k samples / its beams (same tokens, see prefill)
+    copies = k if method == "top_p" else (1 if method == "greedy" else beams)
+    output = generate_from_one_prefill(model, batch, GenerationConfig(**settings), copies)
     texts = [decode_new_tokens(tokenizer, row[width:].tolist(), eos) for row in output]
     return [texts[i * k:(i + 1) * k] for i in range(len(prompts))]

@@ -16,6 +16,15 @@ from collections.abc import Sequence
 
 import torch
 
+from rrhf_lite.segment_attention import restore, use_segments
+from rrhf_lite.shared_prompt import (
+    embedding_dtype,
+    mask_dtype_of,
+    pack_chunk,
+    segments_in_use,
+    static_reason,
+    unwrapped,
+)
 from rrhf_lite.tokenization import IGNORE_INDEX, RRHFCollator, eos_id, tokenize_listwise
 
 
@@ -41,22 +50,59 @@ def _nothing(input_ids):
     return zeros, torch.zeros(len(input_ids), dtype=torch.long, device=input_ids.device)
 
 
-def chunk_logprob_sums(model, input_ids, attention_mask, labels, *, backend: str = "auto"):
+def _predicting_outputs(model, input_ids, attention_mask, labels, groups):
+    """The model's outputs at the positions that predict each label: (outputs [m, T, D],
+    labels [m, T], scored), or None when nothing in the chunk is scored.
+
+    groups None: one row per candidate, m = n and scored None. groups [n] (the prompt of each
+    candidate): the chunk is packed, each prompt once for its candidates
+    (rrhf_lite.shared_prompt), and scored [m] names the candidates with a label (the others
+    get sum 0 and count 0, as unshared).
+    """
+    if groups is None:
+        trimmed = _trim(input_ids, attention_mask, labels)
+        if trimmed is None:
+            return None
+        input_ids, attention_mask, labels, first, keep = trimmed
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        return outputs[:, :-1], labels[:, first:], None
+    packed = pack_chunk(input_ids, attention_mask, labels, groups, mask_dtype=mask_dtype_of(model))
+    if packed is None:
+        return None
+    # a model switched to rrhf_lite.segment_attention computes only the unmasked parts
+    layout = {"rrhf_layout": packed.layout} if segments_in_use(model) else {}
+    outputs = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask,
+                    position_ids=packed.position_ids, logits_to_keep=packed.keep, **layout).logits
+    # a gather, not a view: the first response token of every candidate reads the prompt's end
+    return outputs.reshape(-1, outputs.shape[-1])[packed.source], packed.labels, packed.scored
+
+
+def _spread(values: torch.Tensor, scored: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Per-scored-candidate values [m] back to the chunk's n candidates (0 for the others)."""
+    if scored is None:
+        return values
+    return values.new_zeros(n).index_copy(0, scored, values)
+
+
+def chunk_logprob_sums(model, input_ids, attention_mask, labels, *, backend: str = "auto",
+                       groups: torch.Tensor | None = None):
     """Forward one chunk of candidates; return (sums [n] float32, counts [n] int64).
 
     `labels` are unshifted (HF convention, -100 on prompt and padding). Only the logits that can
     predict a response token are computed (`logits_to_keep`), so prompt positions never reach
-    the lm_head or the log-softmax; the kernel takes the shifted views without a copy.
+    the lm_head or the log-softmax; unshared, the kernel takes the shifted views without a copy.
+    `groups` [n] (each candidate's prompt): pack the chunk, each prompt once (see
+    _predicting_outputs); the same numbers.
     """
     from rrhf_kernels import candidate_logprob_sums
 
-    trimmed = _trim(input_ids, attention_mask, labels)
-    if trimmed is None:  # nothing to score in this chunk
+    found = _predicting_outputs(model, input_ids, attention_mask, labels, groups)
+    if found is None:  # nothing to score in this chunk
         return _nothing(input_ids)
-    input_ids, attention_mask, labels, first, keep = trimmed
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    sums, counts = candidate_logprob_sums(logits[:, :-1], labels[:, first:], backend=backend)
-    return sums, counts
+    logits, labels, scored = found
+    sums, counts = candidate_logprob_sums(logits, labels, backend=backend)
+    n = len(input_ids)
+    return _spread(sums, scored, n), _spread(counts, scored, n)
 
 
 # ---------------------------------------------------------------- from hidden states
@@ -96,34 +142,37 @@ def head_bypassed(head: torch.nn.Module):
 
 def chunk_hidden_logprobs(model, head, input_ids, attention_mask, labels, *, backend: str = "auto",
                           coef: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                          return_lse: bool = False):
+                          return_lse: bool = False, groups: torch.Tensor | None = None):
     """chunk_logprob_sums without logits: the model runs without its head and rrhf_kernels
     reduces its hidden states with the head's weight (and bias) tile by tile.
 
     coef None: returns (sums, counts) (plus the per-token logsumexp with `return_lse`).
     coef [n] given: returns (total, sums, counts), total = sum(coef * sums) with the gradients
     made during the forward (rrhf_kernels.weighted_logprob_sum_from_hidden); `lse` is the
-    logsumexp a `return_lse` call gave for the same chunk.
+    logsumexp a `return_lse` call gave for the same chunk. `groups`: as in chunk_logprob_sums.
     """
     from rrhf_kernels import candidate_logprob_sums_from_hidden, weighted_logprob_sum_from_hidden
 
-    trimmed = _trim(input_ids, attention_mask, labels)
-    if trimmed is None:
+    with head_bypassed(head):
+        found = _predicting_outputs(model, input_ids, attention_mask, labels, groups)
+    if found is None:
         sums, counts = _nothing(input_ids)
         if coef is not None:
             return sums.sum(), sums, counts
         return (sums, counts, None) if return_lse else (sums, counts)
-    input_ids, attention_mask, labels, first, keep = trimmed
-    with head_bypassed(head):
-        hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-    hidden, labels = hidden[:, :-1], labels[:, first:]
+    hidden, labels, scored = found
     if hidden.device != head.weight.device:
         hidden = hidden.to(head.weight.device)
+    n = len(input_ids)
     if coef is None:
-        return candidate_logprob_sums_from_hidden(hidden, head.weight, labels, head.bias,
-                                                  backend=backend, return_lse=return_lse)
-    return weighted_logprob_sum_from_hidden(hidden, head.weight, labels, coef, head.bias,
-                                            backend=backend, lse=lse)
+        out = candidate_logprob_sums_from_hidden(hidden, head.weight, labels, head.bias,
+                                                 backend=backend, return_lse=return_lse)
+        return (_spread(out[0], scored, n), _spread(out[1], scored, n), *out[2:])
+    if scored is not None:
+        coef = coef[scored]
+    total, sums, counts = weighted_logprob_sum_from_hidden(hidden, head.weight, labels, coef, head.bias,
+                                                           backend=backend, lse=lse)
+    return total, _spread(sums, scored, n), _spread(counts, scored, n)
 
 
 def choose_output_head(model, input_ids, attention_mask, path: str = "auto", *, sharded: bool = False):
@@ -166,6 +215,51 @@ def hidden_path_agrees(model, head, input_ids, attention_mask) -> bool:
         return False
     mine = torch.nn.functional.linear(hidden.to(head.weight.device), head.weight, head.bias)
     return bool(torch.allclose(mine.float(), logits.float().to(mine.device), rtol=1e-2, atol=1e-3))
+
+
+def choose_prompt_sharing(model, input_ids, attention_mask, labels, groups, setting="auto"):
+    """(True, None) when a chunk may be packed by prompt (rrhf_lite.shared_prompt), else
+    (False, reason). setting False never; otherwise the attention implementation must honour
+    custom 4-D masks and packing must reproduce the unshared log-prob sums on this input (a few
+    candidates of one prompt, eval mode). A model with plain sdpa or eager attention is switched
+    to rrhf_lite.segment_attention first (the check then covers it)."""
+    if setting is False:
+        return False, "share_prompt is false"
+    reason = static_reason(model)
+    if reason is not None:
+        return False, reason
+    config = getattr(unwrapped(model), "config", None)
+    # attention over the unmasked parts only, where the model's attention is plain (else the mask)
+    segments = config is not None and use_segments(config)
+    was_training = model.training
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            agrees = packing_agrees(model, input_ids, attention_mask, labels, groups)
+    finally:
+        model.train(was_training)
+    if not agrees:
+        if segments:
+            restore(config)
+        return False, "packed rows do not reproduce the unshared log-probs (custom 4-D masks ignored?)"
+    return True, None
+
+
+@torch.no_grad()
+def packing_agrees(model, input_ids, attention_mask, labels, groups, most: int = 3) -> bool:
+    """Whether packing gives the unshared sums on up to `most` candidates of the first prompt
+    with several (a model that ignored the mask would let one response see another). Run once."""
+    counts = torch.bincount(groups - groups.min())
+    several = torch.nonzero(counts > 1).flatten()
+    group = int(several[0]) + int(groups.min()) if len(several) else int(groups[0])
+    pick = torch.nonzero(groups == group).flatten()[:most]
+    args = (input_ids[pick], attention_mask[pick], labels[pick])
+    plain, n = chunk_logprob_sums(model, *args, backend="torch")
+    packed, _ = chunk_logprob_sums(model, *args, backend="torch", groups=groups[pick])
+    per_token = 1e-4 if embedding_dtype(model) in (torch.float32, torch.float64) else 3e-2
+    tolerance = per_token * n.clamp(min=1).float() + 1e-5
+    return bool(((plain.float() - packed.float()).abs() <= tolerance).all())
 
 
 @torch.no_grad()

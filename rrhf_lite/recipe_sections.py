@@ -284,6 +284,10 @@ class TrainSection(Section):
     logprob_path: Literal["auto", "hidden", "logits"] = Field(
         "auto", description="auto = log-probs straight from hidden states (no [N, T, V] logits) "
         "where the model's head allows it; hidden = require that; logits = never")
+    share_prompt: Literal["auto"] | bool = Field(
+        "auto", description="auto = each prompt runs once for its k candidates (packed rows, a "
+        "4-D attention mask; same numbers) where the model allows it, said once in the log; "
+        "true = require that; false = every candidate row repeats its prompt")
     gradient_checkpointing: bool = True
     mixed_precision: Literal["auto", "bf16", "fp16", "no"] = Field(
         "auto", description="auto = bf16 on GPUs that have it, fp16 on others (T4), none on CPU"

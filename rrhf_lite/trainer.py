@@ -43,10 +43,12 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.finite_guard import NonFiniteGuard
 from rrhf_lite.logprobs import (
     choose_output_head,
+    choose_prompt_sharing,
     chunk_hidden_logprobs,
     chunk_logprob_sums,
 )
 from rrhf_lite.loss import rrhf_loss
+from rrhf_lite.shared_prompt import segments_in_use
 from rrhf_lite.tokenization import RRHFCollator, tokenize_listwise
 from rrhf_lite.trainer_config import RRHFConfig
 from rrhf_lite.trainer_metrics import aggregate_metrics, combine_rank_totals, metric_totals
@@ -203,16 +205,44 @@ class RRHFTrainer(Trainer):
         self._head, self._head_decided = head, True
         return head
 
+    @staticmethod
+    def _prompt_groups(inputs: dict) -> torch.Tensor:
+        """Each candidate's prompt: its row b in the [B, K] grid of candidate_index."""
+        return torch.div(inputs["candidate_index"], inputs["rewards"].shape[1], rounding_mode="floor")
+
+    def _share_prompt(self, model, inputs: dict) -> bool:
+        """Whether chunks are packed by prompt (each prompt once for its candidates); decided once."""
+        if getattr(self, "_share_decided", False):
+            return self._share
+        setting = self.args.share_prompt
+        with self.compute_loss_context_manager():
+            share, reason = choose_prompt_sharing(
+                model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
+                self._prompt_groups(inputs), setting)
+        if not share and setting is True:
+            raise UserInputError(f"share_prompt true is not possible here: {reason}",
+                                 where="share_prompt", hint="use 'auto' or false")
+        if share:
+            logger.info("rrhf-lite: each prompt runs once for its candidates (share_prompt %s: "
+                        "packed rows, %s)", setting,
+                        "attention over the unmasked parts only" if segments_in_use(model)
+                        else "4-D attention mask")
+        else:
+            logger.info("rrhf-lite: every candidate row repeats its prompt (share_prompt off: %s)", reason)
+        self._share, self._share_decided = share, True
+        return share
+
     def _chunk_sums(self, model, inputs: dict, part: slice, **hidden_kw):
         """(sums, counts) of a chunk; with the hidden path, `hidden_kw` (coef, lse, return_lse)
         go to chunk_hidden_logprobs and change what comes back (see there)."""
         head = self._output_head(model, inputs)
+        groups = self._prompt_groups(inputs)[part] if self._share_prompt(model, inputs) else None
         args = (inputs["input_ids"][part], inputs["attention_mask"][part], inputs["labels"][part])
         with self.compute_loss_context_manager():
             if head is None:
-                return chunk_logprob_sums(model, *args, backend=self.args.logprob_backend)
+                return chunk_logprob_sums(model, *args, backend=self.args.logprob_backend, groups=groups)
             return chunk_hidden_logprobs(model, head, *args, backend=self.args.logprob_backend,
-                                         **hidden_kw)
+                                         groups=groups, **hidden_kw)
 
     def loss_from_sums(self, sums: torch.Tensor, counts: torch.Tensor, inputs: dict):
         """RRHF loss and metrics from flat per-candidate sums [N] and counts [N]."""

@@ -27,6 +27,11 @@ class RRHFConfig(TrainingArguments):
     logprob_path: "auto" (log-probs straight from hidden states when the model allows it, else
         from logits; said once in the log) | "hidden" (required: an error if not possible) |
         "logits" (always the [N, T, V] logits).
+    share_prompt: "auto" (pack each prompt once with its candidates where the model honours a
+        custom 4-D attention mask and reproduces the unshared log-probs, checked once on real
+        input; else unshared rows, the reason said once in the log) | True (required: an error
+        if not possible) | False (every candidate row repeats its prompt). Same numbers either
+        way (rrhf_lite.shared_prompt).
     Defaults differing from TrainingArguments: logging every step, unused columns kept (the
     collator needs them), non-reentrant gradient checkpointing.
     """
@@ -40,6 +45,7 @@ class RRHFConfig(TrainingArguments):
     candidate_micro_batch_size: int | None = None
     logprob_backend: str = "auto"
     logprob_path: str = "auto"
+    share_prompt: str | bool = "auto"
     logging_steps: float = 1
     remove_unused_columns: bool = False
     report_to: None | str | list[str] = field(default="none")
@@ -54,6 +60,11 @@ class RRHFConfig(TrainingArguments):
         if self.logprob_path not in ("auto", "hidden", "logits"):
             raise UserInputError(f"unknown logprob_path {self.logprob_path!r}",
                                  where="logprob_path", hint="use 'auto', 'hidden' or 'logits'")
+        if isinstance(self.share_prompt, str) and self.share_prompt.lower() in ("true", "false"):
+            self.share_prompt = self.share_prompt.lower() == "true"
+        if self.share_prompt not in ("auto", True, False):
+            raise UserInputError(f"share_prompt must be 'auto', true or false, got {self.share_prompt!r}",
+                                 where="share_prompt", hint="use 'auto', true or false")
         if self.candidate_micro_batch_size is not None and self.candidate_micro_batch_size < 1:
             raise UserInputError("candidate_micro_batch_size must be >= 1 (or None for all)",
                                  where="candidate_micro_batch_size", hint="e.g. 2")

@@ -125,6 +125,19 @@ def test_dry_run_hidden_state_rows(dry_results):
     assert "Log-probs from hidden states" in md
 
 
+def test_dry_run_shared_prompt_rows(dry_results):
+    results, md, _ = dry_results
+    checks = results["shared_correctness"]
+    assert [r["attn"] for r in checks] == list(runner.dry_plan().shared_check_attn)
+    assert all(r["passed"] and r["max_sum_err"] <= 1e-5 for r in checks), checks
+    rows = results["shared"]
+    assert [r["mode"] for r in rows] == ["unshared", "shared"] * len(runner.dry_plan().shared_shapes)
+    for unshared, shared in zip(rows[::2], rows[1::2], strict=True):
+        assert shared["tokens"] < unshared["tokens"] and shared["ms"] > 0
+        assert shared["loss_diff"] <= 1e-5 * max(1.0, abs(unshared["loss"]))
+    assert "## Shared prompt" in md
+
+
 def test_dry_run_plan_rows(dry_results):
     rows = dry_results[0]["plan"]
     measured = [r for r in rows if r.get("source") != "e2e"]
@@ -138,7 +151,7 @@ def test_dry_run_plan_rows(dry_results):
 def test_dry_run_goals_and_markdown(dry_results):
     results, md, stdout = dry_results
     goals = {g["goal"]: g for g in results["goals"]}
-    assert len(goals) == 7
+    assert len(goals) == 11
     assert all(g["status"] in {"PASS", "FAIL", "NOT MEASURED"} for g in goals.values())
     correctness = next(g for name, g in goals.items() if "float64" in name)
     assert correctness["status"] == "PASS"
@@ -255,7 +268,7 @@ def test_goals_pass_fail_and_not_measured():
     }
     goals = output.evaluate_goals(results, plan)
     status = [g["status"] for g in goals]
-    assert status == ["PASS", "FAIL", "PASS", "FAIL", "NOT MEASURED", "NOT MEASURED", "NOT MEASURED"]
+    assert status == ["PASS", "FAIL", "PASS", "FAIL"] + ["NOT MEASURED"] * 7
     assert goals[2]["measured"] == 11.0 and "mb=1" in goals[2]["where"]
     results["gpu_tests"] = {"status": "failed", "tests": 3, "passed": 2, "summary": "1 failed"}
     assert output.evaluate_goals(results, plan)[4]["status"] == "FAIL"
@@ -264,7 +277,12 @@ def test_goals_pass_fail_and_not_measured():
     results["hidden"] = [{"path": "hidden_fused", "shape": "4x1024x4096x128256", "dtype": "bf16",
                           "peak_extra_vs_logits": 0.07}]
     results["hidden_correctness"] = [{"passed": True}]
-    assert [g["status"] for g in output.evaluate_goals(results, plan)[5:]] == ["PASS", "PASS"]
+    assert [g["status"] for g in output.evaluate_goals(results, plan)[5:7]] == ["PASS", "PASS"]
+    results["shared"] = [
+        {"mode": "shared", "shape": "P200 R100 k6", "speed_vs_unshared": 1.9, "memory_vs_unshared": 0.8},
+        {"mode": "shared", "shape": "P30 R30 k2", "speed_vs_unshared": 1.1, "memory_vs_unshared": 1.05}]
+    results["shared_correctness"] = [{"attn": "sdpa", "passed": True}, {"attn": "flex_attention", "passed": False}]
+    assert [g["status"] for g in output.evaluate_goals(results, plan)[7:]] == ["PASS", "FAIL", "FAIL", "FAIL"]
     empty = output.evaluate_goals({"kernel": [], "e2e": [], "correctness": []}, plan)
     assert {g["status"] for g in empty} == {"NOT MEASURED"}
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections import defaultdict
 
 import torch
 from accelerate.utils import DistributedType
@@ -38,7 +37,6 @@ from transformers import Trainer
 
 from rrhf_lite import cpu_4bit
 from rrhf_lite.data import load_listwise
-from rrhf_lite.distributed import all_gather_object
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.finite_guard import NonFiniteGuard
 from rrhf_lite.logprobs import (
@@ -48,13 +46,13 @@ from rrhf_lite.logprobs import (
     chunk_logprob_sums,
 )
 from rrhf_lite.loss import rrhf_loss
+from rrhf_lite.rng import rng_state, set_rng_state
 from rrhf_lite.shared_prompt import segments_in_use
 from rrhf_lite.tokenization import RRHFCollator, tokenize_listwise
 from rrhf_lite.trainer_config import RRHFConfig
-from rrhf_lite.trainer_metrics import aggregate_metrics, combine_rank_totals, metric_totals
+from rrhf_lite.trainer_metrics import LoggedMetrics
 
 logger = logging.getLogger(__name__)
-
 
 
 class _Features(torch.utils.data.Dataset):
@@ -68,20 +66,7 @@ class _Features(torch.utils.data.Dataset):
         return self.features[index]
 
 
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class RRHFTrainer(Trainer):
+class RRHFTrainer(LoggedMetrics, Trainer):
     """A transformers.Trainer that optimises the RRHF loss.
 
     Args (beyond Trainer's):
@@ -125,8 +110,6 @@ class RRHFTrainer(Trainer):
                                      where="processing_class", hint="pass the model's tokenizer")
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             data_collator = RRHFCollator(pad)
-        self._metrics: dict[str, defaultdict[str, list]] = {
-            "train": defaultdict(list), "eval": defaultdict(list)}
         super().__init__(model=model, args=args, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class,
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
@@ -331,7 +314,7 @@ class RRHFTrainer(Trainer):
         hidden = self._output_head(model, inputs) is not None
         with torch.no_grad():  # pass 1: every score, no activations kept
             for i, part in enumerate(runs):
-                states.append(_rng_state())
+                states.append(rng_state())
                 if hidden:  # each token's logsumexp, reused by pass 3
                     s, c, lse = self._chunk_sums(model, inputs, part, return_lse=True)
                     lses.append(lse)
@@ -340,13 +323,13 @@ class RRHFTrainer(Trainer):
                 if i < len(chunks):
                     sums.append(s)
                     counts.append(c)
-        after = _rng_state()
+        after = rng_state()
         leaf = torch.cat(sums).detach().requires_grad_(True)
         with torch.enable_grad():  # pass 2: g_i = dL/dS_i, cheap (B x k numbers)
             loss, metrics = self.loss_from_sums(leaf, torch.cat(counts), inputs)
             (grad,) = torch.autograd.grad(loss, leaf)
         for i, (part, state) in enumerate(zip(runs, states, strict=True)):  # pass 3: per chunk
-            _set_rng_state(state)  # same dropout masks as in pass 1
+            set_rng_state(state)  # same dropout masks as in pass 1
             weight = grad[part] if i < len(chunks) else torch.zeros_like(grad[:1])
             # only the last backward synchronises ranks (the others accumulate locally)
             sync = i == len(runs) - 1
@@ -357,7 +340,7 @@ class RRHFTrainer(Trainer):
                 else:
                     s, _ = self._chunk_sums(model, inputs, part)
                     self._backward((weight.to(s.dtype) * s).sum() * scale)
-        _set_rng_state(after)
+        set_rng_state(after)
         return loss, metrics
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -366,33 +349,3 @@ class RRHFTrainer(Trainer):
             loss, metrics = self._full_loss(model, inputs)
         self._store_metrics(metrics, "eval")
         return loss.detach(), None, None
-
-    # ---------------------------------------------------------------- metrics
-
-    def _store_metrics(self, metrics: dict[str, float], mode: str) -> None:
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(value)
-
-    # the reductions, as the trainer's own (tests and callbacks call them there)
-    _metric_totals = staticmethod(metric_totals)
-    aggregate_metrics = staticmethod(aggregate_metrics)
-    combine_rank_totals = staticmethod(combine_rank_totals)
-
-    def _aggregate_across_ranks(self, stored: dict[str, list]) -> dict[str, float]:
-        totals = metric_totals(stored)
-        if self.accelerator.num_processes == 1:
-            return self.combine_rank_totals([totals])
-
-        # a collective: every rank calls Trainer.log at the same points of training/evaluation
-        return self.combine_rank_totals(all_gather_object(totals))
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        stored = self._metrics[mode]
-        aggregated = self._aggregate_across_ranks(stored)
-        prefix = "eval_" if mode == "eval" else ""
-        # in place: Trainer.evaluate() returns this same dict, so eval metrics reach the caller
-        logs.update({prefix + k: v for k, v in aggregated.items()})
-        stored.clear()
-        super().log(logs, start_time)
-

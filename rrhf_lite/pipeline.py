@@ -35,6 +35,8 @@ from rrhf_lite.recipe import Recipe
 from rrhf_lite.run_lock import run_dir_lock
 from rrhf_lite.run_state import RunState, prepare_run_dir, say
 from rrhf_lite.sources import load_prompt_rows, resolve_model
+from rrhf_lite.stage_times import timed_stage
+from rrhf_lite.stages.eval_report import refresh_stage_times
 from rrhf_lite.stages.evaluate import evaluate_run
 from rrhf_lite.stages.merge import merge_adapter
 from rrhf_lite.stages.sample import sample_candidates
@@ -64,9 +66,11 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
     if recipe.cpu_threads:
         torch.set_num_threads(recipe.cpu_threads)
     run_dir = prepare_run_dir(recipe, force)
-    base_model = resolve_model(
-        recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
-    )
+    main = distributed.is_main_process()
+    with timed_stage(run_dir, "model", enabled=main):  # a built-in's first build is slow
+        base_model = resolve_model(
+            recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
+        )
     state = RunState(recipe, run_dir, base_model, stages, models=_generator_models(recipe, stages))
     say(f"run directory: {run_dir}  stages: {', '.join(stages)}  rounds: {recipe.rounds}")
 
@@ -79,11 +83,15 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
 
     metrics: dict = {}
     # Evaluation and merging are not sharded: the main process does them, the others wait.
-    if distributed.is_main_process():
+    if main:
         if "evaluate" in stages:
-            metrics = evaluate_run(state, _evaluation_prompts(recipe))
+            with timed_stage(run_dir, "evaluate"):
+                metrics = evaluate_run(state, _evaluation_prompts(recipe))
         if "merge" in stages:
-            _merge(state)
+            with timed_stage(run_dir, "merge"):
+                _merge(state)
+        # evaluate wrote the report before its own (and merge's) time was known
+        refresh_stage_times(run_dir)
     distributed.barrier()
     say(f"done: {run_dir}")
     return metrics
@@ -138,7 +146,9 @@ def _run_round(state: RunState, round_index: int) -> bool:
         source = stage.source(state, round_index) if stage.source else None
         if source is not None and not _round_input_ready(round_index, source, stage.after):
             return False
-        stage.run(state, round_index, source, output)
+        with timed_stage(state.run_dir, f"round-{round_index}/{stage.name}",
+                         enabled=distributed.is_main_process()):
+            stage.run(state, round_index, source, output)
     adapter = out / "train" / "adapter"
     if "train" in state.recipe.stages and adapter.exists():
         state.round_adapters[round_index] = adapter
@@ -302,7 +312,9 @@ def _train_ablation(state: RunState, name: str, overrides: dict) -> None:
         data = _training_data(state, 1)
         _require(data, "score")
         say(f"ablation '{name}': {overrides}")
-        _train(state, data, out, init_adapter=None, overrides=overrides)
+        with timed_stage(state.run_dir, f"ablation/{name}/train",
+                         enabled=distributed.is_main_process()):
+            _train(state, data, out, init_adapter=None, overrides=overrides)
     if adapter.exists():
         state.ablation_adapters[name] = adapter
 

@@ -1,0 +1,60 @@
+"""Wall time of each stage of a run, kept in the run directory so a resumed run still reports
+the stages an earlier command ran (a stage skipped this time keeps its recorded time).
+
+    run_dir/stage_times.json   {"model": 41.2, "round-1/sample": 63.0, "round-1/train": 95.1, ...}
+
+Names: "model" (resolving the base model: a built-in's first conversion or warm-up, else ~0),
+"round-<N>/<stage>", "ablation/<name>/train", "evaluate", "merge". Written atomically after
+each stage; evaluate and merge copy the whole record into metrics.json and report.md.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rrhf_lite.io import atomic_write_text
+
+FILE_NAME = "stage_times.json"
+
+
+def read_stage_times(run_dir: str | Path) -> dict[str, float]:
+    """The recorded times (seconds), in the order the stages first ran; {} when none."""
+    path = Path(run_dir) / FILE_NAME
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:  # a hand-edited or foreign file: the times are only a report
+        return {}
+    return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
+
+
+def record_stage_time(run_dir: str | Path, name: str, seconds: float) -> dict[str, float]:
+    """Add (or replace) one stage's time; return the whole record."""
+    times = read_stage_times(run_dir)
+    times[name] = round(float(seconds), 2)
+    atomic_write_text(Path(run_dir) / FILE_NAME, json.dumps(times, indent=2) + "\n")
+    return times
+
+
+@contextmanager
+def timed_stage(run_dir: str | Path | None, name: str, enabled: bool = True) -> Iterator[None]:
+    """Record the wall time of the block under `name` when it finishes without an error (a
+    failed stage has no time to report). run_dir None (no directory yet) or not `enabled`
+    (another process than the main one): nothing is written."""
+    start = time.perf_counter()
+    yield
+    if run_dir is not None and enabled:
+        record_stage_time(run_dir, name, time.perf_counter() - start)
+
+
+def stage_time_rows(times: dict[str, float]) -> list[dict]:
+    """Rows for a report table: each stage, its seconds, and a total over all of them."""
+    rows = [{"stage": name, "wall_s": round(seconds, 1)} for name, seconds in times.items()]
+    if rows:
+        rows.append({"stage": "total", "wall_s": round(sum(times.values()), 1)})
+    return rows

@@ -1,0 +1,175 @@
+"""The real-model recipe (recipes/smollm2_constraints.yaml) over several seeds: the results
+table, differences paired by seed, the share of the initial -> best-of-k gap each variant closes,
+time per optimiser step of each trained variant, and the wall time of each stage.
+
+Each seed runs `rrhf-lite run recipes/smollm2_constraints.yaml --set seed=N` in a fresh
+subprocess, in its own run directory under --work-dir (kept, so an interrupted benchmark resumes
+where it stopped and a later one can add a variant to the same runs). The first seed may use a
+fresh model cache (--fresh-cache) so that its wall time includes the one-time conversion of the
+GGUF; the others reuse the conversion. The baseline of every difference is the initial policy of
+the same seed, measured in the same run.
+
+    python benchmarks/smollm2_bench.py                         # seeds 0 1 2, the recipe as shipped
+    python benchmarks/smollm2_bench.py --seeds 0 --set data.max_prompts=8    # quicker
+    python benchmarks/smollm2_bench.py --summarise-only        # rebuild the JSON from the runs
+
+Writes benchmarks/results/<date>-<device>-smollm2.json after every seed (partial results are
+kept) and prints the tables. Records CPU load: timings on a shared machine are pessimistic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+try:
+    from benchmarks._common import print_table, write_result
+    from benchmarks.quickstart_bench import paired, summarise
+except ImportError:
+    from _common import print_table, write_result
+    from quickstart_bench import paired, summarise
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "smollm2_constraints.yaml"
+# (first, second): per-seed differences of held-out reward
+PAIRS = (("rrhf", "initial"), ("rrhf_round2", "initial"), ("rrhf", "no_rank_loss"),
+         ("rrhf_round2", "rrhf"), ("rrhf", "dpo"), ("dpo", "initial"))
+TRAINED = ("round-1", "round-2", "ablations/no_rank_loss", "ablations/dpo")
+
+
+def run_seed(seed: int, overrides: list[str], work_dir: Path, cache: Path | None) -> dict:
+    out = work_dir / f"seed-{seed}"
+    env = dict(os.environ)
+    if cache is not None:
+        env["RRHF_LITE_CACHE"] = str(cache)
+    cmd = [sys.executable, "-m", "rrhf_lite.cli", "run", str(RECIPE), "--output-dir", str(out),
+           "--set", f"seed={seed}"]
+    for item in overrides:
+        cmd += ["--set", item]
+    load_before = os.getloadavg()[0]
+    start, cpu_start = time.time(), os.times()
+    with open(work_dir / f"seed-{seed}.log", "a", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    wall = time.time() - start
+    cpu_end = os.times()
+    cpu = (cpu_end.children_user - cpu_start.children_user) + (
+        cpu_end.children_system - cpu_start.children_system)
+    if proc.returncode != 0:
+        raise SystemExit(f"seed {seed}: rrhf-lite run failed with exit code {proc.returncode}; "
+                         f"see {work_dir / f'seed-{seed}.log'}")
+    return {"seed": seed, "wall_s": wall, "cpu_s": cpu, "load_avg_1m_before": load_before,
+            "load_avg_1m_after": os.getloadavg()[0], **read_run(out)}
+
+
+def read_run(run_dir: Path) -> dict:
+    """What a finished run directory holds: its metrics, stage times and time per step."""
+    document = json.loads((run_dir / "metrics.json").read_text())
+    metrics = document["metrics"]
+    return {"run_dir": str(run_dir), "metrics": metrics,
+            "stage_wall_s": metrics.get("wall_s", {}), "steps": step_times(run_dir)}
+
+
+def step_times(run_dir: Path) -> dict[str, dict]:
+    """Optimiser steps and wall seconds per step of each trained variant (from the trainer's
+    final log line: train_runtime over global steps)."""
+    found = {}
+    for name in TRAINED:
+        log = run_dir / name / "train" / "metrics.jsonl"
+        if not log.exists():
+            continue
+        rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        final = [r for r in rows if "train_runtime" in r]
+        if not final:
+            continue
+        steps = max(int(r.get("step", 0)) for r in rows)
+        runtime = float(final[-1]["train_runtime"])
+        found[name] = {"steps": steps, "train_runtime_s": runtime,
+                       "s_per_step": runtime / steps if steps else None}
+    return found
+
+
+def gap_closed(runs: list[dict], variant: str) -> list[float]:
+    """Per seed: (variant - initial) / (best-of-k - initial), held-out reward."""
+    shares = []
+    for r in runs:
+        m = r["metrics"]
+        if variant not in m["variants"] or "best_of_n" not in m:
+            continue
+        initial = m["variants"]["initial"]["reward/held_out"]
+        gap = m["best_of_n"]["reward/held_out"] - initial
+        shares.append((m["variants"][variant]["reward/held_out"] - initial) / gap
+                      if gap > 0 else float("nan"))
+    return shares
+
+
+def report(runs: list[dict], args, fresh_cache: bool) -> Path:
+    rows = summarise(runs)
+    columns = ["variant"] + [c for c in rows[0] if c.startswith("reward/held_out")]
+    columns += [c for c in rows[0] if c.startswith(("reward/train", "ranking/accuracy",
+                                                     "general/logprob"))]
+    seeds = [r["seed"] for r in runs]
+    print_table(rows, columns=columns, title=f"smollm2_constraints over seeds {seeds}")
+    differences = paired(runs, pairs=PAIRS)
+    print_table(differences, title="paired by seed: held-out reward differences")
+    gaps = []
+    for variant in ("rrhf", "rrhf_round2", "no_rank_loss", "dpo"):
+        shares = gap_closed(runs, variant)
+        if shares:
+            gaps.append({"variant": variant, "mean": statistics.mean(shares),
+                         "per seed": " ".join(f"{s:+.2f}" for s in shares)})
+    print_table(gaps, title="share of the initial -> best-of-k gap closed (held-out)")
+    steps = [{"seed": r["seed"], "variant": name, **info}
+             for r in runs for name, info in r["steps"].items()]
+    print_table(steps, title="optimiser steps and seconds per step")
+    times = [{"seed": r["seed"], "wall_s": r.get("wall_s"), "cpu_s": r.get("cpu_s"),
+              "load_avg_1m_before": r.get("load_avg_1m_before"), **r["stage_wall_s"]}
+             for r in runs]
+    print_table(times, title="wall time per seed and per stage (seconds)")
+    path = write_result("smollm2", {
+        "recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "seeds": seeds,
+        "first_seed_fresh_cache": fresh_cache, "table": rows, "paired": differences,
+        "gap_closed": gaps, "runs": runs,
+    }, results_dir=args.results_dir)
+    print(f"wrote {path}", flush=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "smollm2_bench")
+    parser.add_argument("--fresh-cache", action="store_true",
+                        help="convert the model anew for the first seed (its time includes it)")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="read the finished run directories of --seeds, run nothing")
+    parser.add_argument("--results-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+
+    runs = []
+    for i, seed in enumerate(args.seeds):
+        run_dir = args.work_dir / f"seed-{seed}"
+        if args.summarise_only:
+            if (run_dir / "metrics.json").exists():
+                runs.append({"seed": seed, **read_run(run_dir)})
+            continue
+        cache = args.work_dir / "fresh-cache" if args.fresh_cache and i == 0 else None
+        print(f"seed {seed} ...", flush=True)
+        runs.append(run_seed(seed, args.overrides, args.work_dir, cache))
+        print(f"seed {seed}: {runs[-1]['wall_s']:.0f} s wall, {runs[-1]['cpu_s']:.0f} s CPU",
+              flush=True)
+        report(runs, args, args.fresh_cache)  # after every seed: partial results are kept
+    if args.summarise_only and runs:
+        report(runs, args, args.fresh_cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

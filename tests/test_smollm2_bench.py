@@ -1,0 +1,63 @@
+"""The real-model benchmark's measuring functions (not its results): the share of the
+initial -> best-of-k gap a variant closes, seconds per optimiser step read from the trainer's
+log, and a run directory read back; the shipped recipe stays a valid input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench(benchmark_module):
+    return benchmark_module("smollm2_bench")
+
+
+def _run(initial, rrhf, best, **more):
+    variants = {"initial": {"reward/held_out": initial}, "rrhf": {"reward/held_out": rrhf}}
+    variants.update({k: {"reward/held_out": v} for k, v in more.items()})
+    return {"metrics": {"variants": variants, "best_of_n": {"reward/held_out": best}}}
+
+
+def test_gap_closed_per_seed(bench):
+    runs = [_run(0.2, 0.3, 0.6), _run(0.4, 0.35, 0.5), _run(0.3, 0.5, 0.3)]
+    shares = bench.gap_closed(runs, "rrhf")
+    assert shares[0] == pytest.approx(0.25) and shares[1] == pytest.approx(-0.5)
+    assert math.isnan(shares[2])  # no gap to close
+    assert bench.gap_closed(runs, "dpo") == []  # a variant no run has
+
+
+def test_paired_rows_include_dpo_only_where_every_run_has_it(bench):
+    rows = bench.paired([_run(0.2, 0.3, 0.6, dpo=0.25), _run(0.2, 0.3, 0.6)], pairs=bench.PAIRS)
+    assert {r["difference"] for r in rows} == {"rrhf - initial"}
+    rows = bench.paired([_run(0.2, 0.3, 0.6, dpo=0.25), _run(0.1, 0.3, 0.6, dpo=0.35)],
+                        pairs=bench.PAIRS)
+    by_name = {r["difference"]: r for r in rows}
+    assert by_name["rrhf - dpo"]["per seed"] == "+0.050 -0.050"
+    assert by_name["dpo - initial"]["seeds above 0"] == "2/2"
+
+
+def test_step_times_and_read_run(bench, tmp_path):
+    train = tmp_path / "round-1" / "train"
+    train.mkdir(parents=True)
+    (train / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in (
+        {"step": 2, "loss": 1.0}, {"step": 4, "loss": 0.5},
+        {"step": 4, "train_runtime": 10.0})) + "\n")
+    (tmp_path / "ablations" / "dpo" / "train").mkdir(parents=True)  # not finished: no line
+    (tmp_path / "ablations" / "dpo" / "train" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert bench.step_times(tmp_path) == {
+        "round-1": {"steps": 4, "train_runtime_s": 10.0, "s_per_step": 2.5}}
+    (tmp_path / "metrics.json").write_text(json.dumps(
+        {"metrics": {"variants": {}, "wall_s": {"merge": 3.0}}}))
+    got = bench.read_run(tmp_path)
+    assert got["stage_wall_s"] == {"merge": 3.0} and "round-1" in got["steps"]
+
+
+def test_the_recipe_the_benchmark_runs_is_valid(bench):
+    from rrhf_lite.recipe import load_recipe
+
+    recipe = load_recipe(bench.RECIPE, ["seed=1"])
+    assert recipe.seed == 1 and recipe.rounds == 2
+    assert {a.name for a in recipe.ablations} >= {"no_rank_loss"}

@@ -8,7 +8,9 @@ Layout of a run directory (every file written atomically, so a killed run resume
     round-1/train/                   train: checkpoints, metrics.jsonl; train/adapter = result
     round-2/...                      iterated RRHF: sampled from the round-1 policy
     ablations/<name>/train/adapter   variants trained on round-1 data (e.g. no rank loss)
-    eval/                            evaluate: generations, scored candidates, plots
+    eval/                            evaluate: generations, scored candidates, plots;
+                                     <variant>.entry.json: one variant done (a rerun skips it)
+    stage_times.json                 wall seconds of each stage (rrhf_lite.stage_times)
     merged/                          merge: the full-precision merged model
     report.md, metrics.json          the results, for people and for machines
 

@@ -201,9 +201,14 @@ def test_a_run_reports_kinds_general_ability_examples_and_stage_times(
     text = (run / "report.md").read_text()
     assert "Success per constraint kind" in text and "Wall time per stage" in text
     assert "| merge |" in text and "general/logprob" in text
-    # a resumed run skips every stage and keeps their recorded times
+    # a resumed run skips every stage (each evaluated variant too) and keeps their times
     recorded = metrics["wall_s"]["round-1/train"]
-    assert main(["run", str(recipe)]) == 0
-    again = json.loads((run / "metrics.json").read_text())["metrics"]["wall_s"]
-    assert again["round-1/train"] == recorded
+    assert {p.name for p in (run / "eval").glob("*.entry.json")} == {
+        "initial.entry.json", "rrhf.entry.json", "no_rank_loss.entry.json"}
     capsys.readouterr()
+    assert main(["run", str(recipe)]) == 0
+    assert "evaluate: rrhf skipped" in capsys.readouterr().out
+    again = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert again["wall_s"]["round-1/train"] == recorded
+    assert again["variants"] == metrics["variants"]
+    assert again["success_by_kind"] == metrics["success_by_kind"]

@@ -20,6 +20,7 @@ The pipeline hands in the run's state and the prompt sets; nothing here reads th
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from statistics import mean
@@ -29,7 +30,7 @@ import torch
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.inference import load_causal_lm
-from rrhf_lite.io import read_jsonl, write_jsonl
+from rrhf_lite.io import read_jsonl, write_json, write_jsonl
 from rrhf_lite.logprobs import model_candidate_scores as model_scores
 from rrhf_lite.loss import ranking_accuracy
 from rrhf_lite.run_state import INITIAL, RunState, round_variant, say
@@ -247,9 +248,17 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     metrics: dict = {"variants": {}}
     held_out: dict[str, tuple[list[str], list[float]]] = {}
     for variant, adapter in state.variants().items():  # the initial policy first
-        say(f"evaluate: {variant}")
-        entry, answers = evaluate_variant(state, scorer, adapter, prompt_sets, candidates,
-                                          reference_rewards, str(out_dir / variant), general)
+        done = out_dir / f"{variant}.entry.json"
+        if done.exists():  # evaluated by an earlier command of this run (resume, added variant)
+            say(f"evaluate: {variant} skipped, found {done}")
+            saved = json.loads(done.read_text(encoding="utf-8"))
+            entry = saved["entry"]
+            answers = {name: tuple(pair) for name, pair in saved["answers"].items()}
+        else:
+            say(f"evaluate: {variant}")
+            entry, answers = evaluate_variant(state, scorer, adapter, prompt_sets, candidates,
+                                              reference_rewards, str(out_dir / variant), general)
+            write_json(done, {"entry": entry, "answers": answers})
         metrics["variants"][variant] = entry
         held_out[variant] = answers["held_out"]
         kinds = success_by_kind(hook, held_out_prompts, answers["held_out"][0])

@@ -4,7 +4,8 @@ time per optimiser step of each trained variant, and the wall time of each stage
 
 Each seed runs `rrhf-lite run recipes/smollm2_constraints.yaml --set seed=N` in a fresh
 subprocess, in its own run directory under --work-dir (kept, so an interrupted benchmark resumes
-where it stopped and a later one can add a variant to the same runs). The first seed may use a
+where it stopped, and a variant added to the recipe's ablations later is trained and evaluated
+in the same runs without redoing the rest: see adopt_added_variants). The first seed may use a
 fresh model cache (--fresh-cache) so that its wall time includes the one-time conversion of the
 GGUF; the others reuse the conversion. The baseline of every difference is the initial policy of
 the same seed, measured in the same run.
@@ -43,8 +44,37 @@ PAIRS = (("rrhf", "initial"), ("rrhf_round2", "initial"), ("rrhf", "no_rank_loss
 TRAINED = ("round-1", "round-2", "ablations/no_rank_loss", "ablations/dpo")
 
 
+def adopt_added_variants(run_dir: Path, seed: int, overrides: list[str]) -> list[str]:
+    """When run_dir holds this recipe as it was before some ablations were added to it (same
+    keys otherwise, the old ablations first), write the current recipe over the saved one, so
+    that `rrhf-lite run` reuses every finished stage (and every evaluated variant) and runs only
+    the new variants. Returns the names of the added ablations ([] when nothing was adopted)."""
+    import yaml
+
+    from rrhf_lite.io import atomic_write_text
+    from rrhf_lite.recipe import dump_recipe, load_recipe
+
+    saved = run_dir / "recipe.yaml"
+    if not saved.exists():
+        return []
+    recipe = load_recipe(RECIPE, [f"seed={seed}", *overrides])
+    recipe.output_dir = str(run_dir)
+    new = yaml.safe_load(dump_recipe(recipe))
+    old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    old_ablations, new_ablations = old.pop("ablations", []), new.pop("ablations", [])
+    if old != new or new_ablations[:len(old_ablations)] != old_ablations:
+        return []
+    added = [a["name"] for a in new_ablations[len(old_ablations):]]
+    if added:
+        atomic_write_text(saved, dump_recipe(recipe))
+    return added
+
+
 def run_seed(seed: int, overrides: list[str], work_dir: Path, cache: Path | None) -> dict:
     out = work_dir / f"seed-{seed}"
+    added = adopt_added_variants(out, seed, overrides)
+    if added:
+        print(f"seed {seed}: adding {', '.join(added)} to the finished run in {out}", flush=True)
     env = dict(os.environ)
     if cache is not None:
         env["RRHF_LITE_CACHE"] = str(cache)

@@ -61,3 +61,27 @@ def test_the_recipe_the_benchmark_runs_is_valid(bench):
     recipe = load_recipe(bench.RECIPE, ["seed=1"])
     assert recipe.seed == 1 and recipe.rounds == 2
     assert {a.name for a in recipe.ablations} >= {"no_rank_loss"}
+
+
+def test_an_added_ablation_is_adopted_and_nothing_else(bench, tmp_path, monkeypatch):
+    import yaml
+
+    from rrhf_lite.recipe import dump_recipe, load_recipe
+
+    run = tmp_path / "seed-3"
+    run.mkdir()
+    shipped = load_recipe(bench.RECIPE, ["seed=3"])
+    shipped.output_dir = str(run)
+    saved = yaml.safe_load(dump_recipe(shipped))
+    first = saved["ablations"][:1]
+    (run / "recipe.yaml").write_text(yaml.safe_dump({**saved, "ablations": first}))
+    extra = ("ablations=[{name: no_rank_loss, train: {rank_weight: 0.0}}, "
+             "{name: sft_only, train: {rank_weight: 0.0, sft_weight: 1.0}}]")
+    assert first[0]["name"] == "no_rank_loss"  # the extra list below starts with it
+    assert bench.adopt_added_variants(run, 4, [extra]) == []  # another seed: not the same run
+    assert bench.adopt_added_variants(run, 3, [extra, "train.learning_rate=0.1"]) == []
+    assert bench.adopt_added_variants(run, 3, [extra]) == ["sft_only"]
+    now = yaml.safe_load((run / "recipe.yaml").read_text())
+    assert [a["name"] for a in now["ablations"]] == ["no_rank_loss", "sft_only"]
+    assert bench.adopt_added_variants(run, 3, [extra]) == []  # already adopted
+    assert bench.adopt_added_variants(tmp_path / "none", 3, []) == []

@@ -10,7 +10,9 @@ import argparse
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 import traceback
 
 from rrhf_lite.errors import UserInputError
@@ -106,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("schema", help="print the recipe's JSON schema (every key, type and default)")
     validate = sub.add_parser("validate", help="check a recipe and print it resolved")
     _add_recipe_args(validate)
+    validate.add_argument(
+        "--plan", action="store_true",
+        help="also print the size of the job, from the recipe alone: what it downloads, and "
+        "the prompts, candidates, optimiser steps and tokens of each stage (as YAML comments)",
+    )
     plan = sub.add_parser("plan", help="will it fit? peak GPU memory by part, without a GPU")
     _add_recipe_args(plan)
     plan.add_argument("--gpu-memory", default="16GB", help="the card: 16GB, 24GiB, 15360MiB, t4")
@@ -134,6 +141,12 @@ def dispatch(args) -> int:
         recipe = _load(args)
         check_recipe(recipe)  # paths, model files, the resolved training arguments
         print(dump_recipe(recipe), end="")
+        if args.plan:
+            from rrhf_lite.plan_job import format_job_plan, job_plan
+
+            # comments, so the output stays a loadable recipe
+            text = format_job_plan(job_plan(recipe))
+            print("\n".join(f"# {line}".rstrip() for line in ["", *text.splitlines()]))
         return EXIT_OK
     if args.command in ("merge", "generate"):  # a builtin: base is built (once, cached) first
         from rrhf_lite.sources import is_builtin, resolve_model
@@ -176,10 +189,43 @@ def dispatch(args) -> int:
     return EXIT_OK
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`), raised so that locks and open files unwind."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+def _stdout_closed() -> int:
+    # The reader went away (`rrhf-lite schema | head`): not an error of ours. Point stdout at
+    # devnull so the interpreter's final flush does not raise again, and exit as a pipe writer does.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 128 + 13  # SIGPIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Only where nobody else handles SIGTERM (accelerate, a test runner) and only while we run.
+    own_sigterm = (threading.current_thread() is threading.main_thread()
+                   and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)
+    if own_sigterm:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        return dispatch(args)
+        return _dispatch_reporting_errors(args)
+    finally:
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _dispatch_reporting_errors(args: argparse.Namespace) -> int:
+    try:
+        code = dispatch(args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _stdout_closed()
     except UserInputError as err:
         print(f"rrhf-lite: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -191,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
               "results)\n  what to do: free space (or make the disk writable) and rerun: "
               "finished stages and complete checkpoints are reused", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except _Terminated:
+        print("rrhf-lite: terminated (SIGTERM); completed stages and checkpoints are kept",
+              file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("rrhf-lite: interrupted; completed stages and checkpoints are kept", file=sys.stderr)
         return 130

@@ -111,7 +111,7 @@ def lora_config_from_args(args: ModelArguments):
                       task_type="CAUSAL_LM")
 
 
-def load_model_for_training(args: ModelArguments):
+def load_model_for_training(args: ModelArguments, *, add_lora: bool = True):
     """Load (model, tokenizer) ready for RRHF training.
 
     4-bit + LoRA (default): NF4 base via bitsandbytes, prepared for k-bit training (norms in
@@ -123,6 +123,10 @@ def load_model_for_training(args: ModelArguments):
     GPU (LOCAL_RANK), or the CPU without CUDA. Under FSDP / ZeRO-3 the 4-bit storage dtype
     follows the weights' dtype (see bnb_4bit_quant_storage) and the fp32 up-cast of the k-bit
     preparation is skipped (one dtype per sharded block); checkpointing is enabled directly.
+
+    add_lora=False: the prepared base without its adapter, for a trainer that wraps it itself
+    with lora_config_from_args(args) (TRL's DPOTrainer does, and then disables that adapter
+    for its reference model).
     """
     from transformers import AutoModelForCausalLM
 
@@ -169,7 +173,7 @@ def load_model_for_training(args: ModelArguments):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
         if args.use_lora:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
-    if args.use_lora:
+    if args.use_lora and add_lora:
         from peft import get_peft_model
 
         if args.adapter_init_path:

@@ -7,7 +7,7 @@ Layout of a run directory (every file written atomically, so a killed run resume
     round-1/scored.jsonl             score: the same rows with "scores"
     round-1/train/                   train: checkpoints, metrics.jsonl; train/adapter = result
     round-2/...                      iterated RRHF: sampled from the round-1 policy
-    ablations/<name>/train/adapter   variants trained on round-1 data (e.g. no rank loss)
+    ablations/<name>/train/adapter   variants trained on round-1 data (e.g. no rank loss, DPO)
     eval/                            evaluate: generations, scored candidates, plots;
                                      <variant>.entry.json: one variant done (a rerun skips it)
     stage_times.json                 wall seconds of each stage (rrhf_lite.stage_times)
@@ -29,11 +29,13 @@ import torch
 from transformers import set_seed
 
 from rrhf_lite import distributed
+from rrhf_lite.candidate_stats import describe, k_stats, planned_k
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import last_complete_checkpoint, looks_like_local_path, read_jsonl, write_jsonl
 from rrhf_lite.preflight import check_recipe
 from rrhf_lite.recipe import Recipe
+from rrhf_lite.recipe_ablations import AblationSection
 from rrhf_lite.run_lock import run_dir_lock
 from rrhf_lite.run_state import RunState, prepare_run_dir, say
 from rrhf_lite.sources import load_prompt_rows, resolve_model
@@ -44,6 +46,7 @@ from rrhf_lite.stages.merge import merge_adapter
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
 from rrhf_lite.stages.train import model_arguments, run_train, training_config
+from rrhf_lite.stages.train_dpo import train_dpo_ablation
 
 log = logging.getLogger("rrhf_lite")
 
@@ -81,7 +84,7 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
             break
     if "train" in recipe.stages:
         for ablation in recipe.ablations:
-            _train_ablation(state, ablation.name, ablation.train)
+            _train_ablation(state, ablation)
 
     metrics: dict = {}
     # Evaluation and merging are not sharded: the main process does them, the others wait.
@@ -234,7 +237,7 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
             shard, generators=shifted,
             include_dataset_responses=recipe.sampling.include_dataset_responses,
             max_new_tokens=recipe.sampling.max_new_tokens,
-            max_prompt_length=recipe.sampling.max_prompt_length,
+            max_prompt_length=recipe.sampling_prompt_length,
             batch_size=recipe.sampling.batch_size, seed=recipe.seed + offset,
             load_kwargs=load_kwargs, progress=distributed.is_main_process(),
         )
@@ -242,6 +245,7 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
     rows = distributed.distributed_map(
         sample_shard, prompts, block_size=recipe.sampling.batch_size, pass_offset=True
     )
+    say(f"round {round_index}: candidates: {describe(k_stats(rows, planned_k(recipe.sampling)))}")
     _write_on_main(out, rows)
 
 
@@ -268,12 +272,20 @@ def _score(state: RunState, round_index: int, source: Path | str, out: Path) -> 
     device = distributed.local_device() if distributed.is_distributed() else None
     spec = recipe.scoring.reward_spec(trust_remote_code=recipe.model.trust_remote_code,
                                       device=device)
+    if spec.get("format") == "gptj_value_head":  # converted once, by one process, before any loads
+        if distributed.is_main_process():
+            from rrhf_lite.reward_checkpoint import converted_reward_dir
+
+            converted_reward_dir(spec["model"], spec["base"])
+        distributed.barrier()
     scored = distributed.distributed_map(
         lambda shard: score_candidates(
             shard, reward=spec, progress=distributed.is_main_process(), where=str(source)
         ),
         rows,
     )
+    planned = planned_k(recipe.sampling) if "sample" in recipe.stages else None
+    say(f"round {round_index}: scored: {describe(k_stats(scored, planned))}")
     _write_on_main(out, scored)
 
 
@@ -289,15 +301,21 @@ ROUND_STAGES = (
 )
 
 
+def _resume_point(recipe: Recipe, out: Path) -> Path | None:
+    """The last complete checkpoint in `out` when the recipe resumes, else None."""
+    if not (recipe.train.resume and out.exists()):
+        return None
+    # a checkpoint killed while being saved has no trainer_state.json: skip it
+    resume = last_complete_checkpoint(out)
+    if resume:
+        say(f"resuming training from {resume}")
+    return resume
+
+
 def _train(state: RunState, data: Path | str, out: Path, init_adapter: Path | None,
            overrides: dict) -> None:
     recipe = state.recipe
-    resume = None
-    if recipe.train.resume and out.exists():
-        # a checkpoint killed while being saved has no trainer_state.json: skip it
-        resume = last_complete_checkpoint(out)
-        if resume:
-            say(f"resuming training from {resume}")
+    resume = _resume_point(recipe, out)
     say(f"training on {data} -> {out}")
     run_train(
         str(data), model_arguments(recipe, state.base_model, init_adapter),
@@ -306,17 +324,24 @@ def _train(state: RunState, data: Path | str, out: Path, init_adapter: Path | No
     )
 
 
-def _train_ablation(state: RunState, name: str, overrides: dict) -> None:
-    """A variant trained from the initial model on round 1's data, with train.* overrides."""
+def _train_ablation(state: RunState, ablation: AblationSection) -> None:
+    """A variant trained from the initial model on round 1's data: RRHF with train.*
+    overrides, or DPO on the best-vs-worst pairs."""
+    name = ablation.name
     out = state.ablation_dir(name) / "train"
     adapter = out / "adapter"
     if "train" in state.stages and not _skip(adapter, f"ablation '{name}': train"):
         data = _training_data(state, 1)
         _require(data, "score")
-        say(f"ablation '{name}': {overrides}")
         with timed_stage(state.run_dir, f"ablation/{name}/train",
                          enabled=distributed.is_main_process()):
-            _train(state, data, out, init_adapter=None, overrides=overrides)
+            if ablation.method == "dpo":
+                train_dpo_ablation(state.recipe, ablation, state.base_model, data, out,
+                                   round1_train=state.round_dir(1) / "train",
+                                   resume=_resume_point(state.recipe, out))
+            else:
+                say(f"ablation '{name}': {ablation.train}")
+                _train(state, data, out, init_adapter=None, overrides=ablation.train)
     if adapter.exists():
         state.ablation_adapters[name] = adapter
 

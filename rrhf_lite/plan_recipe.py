@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+from rrhf_lite.candidate_stats import planned_k
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.memory_plan import (
     CUDA_CONTEXT_BYTES,
@@ -24,7 +25,7 @@ from rrhf_lite.memory_plan import (
     quantised_bytes,
     training_parts,
 )
-from rrhf_lite.plan_shapes import ModelShape, resolve_shape
+from rrhf_lite.plan_shapes import KNOWN_SHAPES, ModelShape, resolve_shape
 
 CARDS = {"t4": 15.0 * GiB}  # nvidia-smi reports 15360 MiB on a "16 GB" T4
 _ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -45,10 +46,9 @@ def parse_memory(text: str) -> float:
 
 
 def candidates_per_prompt(recipe) -> int:
-    k = sum(g.num_candidates for g in recipe.sampling.generators) if "sample" in recipe.stages else 4
-    if "sample" in recipe.stages and recipe.sampling.include_dataset_responses:
-        k += 2  # chosen + rejected of a pairwise data set (the shipped recipes' data)
-    return k
+    """Planned k (chosen + rejected of a pairwise data set: the shipped recipes' data); 4 when
+    the candidates are given (not known from the recipe)."""
+    return planned_k(recipe.sampling) if "sample" in recipe.stages else 4
 
 
 def train_settings(recipe, *, micro_batch: int | None = None, max_length: int | None = None):
@@ -95,9 +95,9 @@ def sampling_plan(recipe, shape: ModelShape, regime: Regime) -> StepPlan | None:
         per_prompt = g.num_candidates if g.method in ("top_p", "greedy") else (
             g.num_beams or g.num_candidates)
         seqs = s.batch_size * per_prompt
-        tokens = s.max_prompt_length + s.max_new_tokens
+        tokens = recipe.sampling_prompt_length + s.max_new_tokens
         kv = 2 * shape.num_layers * seqs * tokens * shape.kv_dim * c
-        prefill = seqs * s.max_prompt_length
+        prefill = seqs * recipe.sampling_prompt_length
         block = prefill * (4 * shape.hidden_size + 3 * shape.intermediate_size) * c
         logits = 3 * seqs * shape.vocab_size * 4  # last-token logits, processed scores, log-softmax
         parts = policy_weight_parts(shape, recipe.quantization.double_quant) + [
@@ -115,6 +115,8 @@ def scoring_plan(recipe, regime: Regime) -> StepPlan | None:
     name = recipe.scoring.reward_model
     if "score" not in recipe.stages or not name:
         return None
+    if recipe.scoring.reward_format == "gptj_value_head" and name not in KNOWN_SHAPES:
+        name = recipe.scoring.reward_base  # a raw checkpoint has no config.json: its base's
     shape = resolve_shape(name)
     sc = recipe.scoring
     tokens = sc.batch_size * sc.max_length

@@ -85,6 +85,9 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
     "Dahoas/gptj-rm-static": ModelShape(
         50400, 4096, 16384, 28, 16, 16, 256, False, "gptj", 2,
         "GPT-J-6B config.json; value head instead of the LM head, loaded in fp16"),
+    "EleutherAI/gpt-j-6B": ModelShape(
+        50400, 4096, 16384, 28, 16, 16, 256, False, "gptj", 2,
+        "GPT-J-6B config.json; scored in fp16 on a GPU, as the reference"),
     "Skywork/Skywork-Reward-V2-Qwen3-0.6B": _llama(151936, 1024, 3072, 28, 16, 8, tie=True,
                                                    head_dim=128, source="Qwen3-0.6B config.json"),
 }

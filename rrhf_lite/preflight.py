@@ -51,6 +51,20 @@ def _check_model(value: str | None, key: str, *, tokenizer: bool = True) -> None
         raise
 
 
+def _check_reward(recipe: Recipe) -> None:
+    """A classifier directory; or a raw checkpoint (a local file or directory is found and
+    named, nothing is read yet) and its base's config and tokenizer."""
+    scoring = recipe.scoring
+    if scoring.reward_format != "gptj_value_head":
+        _check_model(scoring.reward_model, "scoring.reward_model")
+        return
+    if looks_like_local_path(scoring.reward_model) or Path(scoring.reward_model).exists():
+        from rrhf_lite.reward_checkpoint import find_checkpoint
+
+        find_checkpoint(scoring.reward_model)
+    _check_model(scoring.reward_base, "scoring.reward_base")
+
+
 def check_paths(recipe: Recipe, stages: set[str]) -> None:
     """The paths the stages in `stages` use (a merge-only run needs no data file)."""
     check_output_path(recipe.output_dir, f"recipe key output_dir ({recipe.output_dir})")
@@ -63,7 +77,7 @@ def check_paths(recipe: Recipe, stages: set[str]) -> None:
             raise
     _check_model(model.name_or_path, "model.name_or_path", tokenizer=model.tokenizer is None)
     if stages & {"score", "evaluate"}:
-        _check_model(recipe.scoring.reward_model, "scoring.reward_model")
+        _check_reward(recipe)
     if "evaluate" in stages:
         _check_model(recipe.evaluate.perplexity_model, "evaluate.perplexity_model")
     generators = recipe.sampling.generators if stages & {"sample", "evaluate"} else []
@@ -147,6 +161,22 @@ def check_training_arguments(recipe: Recipe) -> None:
                 where=f"recipe key {key}",
                 hint="fix that key (train.lr_scheduler_type, train.report_to, train.extra.*: "
                 "see transformers.TrainingArguments)") from None
+    for ablation in recipe.ablations:
+        if ablation.method == "dpo":
+            _check_dpo_arguments(recipe, ablation)
+
+
+def _check_dpo_arguments(recipe: Recipe, ablation) -> None:
+    """Build the trl.DPOConfig a DPO ablation will build (its step count is known later)."""
+    from rrhf_lite.stages.train_dpo import dpo_training_config
+
+    try:
+        dpo_training_config(recipe, Path(recipe.output_dir), ablation, max_steps=1)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise UserInputError(
+            f"trl rejects the DPO training arguments: {str(err).splitlines()[0][:300]}",
+            where=f"recipe key ablations ({ablation.name})",
+            hint="fix its train.* overrides, dpo.* or train.extra.* (see trl.DPOConfig)") from None
 
 
 def check_recipe(recipe: Recipe, stages: list[str] | None = None) -> None:

@@ -23,8 +23,8 @@ from pydantic import (
 )
 
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.recipe_ablations import AblationSection
 from rrhf_lite.recipe_sections import (
-    AblationSection,
     DataSection,
     EvaluateSection,
     LoraSection,
@@ -85,12 +85,27 @@ class Recipe(Section):
             raise ValueError("model.builtin holds settings of a builtin: model, but "
                              f"model.name_or_path is {self.model.name_or_path!r}; remove "
                              "model.builtin")
+        cuts = [("sampling.max_prompt_length", self.sampling.max_prompt_length)] + [
+            (f"sampling.generators.{i}.max_prompt_length", g.max_prompt_length)
+            for i, g in enumerate(self.sampling.generators)]
+        for key, sampled in cuts if {"sample", "train"} <= stages else []:
+            if sampled not in (None, self.train.max_prompt_length):
+                raise ValueError(
+                    f"{key} ({sampled}) differs from train.max_prompt_length "
+                    f"({self.train.max_prompt_length}): candidates would follow another prompt "
+                    "than the one training reads; set train.max_prompt_length only (sampling "
+                    "follows it)")
         if self.rounds > 1 and not {"sample", "train"} <= stages:
             raise ValueError(
                 "rounds > 1 re-samples from the trained policy and trains again: add 'sample' "
                 "and 'train' to stages"
             )
         return self
+
+    @property
+    def sampling_prompt_length(self) -> int:
+        """Prompt tokens sampling keeps: sampling.max_prompt_length, else the training one."""
+        return self.sampling.max_prompt_length or self.train.max_prompt_length
 
     def policy_load_kwargs(self) -> dict:
         """How sampling and evaluation load the policy's base: as training saw it."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -188,14 +187,30 @@ class SamplingSection(Section):
         True, description="Add the data set's own answers (chosen/rejected/responses) as candidates"
     )
     max_new_tokens: int = Field(128, gt=0)
-    max_prompt_length: int = Field(256, gt=0, description="Prompts are left-truncated to this")
+    max_prompt_length: int | None = Field(
+        None, gt=0, description="Prompts are left-truncated to this (BOS kept); None = "
+        "train.max_prompt_length, so candidates follow the very prompt training reads",
+    )
     batch_size: int = Field(8, gt=0)
 
 
 class ScoringSection(Section):
     """Exactly one source of rewards."""
 
-    reward_model: OptionalUserPath = Field(None, description="HF sequence-classification reward model")
+    reward_model: OptionalUserPath = Field(None, description="HF sequence-classification reward "
+                                           "model; with reward_format gptj_value_head, the raw "
+                                           "checkpoint (file, directory or hub name)")
+    reward_format: Literal["sequence_classification", "gptj_value_head"] = Field(
+        "sequence_classification", description="sequence_classification: a transformers "
+        "classifier in safetensors, read at the last token. gptj_value_head: a raw PyTorch state "
+        "dict of GPT-J + linear value head (Dahoas/gptj-rm-static's hf_ckpt.pt), read with "
+        "torch.load(weights_only=True), converted once to safetensors, scored as the reference "
+        "does: EOS appended, the value read at the first EOS",
+    )
+    reward_base: OptionalUserPath = Field(
+        None, description="gptj_value_head: the model the checkpoint was trained from "
+        "(EleutherAI/gpt-j-6B); only its config.json and tokenizer are read",
+    )
     reward_function: str | None = Field(None, description="Python callable as module:function")
     given: bool = Field(False, description="Scores are already in the candidates file")
     joiner: str = Field("", description="Text between prompt and response for the reward model")
@@ -209,6 +224,12 @@ class ScoringSection(Section):
             chosen.append("given")
         if len(chosen) > 1:
             raise ValueError(f"set only one of reward_model, reward_function, given (got {chosen})")
+        if self.reward_format == "gptj_value_head" and not (self.reward_model and self.reward_base):
+            raise ValueError("reward_format gptj_value_head needs reward_model (the raw "
+                             "checkpoint) and reward_base (e.g. EleutherAI/gpt-j-6B: its config "
+                             "and tokenizer)")
+        if self.reward_base and self.reward_format != "gptj_value_head":
+            raise ValueError("reward_base is read only with reward_format gptj_value_head")
         return self
 
     @field_validator("reward_function")
@@ -229,9 +250,13 @@ class ScoringSection(Section):
     def reward_spec(self, *, trust_remote_code: bool = False, device: str | None = None) -> dict:
         """What score_candidates takes: {"model": ...} | {"function": ...} | {"given": True}."""
         if self.reward_model:
-            return {"model": self.reward_model, "batch_size": self.batch_size,
+            spec = {"model": self.reward_model, "batch_size": self.batch_size,
                     "max_length": self.max_length, "joiner": self.joiner,
                     "trust_remote_code": trust_remote_code, "device": device}
+            if self.reward_format == "gptj_value_head":  # the reference's reading
+                spec.update(format=self.reward_format, base=self.reward_base, append_eos=True,
+                            read_at="first_eos", trust_remote_code=False)
+            return spec
         if self.reward_function:
             return {"function": self.reward_function, "batch_size": self.batch_size}
         return {"given": True}
@@ -304,38 +329,3 @@ class MergeSection(Section):
         True, description="Pass the base through NF4 first, to match what the adapter saw"
     )
     force: bool = False
-
-
-# Variant names the run gives itself (evaluation rows, eval/ files, plots): not for ablations.
-RESERVED_VARIANTS = re.compile(r"initial|rrhf|rrhf_round\d+|best-of-n")
-ABLATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-
-class AblationSection(Section):
-    """A variant trained on the same candidates with some train.* keys changed (e.g. no rank loss).
-
-    `name` becomes a directory (ablations/<name>/) and a row of the report: letters, digits,
-    "_", "-", "." (not first), and none of the run's own variant names (initial, rrhf,
-    rrhf_round<N>, best-of-n).
-    """
-
-    name: str
-    train: dict[str, Any]
-
-    @field_validator("name")
-    @classmethod
-    def _safe_name(cls, value):
-        if not ABLATION_NAME.fullmatch(value):
-            raise ValueError("use 1-64 letters, digits, '_', '-' or '.', starting with a letter "
-                             "or digit (the name becomes a directory)")
-        if RESERVED_VARIANTS.fullmatch(value):
-            raise ValueError(f"{value!r} names one of the run's own variants; choose another name")
-        return value
-
-    @field_validator("train")
-    @classmethod
-    def _known_train_keys(cls, value):
-        for key in value:
-            if key not in TrainSection.model_fields:
-                raise ValueError(unknown_key_message(key, TrainSection.model_fields))
-        return value

@@ -8,6 +8,8 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from rrhf_lite import distributed
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import atomic_write_text
@@ -86,7 +88,8 @@ def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
     # left nothing but recipe.yaml, and the corrected recipe may take its place.
     ours = ("recipe.yaml", LOCK_NAME)  # the lock is this run's own (taken before this check)
     has_results = run_dir.exists() and any(p.name not in ours for p in run_dir.iterdir())
-    other_recipe = has_results and saved.exists() and saved.read_text(encoding="utf-8") != text
+    other_recipe = (has_results and saved.exists()
+                    and not _same_recipe(saved.read_text(encoding="utf-8"), text))
     if other_recipe and not force:
         raise UserInputError(
             "the run directory holds the results of a different recipe",
@@ -107,6 +110,23 @@ def prepare_run_dir(recipe: Recipe, force: bool) -> Path:
         atomic_write_text(saved, text)
     distributed.barrier()
     return run_dir
+
+
+def _same_recipe(saved_text: str, text: str) -> bool:
+    """The saved recipe, read by this version, is the one given now.
+
+    A run saved by an older rrhf-lite lacks the keys added since; their defaults fill in when
+    the saved file is read again, so an upgrade alone does not make a run "a different recipe"
+    (which only --force, deleting its results, would get past). A saved file this version
+    cannot read is a different recipe.
+    """
+    if saved_text == text:
+        return True
+    try:
+        saved = Recipe.model_validate(yaml.safe_load(saved_text))
+    except (yaml.YAMLError, ValueError):  # pydantic's ValidationError is a ValueError
+        return False
+    return dump_recipe(saved) == text
 
 
 def _remove_run_outputs(run_dir: Path) -> None:

@@ -81,8 +81,27 @@ def _check_side(truncation_side: str) -> None:
                              where="truncation_side", hint="use 'left' or 'right'")
 
 
-def _truncate(ids: list[int], length: int, side: str) -> list[int]:
-    return ids[-length:] if side == "left" else ids[:length]
+def _truncate(ids: list[int], length: int, side: str, lead: int = 0) -> list[int]:
+    """`ids` cut to `length`. "left" keeps the end, after the first `lead` ids (the leading
+    special tokens, e.g. BOS), as transformers does: [1, 70..77] to 5 -> [1, 74..77]; when the
+    leading ids alone fill `length`, the plain end is kept."""
+    if side == "right":
+        return ids[:length]
+    if 0 < lead < length:
+        return ids[:lead] + ids[len(ids) - (length - lead):]
+    return ids[-length:]
+
+
+def leading_special_count(tokenizer, ids: Sequence[int]) -> int:
+    """How many of the first ids are special tokens (BOS, a template's start marker): left
+    truncation keeps them, as the tokenizer itself does when it truncates."""
+    special = set(getattr(tokenizer, "all_special_ids", None) or ())
+    if tokenizer.bos_token_id is not None:
+        special.add(int(tokenizer.bos_token_id))
+    count = 0
+    while count < len(ids) and ids[count] in special:
+        count += 1
+    return count
 
 
 def _ids(tokenizer, text: str, special: bool) -> list[int]:
@@ -92,12 +111,14 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
 @dataclass
 class PromptTokens:
     """A tokenised prompt: its rendered text, whether the chat template wrote it, its ids and
-    whether they were cut to max_prompt_length."""
+    whether they were cut to max_prompt_length; `lead` leading ids are special tokens (BOS), which
+    a left truncation keeps."""
 
     text: str
     templated: bool
     ids: list[int]
     truncated: bool
+    lead: int = 0
 
 
 def tokenize_prompt(tokenizer, prompt: str | Sequence[dict], *,
@@ -108,17 +129,19 @@ def tokenize_prompt(tokenizer, prompt: str | Sequence[dict], *,
     Plain text gets the tokenizer's special tokens (its BOS); chat-template text does not (the
     template writes its own). An empty prompt becomes [BOS]. A prompt longer than
     max_prompt_length is cut on `truncation_side`: "left" keeps its end (what the answer
-    follows), as the reference code does.
+    follows), as the reference code does, and its leading special tokens (BOS): a LLaMA prompt
+    [1, 70..77] cut to 5 is [1, 74..77], the same for sampling and training.
     """
     _check_side(truncation_side)
     text, templated = render_prompt(tokenizer, prompt, where=where)
     ids = _ids(tokenizer, text, special=not templated)
     if not ids and tokenizer.bos_token_id is not None:
         ids = [int(tokenizer.bos_token_id)]
+    lead = leading_special_count(tokenizer, ids)
     truncated = max_prompt_length is not None and len(ids) > max_prompt_length
     if truncated:
-        ids = _truncate(ids, max_prompt_length, truncation_side)
-    return PromptTokens(text, templated, ids, truncated)
+        ids = _truncate(ids, max_prompt_length, truncation_side, lead)
+    return PromptTokens(text, templated, ids, truncated, lead)
 
 
 def prompt_token_ids(tokenizer, prompt: str | Sequence[dict], *,
@@ -186,7 +209,8 @@ def tokenize_example(
                              truncation_side=truncation_side)
     prompt_ids, truncated = prompt.ids, prompt.truncated
     if max_length is not None and len(prompt_ids) >= max_length:
-        prompt_ids, truncated = _truncate(prompt_ids, max_length, truncation_side), True
+        prompt_ids = _truncate(prompt_ids, max_length, truncation_side, prompt.lead)
+        truncated = True
     stats.prompts_truncated += int(truncated)
     room = None if max_length is None else max_length - len(prompt_ids)
     if room is not None and room <= 0:

@@ -263,3 +263,33 @@ def test_training_and_sampling_tokenise_prompts_alike(chat, max_prompt_length):
         assert feature["prompt_ids"] == sampled == in_batch
         if max_prompt_length is not None and row == 0:
             assert len(sampled) == max_prompt_length
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_left_truncation_keeps_bos_in_training_and_sampling(side):
+    from rrhf_lite.inference import encode_prompts
+    from rrhf_lite.tokenization import prompt_token_ids
+
+    tok = build_char_tokenizer(add_bos=True)
+    text = "abcdefgh"
+    assert tok(text)["input_ids"] == [1, *range(70, 78)]
+    expected = [1, 74, 75, 76, 77] if side == "left" else [1, 70, 71, 72, 73]
+    # transformers' own truncation (what the reference tokeniser gives) agrees
+    tok.truncation_side = side
+    assert tok(text, truncation=True, max_length=5)["input_ids"] == expected
+    sampled = prompt_token_ids(tok, text, max_prompt_length=5, truncation_side=side)
+    trained = tokenize_example({"prompt": text, "responses": ["x"], "scores": [0.0]}, tok,
+                               max_length=None, max_prompt_length=5, truncation_side=side)
+    assert sampled == trained["prompt_ids"] == expected
+    if side == "left":  # generation encodes its batch with the same function
+        batch = encode_prompts(tok, [text, "ab"], max_prompt_length=5)
+        assert batch["input_ids"][0].tolist() == expected
+        assert batch["input_ids"][1][batch["attention_mask"][1].bool()].tolist() == [1, 70, 71]
+    # a prompt that alone reaches max_length keeps its BOS too (and leaves no room: dropped)
+    cut, stats = tokenize_listwise([{"prompt": text, "responses": ["x"], "scores": [0.0]}], tok,
+                                   max_length=4, max_prompt_length=None, truncation_side=side,
+                                   keep_dropped=True)
+    assert cut == [None] and stats.rows_dropped == 1
+    # without a BOS nothing changes: the plain end is kept
+    plain = build_char_tokenizer()
+    assert prompt_token_ids(plain, text, max_prompt_length=3) == [75, 76, 77]

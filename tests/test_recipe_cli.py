@@ -207,3 +207,48 @@ def test_score_stage_reads_given_candidates_in_any_format(tmp_path, fmt):
     assert [r["responses"] for r in scored] == [["123", "321"], ["ab", "a"]]
     assert scored[0]["scores"][0] == 1.0 and scored[0]["scores"][1] < 1.0
     assert scored[1]["scores"] == [1.0, 0.5]
+
+
+def test_run_saved_by_an_older_version_resumes(tmp_path):
+    """A key added since the run was saved is filled by its default: the same recipe, resumed;
+    a key whose value differs, or a saved file this version cannot read, is another recipe."""
+    from rrhf_lite.run_state import prepare_run_dir
+
+    recipe = Recipe.model_validate({"output_dir": str(tmp_path / "run"),
+                                    "model": {"name_or_path": "some/model"},
+                                    "data": {"prompts": "some/prompts"},
+                                    "scoring": {"reward_function": "some.module:reward"}})
+    run_dir = prepare_run_dir(recipe, force=False)
+    (run_dir / "round-1").mkdir()
+    (run_dir / "round-1" / "scored.jsonl").write_text("{}\n")
+    saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    del saved["train"]["learning_rate"]  # as if saved before this key existed
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert prepare_run_dir(recipe, force=False) == run_dir
+    assert (run_dir / "round-1" / "scored.jsonl").exists()
+
+    changed = recipe.model_copy(update={"seed": recipe.seed + 1})
+    with pytest.raises(UserInputError, match="different recipe"):
+        prepare_run_dir(changed, force=False)
+    saved["train"]["no_such_key"] = 1  # a file this version cannot read
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    with pytest.raises(UserInputError, match="different recipe"):
+        prepare_run_dir(recipe, force=False)
+
+
+def test_sampling_and_training_share_one_prompt_truncation(tmp_path):
+    both = {**MINIMAL, "stages": ["sample", "train"], "data": {"prompts": "p.jsonl"},
+            "train": {"max_prompt_length": 100}}
+    recipe = load_recipe(write(tmp_path, both))
+    assert recipe.sampling.max_prompt_length is None and recipe.sampling_prompt_length == 100
+    same = load_recipe(write(tmp_path, {**both, "sampling": {"max_prompt_length": 100}}))
+    assert same.sampling_prompt_length == 100
+    with pytest.raises(UserInputError, match=r"sampling.max_prompt_length \(256\) differs from "
+                       r"train.max_prompt_length \(100\)"):
+        load_recipe(write(tmp_path, {**both, "sampling": {"max_prompt_length": 256}}))
+    generator = {"generators": [{"method": "greedy", "max_prompt_length": 64}]}
+    with pytest.raises(UserInputError, match=r"sampling.generators.0.max_prompt_length \(64\)"):
+        load_recipe(write(tmp_path, {**both, "sampling": generator}))
+    # sampling alone (no training to match) keeps its own
+    alone = {**both, "stages": ["sample"], "sampling": {"max_prompt_length": 256}}
+    assert load_recipe(write(tmp_path, alone)).sampling_prompt_length == 256

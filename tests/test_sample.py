@@ -163,3 +163,27 @@ def test_bad_generator_specs(tiny_lm):
                           progress=False)
     with pytest.raises(UserInputError, match="not found"):
         sample_candidates(prompts, generators=[{"model": "./no/such/model/dir"}], progress=False)
+
+
+def test_how_often_k_falls_below_the_plan_is_counted(caplog):
+    from types import SimpleNamespace
+
+    from rrhf_lite.candidate_stats import describe, k_stats, planned_k
+
+    prompts = [{"prompt": "a", "chosen": "same", "rejected": "same"},  # a duplicate: k 1 of 2
+               {"prompt": "b", "chosen": "yes", "rejected": "no"},
+               {"prompt": "c", "chosen": "x", "rejected": " "}]  # an empty answer: k 1 of 2
+    with caplog.at_level("INFO", logger="rrhf_lite.stages.sample"):
+        rows = sample_candidates(prompts, generators=[], progress=False)
+    assert "2 prompts have fewer candidates than planned" in caplog.text
+    stats = k_stats(rows, planned=2)
+    assert stats == {"prompts": 3, "planned_k": 2, "mean_k": pytest.approx(4 / 3), "min_k": 1,
+                     "rows_below_planned": 2, "fraction_below_planned": pytest.approx(2 / 3),
+                     "duplicates_removed": 1}
+    assert describe(stats).startswith("k < 2 on 2 of 3 prompts (66.7 %); mean k 1.33, min 1")
+    # without a plan, each row's own count before de-duplication is the bar
+    assert k_stats(rows)["rows_below_planned"] == 1
+    beams = SimpleNamespace(method="diverse_beam", num_candidates=4)
+    greedy = SimpleNamespace(method="greedy", num_candidates=4)
+    section = SimpleNamespace(generators=[beams, greedy], include_dataset_responses=True)
+    assert planned_k(section) == 4 + 1 + 2

@@ -3,10 +3,12 @@ plots, and the console table. Only formatting and files; evaluate.py measures.""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
 
+from rrhf_lite.candidate_stats import describe
 from rrhf_lite.plots import plot_reward_distributions, plot_training_curves
 from rrhf_lite.report import print_summary_table, update_run_report, write_run_report
 from rrhf_lite.run_state import RunState
@@ -96,5 +98,27 @@ def _notes(state: RunState, plots: list[Path], metrics: dict) -> list[str]:
     if "best_of_n" in metrics:
         notes.append(f"best-of-k: k = {metrics['best_of_n']['n']:g} distinct initial-model "
                      "samples per held-out prompt on average (duplicates removed)")
+    notes += _dpo_notes(state)
+    notes.append("train/s_per_step: wall time per optimiser step of each trained variant")
+    for name, stats in metrics.get("candidates", {}).items():
+        notes.append(f"training candidates, {name}: {describe(stats)} (identical candidates "
+                     "are kept once: a duplicate carries no ranking signal)")
     notes += [f"plot: {p.name}" for p in plots]
+    return notes
+
+
+def _dpo_notes(state: RunState) -> list[str]:
+    """What each DPO ablation trained on, from its train_summary.json."""
+    notes = []
+    for ablation in state.recipe.ablations:
+        summary = state.ablation_dir(ablation.name) / "train" / "train_summary.json"
+        if ablation.method != "dpo" or not summary.exists():
+            continue
+        done = json.loads(summary.read_text(encoding="utf-8"))
+        data = done.get("data", {})
+        notes.append(
+            f"{ablation.name}: DPO ({ablation.dpo.loss_type}, beta {ablation.dpo.beta}) on "
+            f"{data.get('pairs')} best-vs-worst pairs of round 1's candidates "
+            f"({data.get('skipped_tied_prompts')} prompts skipped: all scores tied), "
+            f"{done.get('global_step')} optimiser steps ({done.get('optimizer_steps_from')})")
     return notes

@@ -27,6 +27,7 @@ from statistics import mean
 
 import torch
 
+from rrhf_lite.candidate_stats import k_stats, planned_k
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.inference import load_causal_lm
@@ -148,7 +149,7 @@ def held_out_candidates(state: RunState, scorer: Scorer, eval_rows: list[dict], 
     rows = sample_candidates(
         eval_rows, generators=generators, include_dataset_responses=False,
         max_new_tokens=recipe.sampling.max_new_tokens,
-        max_prompt_length=recipe.sampling.max_prompt_length,
+        max_prompt_length=recipe.sampling_prompt_length,
         batch_size=recipe.sampling.batch_size, seed=recipe.seed + 1,
         load_kwargs=recipe.policy_load_kwargs(),
     )
@@ -227,6 +228,16 @@ def perplexities(state: RunState, responses_by_variant: dict[str, list[str]], pr
     return result
 
 
+def training_time(adapter: Path | None) -> dict:
+    """{"train/s_per_step": ...} from the train_summary.json beside a trained adapter (RRHF
+    and DPO alike), so the report compares the methods' cost per optimiser step; {} without."""
+    summary = Path(adapter).parent / "train_summary.json" if adapter else None
+    if summary is None or not summary.exists():
+        return {}
+    seconds = json.loads(summary.read_text(encoding="utf-8")).get("seconds_per_step")
+    return {"train/s_per_step": seconds} if isinstance(seconds, int | float) else {}
+
+
 def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     """Evaluate every variant of the run on `prompt_sets` ("held_out", optionally "train");
     write eval/, report.md, metrics.json, plots. Returns the metrics."""
@@ -258,6 +269,7 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
             say(f"evaluate: {variant}")
             entry, answers = evaluate_variant(state, scorer, adapter, prompt_sets, candidates,
                                               reference_rewards, str(out_dir / variant), general)
+            entry.update(training_time(adapter))
             write_json(done, {"entry": entry, "answers": answers})
         metrics["variants"][variant] = entry
         held_out[variant] = answers["held_out"]
@@ -271,6 +283,9 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     responses = {variant: answer[0] for variant, answer in held_out.items()}
     for variant, ppl in perplexities(state, responses, held_out_prompts).items():
         metrics["variants"][variant]["perplexity"] = ppl
+    candidates_k = training_candidate_stats(state)
+    if candidates_k:
+        metrics["candidates"] = candidates_k
     rewards = {variant: answer[1] for variant, answer in held_out.items()}
     final = round_variant(max(state.round_adapters)) if state.round_adapters else INITIAL
     examples = example_rows(held_out_prompts, held_out, INITIAL, final, recipe.evaluate.examples)
@@ -288,3 +303,18 @@ def _general_ability(state: RunState, out_dir: Path) -> GeneralAbility | None:
                             limit=recipe.evaluate.max_general_prompts, seed=recipe.seed,
                             key="evaluate.general_prompts")
     return GeneralAbility(state, rows, out_dir / "general_answers.jsonl")
+
+
+def training_candidate_stats(state: RunState) -> dict:
+    """k per prompt of each round's training candidates against the planned k (de-duplication
+    and empty answers lower it): {"round-1": k_stats, ...}, for the rounds that were scored."""
+    recipe = state.recipe
+    planned = planned_k(recipe.sampling) if "sample" in recipe.stages else None
+    out = {}
+    for index in range(1, recipe.rounds + 1):
+        for name in ("scored.jsonl", "candidates.jsonl"):
+            path = state.round_dir(index) / name
+            if path.exists():
+                out[f"round-{index}"] = k_stats(read_jsonl(path), planned)
+                break
+    return out

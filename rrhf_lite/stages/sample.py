@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from rrhf_lite.candidate_stats import generated_per_prompt
 from rrhf_lite.data import read_rows
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.generation import generate_candidates
@@ -239,12 +240,16 @@ def sample_candidates(
         if loaded:
             _free_memory()
 
-    rows, duplicates, empty = [], 0, 0
+    rows, duplicates, empty, short = [], 0, 0, 0
+    generated = sum(generated_per_prompt(spec) for spec in specs)
     for p, record in enumerate(records):
         candidates = [(text, _source_label(specs[i])) for i in range(len(specs))
                       for text in outputs[i][p]]
+        planned = generated
         if include_dataset_responses:
-            candidates += dataset_answers(record)
+            answers = dataset_answers(record)
+            candidates += answers
+            planned += len(answers)
         responses, sources, counts, seen = [], [], [], {}
         for text, source in candidates:
             if not text.strip():
@@ -262,10 +267,12 @@ def sample_candidates(
             logger.warning("%s: no non-empty candidate, prompt skipped",
                            record.get("where", f"prompt {p + 1}"))
             continue
+        short += len(responses) < planned
         rows.append({"prompt": record["prompt"], "responses": responses, "sources": sources,
                      "counts": counts})
-    logger.info("sampled %d prompts: %d candidates kept, %d duplicates and %d empty dropped",
-                len(rows), sum(len(r["responses"]) for r in rows), duplicates, empty)
+    logger.info("sampled %d prompts: %d candidates kept, %d duplicates and %d empty dropped; "
+                "%d prompts have fewer candidates than planned", len(rows),
+                sum(len(r["responses"]) for r in rows), duplicates, empty, short)
     if output_path is not None:
         write_jsonl(output_path, rows)
     return rows

@@ -2,6 +2,8 @@
 
 - a Hugging Face sequence-classification reward model (one label; the reward is that logit),
   reading prompt text + joiner + response (or the whole chat rendered by its chat template);
+  or a raw GPT-J value-head checkpoint (rrhf_lite.reward_checkpoint), scored as the reference
+  code scores it: EOS appended, the value head read at the first EOS;
 - a Python function named "module:function", called as fn(prompts, responses) -> floats;
 - scores already in the data ("given"), which are only checked.
 
@@ -25,16 +27,17 @@ from rrhf_lite.data import is_finite_number
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.io import write_jsonl
 from rrhf_lite.recipe_sections import ScoringSection
-from rrhf_lite.tokenization import pad_rows
+from rrhf_lite.reward_reading import reward_model_scores, reward_model_text
 
 logger = logging.getLogger(__name__)
+__all__ = ["normalize_reward_spec", "reward_model_scores", "reward_model_text", "score_candidates"]
 
 
 # --- reward spec ------------------------------------------------------------------------------
 
 # the recipe's scoring defaults, the one copy of them
 _RECIPE_DEFAULT = {name: ScoringSection.model_fields[name].default
-                   for name in ("batch_size", "max_length", "joiner")}
+                   for name in ("batch_size", "max_length", "joiner", "reward_format")}
 
 
 def normalize_reward_spec(reward: Any) -> dict:
@@ -42,22 +45,30 @@ def normalize_reward_spec(reward: Any) -> dict:
 
     Accepts the recipe's scoring section too (reward_model / reward_function / given keys).
     Options (defaults: the recipe's scoring section): batch_size, max_length (tokens; the start
-    of long texts is cut), joiner (between prompt text and response), append_eos (False; some reward models read their
-    score at an EOS), torch_dtype, load_in_4bit, trust_remote_code, device.
+    of long texts is cut), joiner (between prompt text and response), append_eos (False; some
+    reward models read their score at an EOS), read_at ("last_token", the classifier's own
+    reading, or "first_eos", the reference scorer's), format ("sequence_classification" or
+    "gptj_value_head", which also needs base and implies append_eos and read_at "first_eos"),
+    torch_dtype, load_in_4bit, trust_remote_code, device.
     """
     if hasattr(reward, "model_dump"):
         reward = reward.model_dump()
     if not isinstance(reward, Mapping):
         raise UserInputError(f"reward must be a mapping, got {type(reward).__name__}",
                              where="reward")
+    fmt = reward.get("format", reward.get("reward_format")) or _RECIPE_DEFAULT["reward_format"]
+    raw_gptj = fmt == "gptj_value_head"
     spec = {
         "model": reward.get("model", reward.get("reward_model")),
+        "format": fmt,
+        "base": reward.get("base", reward.get("reward_base")),
         "function": reward.get("function", reward.get("reward_function")),
         "given": bool(reward.get("given", False)),
         "batch_size": reward.get("batch_size") or _RECIPE_DEFAULT["batch_size"],
         "max_length": reward.get("max_length") or _RECIPE_DEFAULT["max_length"],
         "joiner": reward.get("joiner") or _RECIPE_DEFAULT["joiner"],
-        "append_eos": bool(reward.get("append_eos", False)),
+        "append_eos": raw_gptj or bool(reward.get("append_eos", False)),
+        "read_at": "first_eos" if raw_gptj else reward.get("read_at") or "last_token",
         "torch_dtype": reward.get("torch_dtype", "auto"),
         "load_in_4bit": bool(reward.get("load_in_4bit", False)),
         "trust_remote_code": bool(reward.get("trust_remote_code", False)),
@@ -72,6 +83,15 @@ def normalize_reward_spec(reward: Any) -> dict:
         )
     if not isinstance(spec["batch_size"], int) or spec["batch_size"] < 1:
         raise UserInputError("must be a positive integer", where="reward.batch_size")
+    if fmt not in ("sequence_classification", "gptj_value_head"):
+        raise UserInputError(f"unknown reward format {fmt!r}", where="reward.format",
+                             hint="sequence_classification or gptj_value_head")
+    if spec["read_at"] not in ("last_token", "first_eos"):
+        raise UserInputError(f"unknown reading {spec['read_at']!r}", where="reward.read_at",
+                             hint="last_token or first_eos")
+    if raw_gptj and isinstance(spec["model"], str) and not spec["base"]:
+        raise UserInputError("a gptj_value_head checkpoint needs its base", where="reward.base",
+                             hint="the model it was trained from, e.g. EleutherAI/gpt-j-6B")
     return spec
 
 
@@ -117,10 +137,6 @@ def _prompt_of(row: dict):
     return row["prompt"] if "prompt" in row else row["query"]
 
 
-def _content(response) -> str:
-    return response["content"] if isinstance(response, dict) else response
-
-
 def check_given_scores(rows: Sequence[dict], where: str = "candidates") -> None:
     """Every row has one finite number per response in "scores"; else UserInputError."""
     for i, row in enumerate(rows, start=1):
@@ -139,68 +155,6 @@ def check_given_scores(rows: Sequence[dict], where: str = "candidates") -> None:
                     hint="give one finite number per response (no NaN, inf or strings), or "
                     "score with scoring.reward_model / reward_function",
                 )
-
-
-# --- reward model -----------------------------------------------------------------------------
-
-def reward_model_text(tokenizer, prompt, response, *, joiner: str = "", append_eos: bool = False
-                      ) -> tuple[str, bool]:
-    """(text the reward model reads, whether a chat template wrote it).
-
-    A string prompt gives prompt + joiner + response (+ EOS). A message-list prompt is rendered
-    with the reward model's chat template together with the response as the assistant turn.
-    """
-    content = _content(response)
-    if isinstance(prompt, str):
-        text, templated = prompt + joiner + content, False
-    else:
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserInputError(
-                "chat-message prompts need a reward model tokenizer with a chat template",
-                where="reward.model", hint="use string prompts or a chat reward model",
-            )
-        messages = list(prompt) + [{"role": "assistant", "content": content}]
-        text, templated = tokenizer.apply_chat_template(messages, tokenize=False), True
-    if append_eos and tokenizer.eos_token:
-        text += tokenizer.eos_token
-    return text, templated
-
-
-def _free_id(used: set[int], vocab_size: int) -> int:
-    for candidate in range(vocab_size - 1, -1, -1):
-        if candidate not in used:
-            return candidate
-    raise RuntimeError("no token id is free to pad with")
-
-
-@torch.no_grad()
-def reward_model_scores(model, tokenizer, prompts: Sequence, responses: Sequence, *,
-                        max_length: int = 512, joiner: str = "", append_eos: bool = False
-                        ) -> list[float]:
-    """Rewards for one batch of (prompt, response) pairs from a sequence classifier."""
-    rows = []
-    for prompt, response in zip(prompts, responses, strict=True):
-        text, templated = reward_model_text(tokenizer, prompt, response, joiner=joiner,
-                                            append_eos=append_eos)
-        ids = list(tokenizer(text, add_special_tokens=not templated)["input_ids"])
-        rows.append(ids[-max_length:])  # keep the end: the response is what is being judged
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") \
-        else model.config
-    pad = config.pad_token_id
-    used = {t for ids in rows for t in ids}
-    # Classifiers read the last token that is not the pad id. When pad == EOS (a tokenizer with
-    # no pad token) and the text ends with EOS, that would skip the EOS; pad with an id absent
-    # from the batch instead (padding sits on the right, so it never touches the real tokens).
-    batch_pad = pad if pad is not None and pad not in used else _free_id(used, config.vocab_size)
-    device = next(model.parameters()).device
-    input_ids, attention_mask = pad_rows(rows, batch_pad)
-    config.pad_token_id = batch_pad
-    try:
-        logits = model(input_ids=input_ids.to(device),
-                       attention_mask=attention_mask.to(device)).logits
-    finally:
-        config.pad_token_id = pad
-    return logits[:, 0].float().tolist()
 
 
 # --- function ---------------------------------------------------------------------------------
@@ -272,17 +226,24 @@ def score_candidates(
         if isinstance(spec["model"], tuple):
             model, tokenizer = spec["model"]
         else:
-            from rrhf_lite.inference import load_reward_model
+            from rrhf_lite.inference import default_device, load_reward_model
 
+            path, dtype = spec["model"], spec["torch_dtype"]
+            if spec["format"] == "gptj_value_head":  # the raw .pt, as safetensors (cached)
+                from rrhf_lite.reward_checkpoint import converted_reward_dir
+
+                path = str(converted_reward_dir(path, spec["base"]))
+                if dtype == "auto" and str(spec["device"] or default_device()).startswith("cuda"):
+                    dtype = "float16"  # the reference scores in half precision on the GPU
             model, tokenizer = load_reward_model(
-                spec["model"], torch_dtype=spec["torch_dtype"], load_in_4bit=spec["load_in_4bit"],
+                path, torch_dtype=dtype, load_in_4bit=spec["load_in_4bit"],
                 trust_remote_code=spec["trust_remote_code"], device=spec["device"],
             )
 
         def score_batch(prompts, responses):
             return reward_model_scores(model, tokenizer, prompts, responses,
                                        max_length=spec["max_length"], joiner=spec["joiner"],
-                                       append_eos=spec["append_eos"])
+                                       append_eos=spec["append_eos"], read_at=spec["read_at"])
 
     scores: list[float] = []
     size = spec["batch_size"]

@@ -69,6 +69,8 @@ def run_train(
             "tokenization": trainer.tokenize_stats.get("train", {}),
             "global_step": trainer.state.global_step,
             "train_metrics": result.metrics,
+            "seconds_per_step": seconds_per_step(result.metrics, trainer.state.global_step,
+                                                 bool(resume_from_checkpoint)),
             "world_size": accelerator.num_processes,
             "output": str(target),
         })
@@ -77,19 +79,39 @@ def run_train(
     return target
 
 
+def seconds_per_step(train_metrics: dict, steps: int, resumed: bool) -> float | None:
+    """Wall time per optimiser step (train_runtime / steps), or None for a resumed training,
+    whose runtime covers only the steps after its checkpoint."""
+    runtime = train_metrics.get("train_runtime")
+    if resumed or not runtime or not steps:
+        return None
+    return round(runtime / steps, 4)
+
+
 # --- from a recipe --------------------------------------------------------------------------
 
 MIXED_PRECISION = {"bfloat16": "bf16", "float16": "fp16", "float32": "no"}
 
 
+def train_section(recipe: Recipe, overrides: dict | None = None) -> TrainSection:
+    """The recipe's train section with an ablation's overrides, validated."""
+    return TrainSection.model_validate({**recipe.train.model_dump(), **(overrides or {})})
+
+
+def precision_flags(section: TrainSection) -> dict[str, bool]:
+    """bf16 / fp16 for TrainingArguments: auto = bf16 where the GPU has it natively, fp16 on
+    other GPUs, neither on CPU."""
+    choice = section.mixed_precision
+    if choice == "auto":
+        choice = MIXED_PRECISION[auto_dtype_name()]
+    return {"bf16": choice == "bf16", "fp16": choice == "fp16"}
+
+
 def training_config(recipe: Recipe, output_dir: Path, overrides: dict | None = None):
     """RRHFConfig from the recipe's train section (plus an ablation's overrides)."""
-    section = TrainSection.model_validate({**recipe.train.model_dump(), **(overrides or {})})
+    section = train_section(recipe, overrides)
     fields = section.model_dump(exclude={"extra", "resume", "mixed_precision"})
-    choice = section.mixed_precision
-    if choice == "auto":  # bf16 where the GPU has it natively, fp16 on others, none on CPU
-        choice = MIXED_PRECISION[auto_dtype_name()]
-    fields.update(bf16=choice == "bf16", fp16=choice == "fp16")
+    fields.update(precision_flags(section))
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
     fields["warmup_steps"] = fields.pop("warmup_ratio")
     return RRHFConfig(output_dir=str(output_dir), seed=recipe.seed, **fields, **section.extra)

@@ -10,6 +10,12 @@ from rrhf_lite.tiny.models import (
     save_tiny_reward_model,
     tiny_llama_config,
 )
+from rrhf_lite.tiny.stand_ins import (
+    rm_static_rows,
+    save_alpaca_like_policy,
+    save_gptj_value_head_checkpoint,
+    write_rm_static_like,
+)
 from rrhf_lite.tiny.tasks import (
     DEFAULT_TASKS,
     TASKS,
@@ -39,4 +45,8 @@ __all__ = [
     "save_tiny_causal_lm",
     "save_tiny_reward_model",
     "tiny_llama_config",
+    "rm_static_rows",
+    "save_alpaca_like_policy",
+    "save_gptj_value_head_checkpoint",
+    "write_rm_static_like",
 ]

@@ -5,7 +5,7 @@ Small enough that a tiny model learns it in seconds, and it needs no file from a
 
 from __future__ import annotations
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -18,12 +18,19 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_char_tokenizer(chat_template: bool = False) -> PreTrainedTokenizerFast:
-    """Return a fast tokenizer with ids 0..3 = <pad>, <s>, </s>, <unk> and one id per character."""
+def build_char_tokenizer(chat_template: bool = False, add_bos: bool = False
+                         ) -> PreTrainedTokenizerFast:
+    """Return a fast tokenizer with ids 0..3 = <pad>, <s>, </s>, <unk> and one id per character.
+
+    add_bos: put <s> before every text, as LLaMA's tokenizer does (an Alpaca-like stand-in).
+    """
     vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     backend.decoder = decoders.Fuse()
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",

@@ -52,7 +52,7 @@ def adopt_added_variants(run_dir: Path, seed: int, overrides: list[str]) -> list
     import yaml
 
     from rrhf_lite.io import atomic_write_text
-    from rrhf_lite.recipe import dump_recipe, load_recipe
+    from rrhf_lite.recipe import dump_recipe, load_recipe, parse_recipe
 
     saved = run_dir / "recipe.yaml"
     if not saved.exists():
@@ -60,7 +60,8 @@ def adopt_added_variants(run_dir: Path, seed: int, overrides: list[str]) -> list
     recipe = load_recipe(RECIPE, [f"seed={seed}", *overrides])
     recipe.output_dir = str(run_dir)
     new = yaml.safe_load(dump_recipe(recipe))
-    old = yaml.safe_load(saved.read_text(encoding="utf-8"))
+    # read as this version reads it: keys added since the run was saved take their defaults
+    old = yaml.safe_load(dump_recipe(parse_recipe(yaml.safe_load(saved.read_text("utf-8")))))
     old_ablations, new_ablations = old.pop("ablations", []), new.pop("ablations", [])
     if old != new or new_ablations[:len(old_ablations)] != old_ablations:
         return []

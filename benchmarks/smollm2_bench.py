@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from rrhf_lite.io import write_json
+
 try:
     from benchmarks._common import print_table, write_result
     from benchmarks.quickstart_bench import paired, summarise
@@ -94,8 +96,19 @@ def run_seed(seed: int, overrides: list[str], work_dir: Path, cache: Path | None
     if proc.returncode != 0:
         raise SystemExit(f"seed {seed}: rrhf-lite run failed with exit code {proc.returncode}; "
                          f"see {work_dir / f'seed-{seed}.log'}")
-    return {"seed": seed, "wall_s": wall, "cpu_s": cpu, "load_avg_1m_before": load_before,
-            "load_avg_1m_after": os.getloadavg()[0], **read_run(out)}
+    timing = {"wall_s": wall, "cpu_s": cpu, "load_avg_1m_before": load_before,
+              "load_avg_1m_after": os.getloadavg()[0], "added": added}
+    # kept beside the run, so --summarise-only (and a benchmark run in parts) still has it
+    passes = _read_json(out / TIMING_FILE, []) + [timing]
+    write_json(out / TIMING_FILE, passes)
+    return {"seed": seed, **timing, **read_run(out)}
+
+
+TIMING_FILE = "bench_time.json"  # one entry per benchmark pass over the run directory
+
+
+def _read_json(path: Path, default):
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else default
 
 
 def read_run(run_dir: Path) -> dict:
@@ -103,7 +116,8 @@ def read_run(run_dir: Path) -> dict:
     document = json.loads((run_dir / "metrics.json").read_text())
     metrics = document["metrics"]
     return {"run_dir": str(run_dir), "metrics": metrics,
-            "stage_wall_s": metrics.get("wall_s", {}), "steps": step_times(run_dir)}
+            "stage_wall_s": metrics.get("wall_s", {}), "steps": step_times(run_dir),
+            "passes": _read_json(run_dir / TIMING_FILE, [])}
 
 
 def step_times(run_dir: Path) -> dict[str, dict]:
@@ -139,6 +153,18 @@ def gap_closed(runs: list[dict], variant: str) -> list[float]:
     return shares
 
 
+def pass_totals(run: dict) -> dict:
+    """Wall and CPU seconds of a seed over every benchmark pass (the first run, then one per
+    added variant), with the load average before each pass."""
+    passes = run.get("passes") or [{k: run.get(k) for k in ("wall_s", "cpu_s",
+                                                            "load_avg_1m_before")}]
+    if any(p.get("wall_s") is None for p in passes):
+        return {"wall_s": None, "cpu_s": None, "passes": len(passes)}
+    return {"wall_s": sum(p["wall_s"] for p in passes), "cpu_s": sum(p["cpu_s"] for p in passes),
+            "passes": len(passes),
+            "load_avg_1m_before": " ".join(f"{p['load_avg_1m_before']:.1f}" for p in passes)}
+
+
 def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     rows = summarise(runs)
     columns = ["variant"] + [c for c in rows[0] if c.startswith("reward/held_out")]
@@ -158,9 +184,7 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     steps = [{"seed": r["seed"], "variant": name, **info}
              for r in runs for name, info in r["steps"].items()]
     print_table(steps, title="optimiser steps and seconds per step")
-    times = [{"seed": r["seed"], "wall_s": r.get("wall_s"), "cpu_s": r.get("cpu_s"),
-              "load_avg_1m_before": r.get("load_avg_1m_before"), **r["stage_wall_s"]}
-             for r in runs]
+    times = [{"seed": r["seed"], **pass_totals(r), **r["stage_wall_s"]} for r in runs]
     print_table(times, title="wall time per seed and per stage (seconds)")
     path = write_result("smollm2", {
         "recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "seeds": seeds,

@@ -85,3 +85,11 @@ def test_an_added_ablation_is_adopted_and_nothing_else(bench, tmp_path, monkeypa
     assert [a["name"] for a in now["ablations"]] == ["no_rank_loss", "sft_only"]
     assert bench.adopt_added_variants(run, 3, [extra]) == []  # already adopted
     assert bench.adopt_added_variants(tmp_path / "none", 3, []) == []
+
+
+def test_pass_totals_add_every_pass(bench):
+    run = {"passes": [{"wall_s": 100.0, "cpu_s": 40.0, "load_avg_1m_before": 6.0},
+                      {"wall_s": 20.0, "cpu_s": 8.0, "load_avg_1m_before": 2.5}]}
+    assert bench.pass_totals(run) == {"wall_s": 120.0, "cpu_s": 48.0, "passes": 2,
+                                      "load_avg_1m_before": "6.0 2.5"}
+    assert bench.pass_totals({"seed": 0})["wall_s"] is None  # no record of its time

@@ -1,5 +1,7 @@
 """Wall time of each stage of a run, kept in the run directory so a resumed run still reports
-the stages an earlier command ran (a stage skipped this time keeps its recorded time).
+the stages an earlier command ran: each stage's seconds are summed over the commands that ran
+it (a stage skipped by a command adds nothing; a training resumed from its checkpoint, or an
+evaluation that only adds a new variant, adds its own time to the first command's).
 
     run_dir/stage_times.json   {"model": 41.2, "round-1/sample": 63.0, "round-1/train": 95.1, ...}
 
@@ -34,9 +36,9 @@ def read_stage_times(run_dir: str | Path) -> dict[str, float]:
 
 
 def record_stage_time(run_dir: str | Path, name: str, seconds: float) -> dict[str, float]:
-    """Add (or replace) one stage's time; return the whole record."""
+    """Add `seconds` to one stage's time (a new stage starts at 0); return the whole record."""
     times = read_stage_times(run_dir)
-    times[name] = round(float(seconds), 2)
+    times[name] = round(times.get(name, 0.0) + float(seconds), 2)
     atomic_write_text(Path(run_dir) / FILE_NAME, json.dumps(times, indent=2) + "\n")
     return times
 

@@ -75,11 +75,13 @@ def test_stage_times_persist_replace_and_skip_failed_stages(tmp_path):
         pass
     times = stage_times.read_stage_times(tmp_path)
     assert list(times) == ["round-1/sample"] and times["round-1/sample"] >= 0.02
-    stage_times.record_stage_time(tmp_path, "round-1/sample", 5.0)  # a rerun replaces it
+    first = times["round-1/sample"]
+    stage_times.record_stage_time(tmp_path, "round-1/sample", 5.0)  # a resumed stage adds
     stage_times.record_stage_time(tmp_path, "evaluate", 2.5)
     rows = stage_times.stage_time_rows(stage_times.read_stage_times(tmp_path))
-    assert rows == [{"stage": "round-1/sample", "wall_s": 5.0}, {"stage": "evaluate", "wall_s": 2.5},
-                    {"stage": "total", "wall_s": 7.5}]
+    assert rows == [{"stage": "round-1/sample", "wall_s": round(first + 5.0, 1)},
+                    {"stage": "evaluate", "wall_s": 2.5},
+                    {"stage": "total", "wall_s": round(first + 7.5, 1)}]
     (tmp_path / stage_times.FILE_NAME).write_text("not json")
     assert stage_times.read_stage_times(tmp_path) == {}
 
@@ -209,6 +211,7 @@ def test_a_run_reports_kinds_general_ability_examples_and_stage_times(
     assert main(["run", str(recipe)]) == 0
     assert "evaluate: rrhf skipped" in capsys.readouterr().out
     again = json.loads((run / "metrics.json").read_text())["metrics"]
-    assert again["wall_s"]["round-1/train"] == recorded
+    assert again["wall_s"]["round-1/train"] == recorded  # skipped: nothing added
+    assert again["wall_s"]["evaluate"] > metrics["wall_s"]["evaluate"]  # reran: added
     assert again["variants"] == metrics["variants"]
     assert again["success_by_kind"] == metrics["success_by_kind"]

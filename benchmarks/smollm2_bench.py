@@ -158,11 +158,14 @@ def pass_totals(run: dict) -> dict:
     added variant), with the load average before each pass."""
     passes = run.get("passes") or [{k: run.get(k) for k in ("wall_s", "cpu_s",
                                                             "load_avg_1m_before")}]
-    if any(p.get("wall_s") is None for p in passes):
-        return {"wall_s": None, "cpu_s": None, "passes": len(passes)}
-    return {"wall_s": sum(p["wall_s"] for p in passes), "cpu_s": sum(p["cpu_s"] for p in passes),
-            "passes": len(passes),
-            "load_avg_1m_before": " ".join(f"{p['load_avg_1m_before']:.1f}" for p in passes)}
+    def total(key):  # None when a pass has no record of it
+        values = [p.get(key) for p in passes]
+        return None if None in values else sum(values)
+
+    return {"wall_s": total("wall_s"), "cpu_s": total("cpu_s"), "passes": len(passes),
+            "load_avg_1m_before": " ".join(
+                "?" if p.get("load_avg_1m_before") is None else f"{p['load_avg_1m_before']:.1f}"
+                for p in passes)}
 
 
 def report(runs: list[dict], args, fresh_cache: bool) -> Path:

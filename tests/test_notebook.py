@@ -11,6 +11,7 @@ stand-in for the streamed data set: the recipe a T4 would get must validate and 
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import re
@@ -184,8 +185,10 @@ def _check_executed(nb, work: Path) -> None:
     assert len(before) == len(after) > 0
     side = [t for t in _texts(_cell(nb, "evaluate"), "text/html") if "before (initial)" in t]
     assert len(side) == 1 and "after (rrhf)" in side[0]
-    for row in before[:3]:  # the table shows the first rows
-        assert row["prompt"] in side[0]
+    for row in before[:3]:  # the table shows the first rows (a chat prompt as its text)
+        prompt = row["prompt"][-1]["content"] if isinstance(row["prompt"], list) else row["prompt"]
+        shown = " ".join(prompt.split())[:60]
+        assert shown in side[0] or html.escape(shown) in side[0], shown
 
     # The results table, and the merged model answering a prompt.
     results = "".join(_texts(_cell(nb, "results"), "text/html"))

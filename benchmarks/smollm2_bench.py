@@ -105,6 +105,9 @@ def run_seed(seed: int, overrides: list[str], work_dir: Path, cache: Path | None
 
 
 TIMING_FILE = "bench_time.json"  # one entry per benchmark pass over the run directory
+# stage_times.json as it was before variants outside the recipe were added (--set ablations=...):
+# the recipe's own stage times, when a pass added an extra arm afterwards
+RECIPE_TIMES = "stage_times_recipe.json"
 
 
 def _read_json(path: Path, default):
@@ -116,7 +119,8 @@ def read_run(run_dir: Path) -> dict:
     document = json.loads((run_dir / "metrics.json").read_text())
     metrics = document["metrics"]
     return {"run_dir": str(run_dir), "metrics": metrics,
-            "stage_wall_s": metrics.get("wall_s", {}), "steps": step_times(run_dir),
+            "stage_wall_s": _read_json(run_dir / RECIPE_TIMES, None) or metrics.get("wall_s", {}),
+            "steps": step_times(run_dir),
             "passes": _read_json(run_dir / TIMING_FILE, [])}
 
 
@@ -153,11 +157,14 @@ def gap_closed(runs: list[dict], variant: str) -> list[float]:
     return shares
 
 
-def pass_totals(run: dict) -> dict:
-    """Wall and CPU seconds of a seed over every benchmark pass (the first run, then one per
-    added variant), with the load average before each pass."""
+def pass_totals(run: dict, recipe_variants: set[str] | None = None) -> dict:
+    """Wall and CPU seconds of a seed over its benchmark passes (the first run, then one per
+    added variant), with the load average before each pass. With `recipe_variants`, only the
+    passes that ran the recipe's own variants count (not one that added an extra arm)."""
     passes = run.get("passes") or [{k: run.get(k) for k in ("wall_s", "cpu_s",
                                                             "load_avg_1m_before")}]
+    if recipe_variants is not None:
+        passes = [p for p in passes if set(p.get("added") or []) <= recipe_variants]
     def total(key):  # None when a pass has no record of it
         values = [p.get(key) for p in passes]
         return None if None in values else sum(values)
@@ -168,8 +175,15 @@ def pass_totals(run: dict) -> dict:
                 for p in passes)}
 
 
+# an extra arm some seeds may have (added with --set ablations=[..., {name: lr3e-4, ...}])
+ARM_PAIRS = (("lr3e-4", "rrhf"), ("lr3e-4", "initial"))
+
+
 def report(runs: list[dict], args, fresh_cache: bool) -> Path:
-    rows = summarise(runs)
+    common = set.intersection(*(set(r["metrics"]["variants"]) for r in runs))
+    shared = [{**r, "metrics": {**r["metrics"], "variants": {
+        k: v for k, v in r["metrics"]["variants"].items() if k in common}}} for r in runs]
+    rows = summarise(shared)
     columns = ["variant"] + [c for c in rows[0] if c.startswith("reward/held_out")]
     columns += [c for c in rows[0] if c.startswith(("reward/train", "ranking/accuracy",
                                                      "general/logprob"))]
@@ -177,6 +191,14 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     print_table(rows, columns=columns, title=f"smollm2_constraints over seeds {seeds}")
     differences = paired(runs, pairs=PAIRS)
     print_table(differences, title="paired by seed: held-out reward differences")
+    for arm, _ in ARM_PAIRS[:1]:
+        with_arm = [r for r in runs if arm in r["metrics"]["variants"]]
+        if with_arm:
+            extra = paired(with_arm, pairs=ARM_PAIRS) + paired(
+                with_arm, key="reward/train", pairs=ARM_PAIRS[:1])
+            extra[-1]["difference"] += " (training prompts)"
+            differences += [{**row, "seeds": [r["seed"] for r in with_arm]} for row in extra]
+            print_table(extra, title=f"extra arm {arm}, seeds {[r['seed'] for r in with_arm]}")
     gaps = []
     for variant in ("rrhf", "rrhf_round2", "no_rank_loss", "dpo"):
         shares = gap_closed(runs, variant)
@@ -187,8 +209,12 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     steps = [{"seed": r["seed"], "variant": name, **info}
              for r in runs for name, info in r["steps"].items()]
     print_table(steps, title="optimiser steps and seconds per step")
-    times = [{"seed": r["seed"], **pass_totals(r), **r["stage_wall_s"]} for r in runs]
-    print_table(times, title="wall time per seed and per stage (seconds)")
+    from rrhf_lite.recipe import load_recipe
+
+    own = {a.name for a in load_recipe(RECIPE).ablations}
+    times = [{"seed": r["seed"], **pass_totals(r, own), **r["stage_wall_s"]} for r in runs]
+    print_table(times, title="wall time per seed and per stage (seconds; the recipe's own "
+                "variants, not extra arms added with --set)")
     path = write_result("smollm2", {
         "recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "seeds": seeds,
         "first_seed_fresh_cache": fresh_cache, "table": rows, "paired": differences,

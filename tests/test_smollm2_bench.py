@@ -93,5 +93,9 @@ def test_pass_totals_add_every_pass(bench):
     assert bench.pass_totals(run) == {"wall_s": 120.0, "cpu_s": 48.0, "passes": 2,
                                       "load_avg_1m_before": "6.0 2.5"}
     assert bench.pass_totals({"seed": 0})["wall_s"] is None  # no record of its time
+    run["passes"].append({"wall_s": 50.0, "cpu_s": 9.0, "load_avg_1m_before": 1.0,
+                          "added": ["lr3e-4"]})  # an extra arm: not the recipe's time
+    assert bench.pass_totals(run, {"dpo"})["wall_s"] == 120.0
+    assert bench.pass_totals(run)["wall_s"] == 170.0
     run["passes"][0]["cpu_s"] = None  # a pass timed from outside: wall known, CPU not
-    assert bench.pass_totals(run)["cpu_s"] is None and bench.pass_totals(run)["wall_s"] == 120.0
+    assert bench.pass_totals(run)["cpu_s"] is None and bench.pass_totals(run)["wall_s"] == 170.0

@@ -72,7 +72,9 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
         torch.set_num_threads(recipe.cpu_threads)
     run_dir = prepare_run_dir(recipe, force)
     main = distributed.is_main_process()
-    with timed_stage(run_dir, "model", enabled=main):  # a built-in's first build is slow
+    # a built-in's first build is slow; written with the first stage's time (bad input found
+    # later must leave the run directory as it was)
+    with timed_stage(run_dir, "model", enabled=main, defer=True):
         base_model = resolve_model(
             recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
         )

@@ -35,23 +35,39 @@ def read_stage_times(run_dir: str | Path) -> dict[str, float]:
     return {str(k): float(v) for k, v in data.items() if isinstance(v, int | float)}
 
 
+# Times measured before any stage wrote a result (the model's resolution): held in memory and
+# written with the first stage's, so a run stopped by bad input leaves no file behind (its run
+# directory keeps only recipe.yaml and may be reused by a corrected recipe).
+_pending: dict[str, dict[str, float]] = {}
+
+
 def record_stage_time(run_dir: str | Path, name: str, seconds: float) -> dict[str, float]:
     """Add `seconds` to one stage's time (a new stage starts at 0); return the whole record."""
     times = read_stage_times(run_dir)
+    for early, value in _pending.pop(str(run_dir), {}).items():
+        times[early] = round(times.get(early, 0.0) + value, 2)
     times[name] = round(times.get(name, 0.0) + float(seconds), 2)
     atomic_write_text(Path(run_dir) / FILE_NAME, json.dumps(times, indent=2) + "\n")
     return times
 
 
 @contextmanager
-def timed_stage(run_dir: str | Path | None, name: str, enabled: bool = True) -> Iterator[None]:
+def timed_stage(run_dir: str | Path | None, name: str, enabled: bool = True,
+                defer: bool = False) -> Iterator[None]:
     """Record the wall time of the block under `name` when it finishes without an error (a
     failed stage has no time to report). run_dir None (no directory yet) or not `enabled`
-    (another process than the main one): nothing is written."""
+    (another process than the main one): nothing is written. `defer`: keep the time in memory
+    until the next stage's is recorded (for work that writes no result of its own)."""
     start = time.perf_counter()
     yield
-    if run_dir is not None and enabled:
-        record_stage_time(run_dir, name, time.perf_counter() - start)
+    if run_dir is None or not enabled:
+        return
+    seconds = time.perf_counter() - start
+    if defer:
+        pending = _pending.setdefault(str(run_dir), {})
+        pending[name] = pending.get(name, 0.0) + seconds
+    else:
+        record_stage_time(run_dir, name, seconds)
 
 
 def stage_time_rows(times: dict[str, float]) -> list[dict]:

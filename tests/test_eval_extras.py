@@ -82,6 +82,11 @@ def test_stage_times_persist_replace_and_skip_failed_stages(tmp_path):
     assert rows == [{"stage": "round-1/sample", "wall_s": round(first + 5.0, 1)},
                     {"stage": "evaluate", "wall_s": 2.5},
                     {"stage": "total", "wall_s": round(first + 7.5, 1)}]
+    with stage_times.timed_stage(tmp_path / "other", "model", defer=True):
+        pass
+    assert not (tmp_path / "other").exists()  # held until a stage's time is written
+    stage_times.record_stage_time(tmp_path / "other", "round-1/sample", 1.0)
+    assert list(stage_times.read_stage_times(tmp_path / "other")) == ["model", "round-1/sample"]
     (tmp_path / stage_times.FILE_NAME).write_text("not json")
     assert stage_times.read_stage_times(tmp_path) == {}
 

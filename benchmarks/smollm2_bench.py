@@ -118,7 +118,9 @@ def read_run(run_dir: Path) -> dict:
     """What a finished run directory holds: its metrics, stage times and time per step."""
     document = json.loads((run_dir / "metrics.json").read_text())
     metrics = document["metrics"]
-    return {"run_dir": str(run_dir), "metrics": metrics,
+    examples = {h: rows for h, rows in document.get("tables", {}).items()
+                if h.startswith("Example answers")}
+    return {"run_dir": str(run_dir), "metrics": metrics, "examples": examples,
             "stage_wall_s": _read_json(run_dir / RECIPE_TIMES, None) or metrics.get("wall_s", {}),
             "steps": step_times(run_dir),
             "passes": _read_json(run_dir / TIMING_FILE, [])}

@@ -80,11 +80,12 @@ def summarise(runs: list[dict]) -> list[dict]:
 PAIRS = (("rrhf", "initial"), ("rrhf", "no_rank_loss"), ("rrhf_round2", "rrhf"))
 
 
-def paired(runs: list[dict], key: str = "reward/held_out") -> list[dict]:
+def paired(runs: list[dict], key: str = "reward/held_out", pairs=PAIRS) -> list[dict]:
     """Per-seed differences first - second: mean, spread, and on how many seeds it is > 0.
-    Seeds share their initial policy within a pair, so this is less noisy than the means."""
+    Seeds share their initial policy within a pair, so this is less noisy than the means.
+    A pair missing from some run is left out."""
     rows = []
-    for first, second in PAIRS:
+    for first, second in pairs:
         if not all({first, second} <= set(r["metrics"]["variants"]) for r in runs):
             continue
         diffs = [r["metrics"]["variants"][first][key] - r["metrics"]["variants"][second][key]

@@ -8,7 +8,9 @@ Layout of a run directory (every file written atomically, so a killed run resume
     round-1/train/                   train: checkpoints, metrics.jsonl; train/adapter = result
     round-2/...                      iterated RRHF: sampled from the round-1 policy
     ablations/<name>/train/adapter   variants trained on round-1 data (e.g. no rank loss, DPO)
-    eval/                            evaluate: generations, scored candidates, plots
+    eval/                            evaluate: generations, scored candidates, plots;
+                                     <variant>.entry.json: one variant done (a rerun skips it)
+    stage_times.json                 wall seconds of each stage (rrhf_lite.stage_times)
     merged/                          merge: the full-precision merged model
     report.md, metrics.json          the results, for people and for machines
 
@@ -37,6 +39,8 @@ from rrhf_lite.recipe_ablations import AblationSection
 from rrhf_lite.run_lock import run_dir_lock
 from rrhf_lite.run_state import RunState, prepare_run_dir, say
 from rrhf_lite.sources import load_prompt_rows, resolve_model
+from rrhf_lite.stage_times import timed_stage
+from rrhf_lite.stages.eval_report import refresh_stage_times
 from rrhf_lite.stages.evaluate import evaluate_run
 from rrhf_lite.stages.merge import merge_adapter
 from rrhf_lite.stages.sample import sample_candidates
@@ -67,9 +71,13 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
     if recipe.cpu_threads:
         torch.set_num_threads(recipe.cpu_threads)
     run_dir = prepare_run_dir(recipe, force)
-    base_model = resolve_model(
-        recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
-    )
+    main = distributed.is_main_process()
+    # a built-in's first build is slow; written with the first stage's time (bad input found
+    # later must leave the run directory as it was)
+    with timed_stage(run_dir, "model", enabled=main, defer=True):
+        base_model = resolve_model(
+            recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
+        )
     state = RunState(recipe, run_dir, base_model, stages, models=_generator_models(recipe, stages))
     say(f"run directory: {run_dir}  stages: {', '.join(stages)}  rounds: {recipe.rounds}")
 
@@ -82,11 +90,15 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
 
     metrics: dict = {}
     # Evaluation and merging are not sharded: the main process does them, the others wait.
-    if distributed.is_main_process():
+    if main:
         if "evaluate" in stages:
-            metrics = evaluate_run(state, _evaluation_prompts(recipe))
+            with timed_stage(run_dir, "evaluate"):
+                metrics = evaluate_run(state, _evaluation_prompts(recipe))
         if "merge" in stages:
-            _merge(state)
+            with timed_stage(run_dir, "merge"):
+                _merge(state)
+        # evaluate wrote the report before its own (and merge's) time was known
+        refresh_stage_times(run_dir)
     distributed.barrier()
     say(f"done: {run_dir}")
     return metrics
@@ -141,7 +153,9 @@ def _run_round(state: RunState, round_index: int) -> bool:
         source = stage.source(state, round_index) if stage.source else None
         if source is not None and not _round_input_ready(round_index, source, stage.after):
             return False
-        stage.run(state, round_index, source, output)
+        with timed_stage(state.run_dir, f"round-{round_index}/{stage.name}",
+                         enabled=distributed.is_main_process()):
+            stage.run(state, round_index, source, output)
     adapter = out / "train" / "adapter"
     if "train" in state.recipe.stages and adapter.exists():
         state.round_adapters[round_index] = adapter
@@ -321,13 +335,15 @@ def _train_ablation(state: RunState, ablation: AblationSection) -> None:
     if "train" in state.stages and not _skip(adapter, f"ablation '{name}': train"):
         data = _training_data(state, 1)
         _require(data, "score")
-        if ablation.method == "dpo":
-            train_dpo_ablation(state.recipe, ablation, state.base_model, data, out,
-                               round1_train=state.round_dir(1) / "train",
-                               resume=_resume_point(state.recipe, out))
-        else:
-            say(f"ablation '{name}': {ablation.train}")
-            _train(state, data, out, init_adapter=None, overrides=ablation.train)
+        with timed_stage(state.run_dir, f"ablation/{name}/train",
+                         enabled=distributed.is_main_process()):
+            if ablation.method == "dpo":
+                train_dpo_ablation(state.recipe, ablation, state.base_model, data, out,
+                                   round1_train=state.round_dir(1) / "train",
+                                   resume=_resume_point(state.recipe, out))
+            else:
+                say(f"ablation '{name}': {ablation.train}")
+                _train(state, data, out, init_adapter=None, overrides=ablation.train)
     if adapter.exists():
         state.ablation_adapters[name] = adapter
 

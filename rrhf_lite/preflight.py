@@ -101,6 +101,7 @@ def check_paths(recipe: Recipe, stages: set[str]) -> None:
             _check_data_path(getattr(data, key), f"data.{key}")
     if "evaluate" in stages:
         _check_data_path(recipe.evaluate.ranking_candidates, "evaluate.ranking_candidates")
+        _check_data_path(recipe.evaluate.general_prompts, "evaluate.general_prompts")
 
 
 # ------------------------------------------------------------------------- training arguments

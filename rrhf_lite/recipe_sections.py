@@ -316,6 +316,14 @@ class EvaluateSection(Section):
     ranking_candidates: OptionalUserPath = Field(
         None, description="Held-out listwise set for the model-as-reward-model ranking accuracy"
     )
+    general_prompts: OptionalUserPath = Field(
+        None, description="Prompts unrelated to the task (file, hub name, builtin:general): the "
+        "initial model answers them greedily, and each variant's mean per-token log-likelihood "
+        "of those answers shows whether general ability collapsed; None = not measured",
+    )
+    max_general_prompts: int | None = Field(16, gt=0)
+    examples: int = Field(3, ge=0, description="Held-out prompts shown with the initial and the "
+                          "final policy's answers in report.md")
     plots: bool = True
 
 

@@ -302,6 +302,26 @@ def write_run_report(
     return {"metrics": metrics_path, "report": report_path}
 
 
+def update_run_report(run_dir: str | Path, metrics: Mapping,
+                      tables: Sequence[tuple[str, Sequence[Mapping]]] = ()) -> bool:
+    """Add or replace top-level metrics and tables (by heading) of an existing report: rewrite
+    metrics.json and report.md from the updated document, both atomically. For results known
+    only after the report was written (the wall time of the stage that wrote it, and of later
+    ones). Returns False, writing nothing, when run_dir has no metrics.json."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.json"
+    if not path.exists():
+        return False
+    document = json.loads(path.read_text(encoding="utf-8"))
+    document["metrics"].update(clean_metrics(metrics))
+    for heading, rows in tables:
+        document["tables"][str(heading)] = [{str(k): _cell_json(v) for k, v in row.items()}
+                                            for row in rows]
+    atomic_write_text(path, json.dumps(document, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(run_dir / "report.md", render_markdown(document))
+    return True
+
+
 def _relative(path: str | Path, run_dir: Path) -> str:
     """A link report.md can follow: relative to run_dir (paths are taken as given from cwd,
     unless they already name a file inside run_dir)."""

@@ -17,6 +17,7 @@ BUILTIN = "builtin:"
 TINY_WORLD = "builtin:tiny-world"
 SMOLLM2 = "builtin:smollm2-135m-instruct"
 CONSTRAINTS = "builtin:constraints"  # prompts of rrhf_lite.tasks_constraints
+GENERAL = "builtin:general"  # everyday questions of rrhf_lite.general_questions
 BUILTIN_MODELS = (TINY_WORLD, SMOLLM2)
 DEFAULT_SIZES = {"train": 200, "eval": 100}
 
@@ -62,8 +63,18 @@ def resolve_model(name: str, *, seed: int = 0, options: dict | None = None) -> s
 
 
 def builtin_prompt_rows(name: str, *, limit: int | None, seed: int, key: str) -> list[dict]:
-    """Rows {"prompt", "task", "reference"} of the tiny world's train or held-out prompts, or
-    rows {"prompt": [message], "kinds", "topic"} of the constraints task."""
+    """Rows {"prompt", "task", "reference"} of the tiny world's train or held-out prompts,
+    rows {"prompt": [message], "kinds", "topic"} of the constraints task, or rows
+    {"prompt": [message]} of the everyday questions."""
+    if name == GENERAL:
+        from rrhf_lite.general_questions import QUESTIONS, general_rows
+
+        if limit is not None and limit > len(QUESTIONS):
+            raise UserInputError(
+                f"{GENERAL} has {len(QUESTIONS)} questions, asked for {limit}",
+                where=f"recipe key {key}", hint=f"ask for at most {len(QUESTIONS)}",
+            )
+        return general_rows(limit)
     if name.startswith(CONSTRAINTS + "/") and name[len(CONSTRAINTS) + 1:] in DEFAULT_SIZES:
         from rrhf_lite.tasks_constraints import make_rows
 
@@ -75,8 +86,8 @@ def builtin_prompt_rows(name: str, *, limit: int | None, seed: int, key: str) ->
     if split not in DEFAULT_SIZES:
         raise UserInputError(
             f"unknown built-in prompt set {name!r}", where=f"recipe key {key}",
-            hint=f"use {TINY_WORLD}/train, {TINY_WORLD}/eval, {CONSTRAINTS}/train or "
-            f"{CONSTRAINTS}/eval",
+            hint=f"use {TINY_WORLD}/train, {TINY_WORLD}/eval, {CONSTRAINTS}/train, "
+            f"{CONSTRAINTS}/eval or {GENERAL}",
         )
     n = limit or DEFAULT_SIZES[split]
     train, held_out = make_splits(

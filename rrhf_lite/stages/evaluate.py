@@ -7,9 +7,13 @@ For every variant of the run (the initial policy, each RRHF round, each ablation
   numbers of all variants are comparable: how natural the outputs are, not how sure of itself
   each variant is;
 - ranking accuracy of its own length-normalised scores p_i on held-out candidate sets (the
-  paper's "model as a reward model" measure; see rrhf_lite.loss.ranking_accuracy).
+  paper's "model as a reward model" measure; see rrhf_lite.loss.ranking_accuracy);
+- optionally (rrhf_lite.stages.eval_extras): success per constraint kind when the task's reward
+  module offers a breakdown, and the log-likelihood of the initial model's answers to unrelated
+  prompts (general ability).
 Plus best-of-n: the mean reward of the best of the initial model's samples, the ceiling that
-RRHF learns towards. Writes eval/ files, report.md, metrics.json and plots.
+RRHF learns towards, example answers before and after, and each stage's wall time. Writes
+eval/ files, report.md, metrics.json and plots (rrhf_lite.stages.eval_report).
 
 The pipeline hands in the run's state and the prompt sets; nothing here reads the pipeline.
 """
@@ -22,18 +26,23 @@ from pathlib import Path
 from statistics import mean
 
 import torch
-from rich.console import Console
 
-from rrhf_lite.candidate_stats import describe, k_stats, planned_k
+from rrhf_lite.candidate_stats import k_stats, planned_k
 from rrhf_lite.data import load_listwise
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.inference import load_causal_lm
-from rrhf_lite.io import read_jsonl, write_jsonl
+from rrhf_lite.io import read_jsonl, write_json, write_jsonl
 from rrhf_lite.logprobs import model_candidate_scores as model_scores
 from rrhf_lite.loss import ranking_accuracy
-from rrhf_lite.plots import plot_reward_distributions, plot_training_curves
-from rrhf_lite.report import print_summary_table, write_run_report
-from rrhf_lite.run_state import INITIAL, RunState, say
+from rrhf_lite.run_state import INITIAL, RunState, round_variant, say
+from rrhf_lite.sources import load_prompt_rows
+from rrhf_lite.stages.eval_extras import (
+    GeneralAbility,
+    breakdown_function,
+    example_rows,
+    success_by_kind,
+)
+from rrhf_lite.stages.eval_report import write_report
 from rrhf_lite.stages.generate import generate_texts
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
@@ -162,9 +171,11 @@ def _own_scores(state: RunState, model, tokenizer, rows: list[dict], length_pena
 @torch.no_grad()
 def evaluate_variant(state: RunState, scorer: Scorer, adapter: Path | None,
                      prompt_sets: dict[str, list[dict]], candidates: list[dict],
-                     reference_rewards: list[float] | None, files: str) -> tuple[dict, dict]:
+                     reference_rewards: list[float] | None, files: str,
+                     general: GeneralAbility | None = None) -> tuple[dict, dict]:
     """Load one variant; answer every prompt set greedily and score the answers (written to
-    `files`.<set>.jsonl); rank the held-out candidates with its own scores.
+    `files`.<set>.jsonl); rank the held-out candidates with its own scores; with `general`,
+    measure its log-likelihood of the initial model's answers to the general prompts.
 
     Returns (metrics entry, {set name: (responses, rewards)}).
     """
@@ -193,6 +204,8 @@ def evaluate_variant(state: RunState, scorer: Scorer, adapter: Path | None,
                       recipe.train.candidate_micro_batch_size or 8)
     entry["ranking/accuracy"] = pairwise_ranking_accuracy(
         own, [row["scores"] for row in candidates])["accuracy"]
+    if general is not None:
+        entry["general/logprob"] = general.measure(model, tokenizer, initial=adapter is None)
     return entry, answers
 
 
@@ -240,15 +253,29 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     if references and all(ref is not None for ref in references):
         reference_rewards = scorer.pairs(held_out_prompts, references)
 
+    recipe = state.recipe
+    general = _general_ability(state, out_dir)
+    hook = breakdown_function(recipe.scoring.reward_function)
     metrics: dict = {"variants": {}}
     held_out: dict[str, tuple[list[str], list[float]]] = {}
-    for variant, adapter in state.variants().items():
-        say(f"evaluate: {variant}")
-        entry, answers = evaluate_variant(state, scorer, adapter, prompt_sets, candidates,
-                                          reference_rewards, str(out_dir / variant))
-        entry.update(training_time(adapter))
+    for variant, adapter in state.variants().items():  # the initial policy first
+        done = out_dir / f"{variant}.entry.json"
+        if done.exists():  # evaluated by an earlier command of this run (resume, added variant)
+            say(f"evaluate: {variant} skipped, found {done}")
+            saved = json.loads(done.read_text(encoding="utf-8"))
+            entry = saved["entry"]
+            answers = {name: tuple(pair) for name, pair in saved["answers"].items()}
+        else:
+            say(f"evaluate: {variant}")
+            entry, answers = evaluate_variant(state, scorer, adapter, prompt_sets, candidates,
+                                              reference_rewards, str(out_dir / variant), general)
+            entry.update(training_time(adapter))
+            write_json(done, {"entry": entry, "answers": answers})
         metrics["variants"][variant] = entry
         held_out[variant] = answers["held_out"]
+        kinds = success_by_kind(hook, held_out_prompts, answers["held_out"][0])
+        if kinds is not None:
+            metrics.setdefault("success_by_kind", {})[variant] = kinds
 
     if state.recipe.evaluate.best_of_n and candidate_rewards:
         metrics["best_of_n"] = best_of_n(candidate_rewards)
@@ -260,8 +287,22 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     if candidates_k:
         metrics["candidates"] = candidates_k
     rewards = {variant: answer[1] for variant, answer in held_out.items()}
-    write_report(state, metrics, rewards, candidate_rewards)
+    final = round_variant(max(state.round_adapters)) if state.round_adapters else INITIAL
+    examples = example_rows(held_out_prompts, held_out, INITIAL, final, recipe.evaluate.examples)
+    write_report(state, metrics, rewards, candidate_rewards,
+                 (f"Example answers (held-out): {INITIAL} and {final}", examples))
     return metrics
+
+
+def _general_ability(state: RunState, out_dir: Path) -> GeneralAbility | None:
+    recipe = state.recipe
+    source = recipe.evaluate.general_prompts
+    if not source:
+        return None
+    rows = load_prompt_rows(source, split=recipe.data.eval_split,
+                            limit=recipe.evaluate.max_general_prompts, seed=recipe.seed,
+                            key="evaluate.general_prompts")
+    return GeneralAbility(state, rows, out_dir / "general_answers.jsonl")
 
 
 def training_candidate_stats(state: RunState) -> dict:
@@ -277,85 +318,3 @@ def training_candidate_stats(state: RunState) -> dict:
                 out[f"round-{index}"] = k_stats(read_jsonl(path), planned)
                 break
     return out
-
-
-# ------------------------------------------------------------------------------ the report
-
-
-def write_report(state: RunState, metrics: dict, rewards_by_variant: dict,
-                 candidate_rewards: list[list[float]]) -> None:
-    """report.md, metrics.json and the plots in the run directory; the table on the console."""
-    rows = _summary_rows(metrics)
-    plots = _plots(state, rewards_by_variant, candidate_rewards) if state.recipe.evaluate.plots else []
-    write_run_report(
-        state.run_dir, metrics, title=f"rrhf-lite run: {state.recipe.name}",
-        tables=[("Results (held-out prompts unless named)", rows)],
-        notes=_notes(state, plots, metrics), images=plots,
-    )
-    # A wide console even when piped (CI logs, notebooks): the table stays readable.
-    print_summary_table(rows, console=Console(width=160))
-
-
-def _summary_rows(metrics: dict) -> list[dict]:
-    rows = []
-    for variant, entry in metrics["variants"].items():
-        row = {"variant": variant}
-        row.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()})
-        rows.append(row)
-    if "best_of_n" in metrics:
-        best = metrics["best_of_n"]
-        rows.append({"variant": "best-of-k (initial samples)",
-                     "reward/held_out": round(best["reward/held_out"], 4)})
-    return rows
-
-
-def _plots(state: RunState, rewards_by_variant: dict, candidate_rewards) -> list[Path]:
-    made = []
-    history = state.round_dir(1) / "train" / "metrics.jsonl"
-    if history.exists():
-        made.append(plot_training_curves(history, state.run_dir / "training_curves.png"))
-    distributions = dict(rewards_by_variant)
-    if candidate_rewards:
-        distributions["best-of-n"] = [max(r) for r in candidate_rewards]
-    made.append(plot_reward_distributions(distributions, state.run_dir / "reward_distributions.png"))
-    return made
-
-
-def _notes(state: RunState, plots: list[Path], metrics: dict) -> list[str]:
-    recipe = state.recipe
-    notes = [
-        f"base model: {recipe.model.name_or_path}; rounds: {recipe.rounds}; "
-        f"length_penalty {recipe.train.length_penalty}, rank_weight {recipe.train.rank_weight}, "
-        f"sft_weight {recipe.train.sft_weight}",
-        "ranking/accuracy: fraction of reward-ordered pairs of held-out candidates that the "
-        "model's own length-normalised log-probs order the same way (a tie counts as wrong)",
-        "perplexity: exp(-mean per-token log-prob) of each variant's greedy answers under one "
-        f"fixed LM, {recipe.evaluate.perplexity_model or 'the initial model'}",
-    ]
-    if "best_of_n" in metrics:
-        notes.append(f"best-of-k: k = {metrics['best_of_n']['n']:g} distinct initial-model "
-                     "samples per held-out prompt on average (duplicates removed)")
-    notes += _dpo_notes(state)
-    notes.append("train/s_per_step: wall time per optimiser step of each trained variant")
-    for name, stats in metrics.get("candidates", {}).items():
-        notes.append(f"training candidates, {name}: {describe(stats)} (identical candidates "
-                     "are kept once: a duplicate carries no ranking signal)")
-    notes += [f"plot: {p.name}" for p in plots]
-    return notes
-
-
-def _dpo_notes(state: RunState) -> list[str]:
-    """What each DPO ablation trained on, from its train_summary.json."""
-    notes = []
-    for ablation in state.recipe.ablations:
-        summary = state.ablation_dir(ablation.name) / "train" / "train_summary.json"
-        if ablation.method != "dpo" or not summary.exists():
-            continue
-        done = json.loads(summary.read_text(encoding="utf-8"))
-        data = done.get("data", {})
-        notes.append(
-            f"{ablation.name}: DPO ({ablation.dpo.loss_type}, beta {ablation.dpo.beta}) on "
-            f"{data.get('pairs')} best-vs-worst pairs of round 1's candidates "
-            f"({data.get('skipped_tied_prompts')} prompts skipped: all scores tied), "
-            f"{done.get('global_step')} optimiser steps ({done.get('optimizer_steps_from')})")
-    return notes

@@ -153,7 +153,7 @@ def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys, mo
     """Stage by stage: `sample` alone cannot sample round 2 before round 1 is trained; it says
     so instead of sampling round 2 from the base model (which would make IP-2 a relabelled
     round 1)."""
-    from rrhf_lite import pipeline
+    from rrhf_lite import pipeline_rounds
 
     raw = yaml.safe_load(_sample_score_recipe(tmp_path, tiny_lm_dir, k=2).read_text())
     raw.update({"rounds": 2, "stages": ["sample", "score", "train"]})
@@ -171,8 +171,8 @@ def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys, mo
     assert (run / "round-1" / "train" / "adapter").exists()
     assert "round 2: stopped, scored.jsonl is not there yet" in capsys.readouterr().out
     sampled_from = []
-    real_sample = pipeline.sample_candidates
-    monkeypatch.setattr(pipeline, "sample_candidates", lambda rows, *, generators, **kwargs: (
+    real_sample = pipeline_rounds.sample_candidates
+    monkeypatch.setattr(pipeline_rounds, "sample_candidates", lambda rows, *, generators, **kwargs: (
         sampled_from.append(generators[0].adapter),
         real_sample(rows, generators=generators, **kwargs))[1])
     for stage in ("sample", "score", "train"):

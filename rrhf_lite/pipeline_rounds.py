@@ -4,6 +4,7 @@ pipeline.py runs the rounds, then the ablations, evaluation and merge."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,7 +227,7 @@ def resume_point(recipe: Recipe, out: Path) -> Path | None:
 
 
 def train_adapter(state: RunState, data: Path | str, out: Path, init_adapter: Path | None,
-           overrides: dict) -> None:
+                  overrides: dict) -> None:
     recipe = state.recipe
     resume = resume_point(recipe, out)
     say(f"training on {data} -> {out}")
@@ -235,5 +236,21 @@ def train_adapter(state: RunState, data: Path | str, out: Path, init_adapter: Pa
         training_config(recipe, out, overrides),
         resume_from_checkpoint=str(resume) if resume else None,
     )
+    summary = out / "train_summary.json"
+    if distributed.is_main_process() and summary.exists():
+        forward = json.loads(summary.read_text(encoding="utf-8")).get("forward", {})
+        say(f"trained: {describe_forward(forward)}")
+
+
+def describe_forward(choices: dict) -> str:
+    """The trainer's first-batch decisions (train_summary.json "forward") in one line."""
+    if not choices:
+        return "no batch ran (resumed at its end)"
+    path = choices.get("logprob_path")
+    text = ("log-probs from hidden states" if path == "hidden"
+            else f"log-probs from logits ({choices.get('logprob_path_reason')})")
+    if choices.get("share_prompt"):
+        return text + "; each prompt ran once for its candidates (share_prompt)"
+    return text + f"; prompts repeated per candidate ({choices.get('share_prompt_reason')})"
 
 

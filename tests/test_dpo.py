@@ -234,7 +234,7 @@ def test_dpo_trains_rrhfs_tokens_against_the_adapter_free_base(small_chat_lm_dir
 # ------------------------------------------------------------------------------ the pipeline
 
 
-def test_dpo_ablation_in_a_run_steps_like_rrhf_and_gets_a_report_row(tiny_lm_dir, tmp_path):
+def test_dpo_ablation_in_a_run_steps_like_rrhf_and_gets_a_report_row(tiny_lm_dir, tmp_path, capsys):
     """A run with RRHF and a DPO ablation: the DPO adapter lies where ablations go, took as many
     optimiser steps as RRHF's round 1 (not its own epoch count), and is a row of the report
     with its time per step beside RRHF's."""
@@ -280,6 +280,9 @@ def test_dpo_ablation_in_a_run_steps_like_rrhf_and_gets_a_report_row(tiny_lm_dir
     dpo = json.loads((run / "ablations" / "dpo" / "train" / "train_summary.json").read_text())
     assert (run / "ablations" / "dpo" / "train" / "adapter" / "adapter_model.safetensors").exists()
     assert rrhf["global_step"] == 3 and dpo["global_step"] == 3
+    # the trainer's first-batch choices, kept and said: a plain LLaMA shares its prompts
+    assert rrhf["forward"]["share_prompt"] is True and rrhf["forward"]["logprob_path"] == "hidden"
+    assert "each prompt ran once for its candidates" in capsys.readouterr().out
     assert dpo["data"]["pairs"] == 4 and dpo["data"]["skipped_tied_prompts"] == 2
     assert "round-1" in dpo["optimizer_steps_from"]
     history = [json.loads(line) for line in (run / "ablations" / "dpo" / "train" / "metrics.jsonl").open()]

@@ -72,6 +72,7 @@ def run_train(
             "seconds_per_step": seconds_per_step(result.metrics, trainer.state.global_step,
                                                  bool(resume_from_checkpoint)),
             "world_size": accelerator.num_processes,
+            "forward": trainer.forward_choices,
             "output": str(target),
         })
     accelerator.wait_for_everyone()  # the other ranks return once the result exists

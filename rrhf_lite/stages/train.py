@@ -50,10 +50,23 @@ def run_train(
     trainer = RRHFTrainer(model=model, args=config, train_dataset=examples,
                           processing_class=tokenizer, callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    out = Path(config.output_dir)
-    target = out / ("adapter" if model_args.use_lora else "model")
+    return save_trained(trainer, tokenizer, result, use_lora=model_args.use_lora,
+                        resumed=bool(resume_from_checkpoint), summary={
+                            "data": summarize_listwise(examples),
+                            "tokenization": trainer.tokenize_stats.get("train", {}),
+                            "forward": trainer.forward_choices,
+                        })
+
+
+def save_trained(trainer, tokenizer, result, *, use_lora: bool, resumed: bool,
+                 summary: dict) -> Path:
+    """Save what `trainer` trained into its output_dir: adapter/ (or model/), metrics.jsonl and
+    train_summary.json (`summary` plus the steps, run time and seconds per step), from the main
+    process; every rank returns once they exist. Weights sharded by FSDP or DeepSpeed ZeRO-3 are
+    gathered first (a collective: every rank calls this)."""
+    out = Path(trainer.args.output_dir)
+    target = out / ("adapter" if use_lora else "model")
     accelerator = trainer.accelerator
-    # sharded engines hold a slice of each weight per rank: gather full weights (collective)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     state_dict = accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
     if accelerator.is_main_process:
@@ -64,15 +77,13 @@ def run_train(
                 tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
         write_jsonl(out / "metrics.jsonl", trainer.state.log_history)
+        steps = trainer.state.global_step
         write_json(out / "train_summary.json", {
-            "data": summarize_listwise(examples),
-            "tokenization": trainer.tokenize_stats.get("train", {}),
-            "global_step": trainer.state.global_step,
+            **summary,
+            "global_step": steps,
             "train_metrics": result.metrics,
-            "seconds_per_step": seconds_per_step(result.metrics, trainer.state.global_step,
-                                                 bool(resume_from_checkpoint)),
+            "seconds_per_step": seconds_per_step(result.metrics, steps, resumed),
             "world_size": accelerator.num_processes,
-            "forward": trainer.forward_choices,
             "output": str(target),
         })
     accelerator.wait_for_everyone()  # the other ranks return once the result exists

@@ -20,17 +20,11 @@ from typing import Any
 from rrhf_lite.data import load_listwise
 from rrhf_lite.dpo import best_worst_pairs, pretokenized_dpo_trainer, tokenize_pairs
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import atomic_directory, write_json, write_jsonl
 from rrhf_lite.modeling import ModelArguments, load_model_for_training, lora_config_from_args
 from rrhf_lite.recipe import Recipe
 from rrhf_lite.recipe_ablations import AblationSection
 from rrhf_lite.run_state import say
-from rrhf_lite.stages.train import (
-    model_arguments,
-    precision_flags,
-    seconds_per_step,
-    train_section,
-)
+from rrhf_lite.stages.train import model_arguments, precision_flags, save_trained, train_section
 
 logger = logging.getLogger(__name__)
 
@@ -68,32 +62,14 @@ def run_train_dpo(data: Any, model_args: ModelArguments, config, *, max_prompt_l
         model=model, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, peft_config=peft_config)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-    out = Path(config.output_dir)
-    target = out / ("adapter" if model_args.use_lora else "model")
-    accelerator = trainer.accelerator
-    # sharded engines hold a slice of each weight per rank: gather full weights (collective)
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
-    state_dict = accelerator.get_state_dict(trainer.model_wrapped) if sharded else None
-    if accelerator.is_main_process:
-        with atomic_directory(target, overwrite=True) as tmp:  # safetensors, no pickles
-            accelerator.unwrap_model(trainer.model).save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
-        write_jsonl(out / "metrics.jsonl", trainer.state.log_history)
-        write_json(out / "train_summary.json", {
-            "method": "dpo",
-            "data": {"prompts": len(examples), "pairs": len(rows),
-                     "skipped_tied_prompts": skipped},
-            "tokenization": stats.as_dict(),
-            "global_step": trainer.state.global_step,
-            "train_metrics": result.metrics,
-            "seconds_per_step": seconds_per_step(result.metrics, trainer.state.global_step,
-                                                 bool(resume_from_checkpoint)),
-            "output": str(target),
-            **(summary or {}),
-        })
-    accelerator.wait_for_everyone()
-    logger.info("saved %s", target)
-    return target
+    return save_trained(trainer, tokenizer, result, use_lora=model_args.use_lora,
+                        resumed=bool(resume_from_checkpoint), summary={
+                            "method": "dpo",
+                            "data": {"prompts": len(examples), "pairs": len(rows),
+                                     "skipped_tied_prompts": skipped},
+                            "tokenization": stats.as_dict(),
+                            **(summary or {}),
+                        })
 
 
 # --- from a recipe --------------------------------------------------------------------------

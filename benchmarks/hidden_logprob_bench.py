@@ -29,19 +29,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 try:
     from benchmarks._common import print_table, time_fn, write_result
+    from benchmarks._memory import in_fresh_process, peak_extra_memory
 except ImportError:  # run as a script: this folder is on sys.path
     from _common import print_table, time_fn, write_result
+    from _memory import in_fresh_process, peak_extra_memory
 
 import rrhf_kernels
 
@@ -82,47 +80,18 @@ def run_path(path, hidden, weight, labels, coef):
     return sums.detach(), grad
 
 
-def _proc_kb(field):
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
 def _memory_case(path, shape, dtype_name, device):
     """In this (fresh) process: peak extra bytes of one run of `path` beyond its inputs."""
     run_path(path, *make_inputs((2, 4, 8, 64), DTYPES[dtype_name], device))  # libraries' one-off set-up
     inputs = make_inputs(shape, DTYPES[dtype_name], device)
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        out = run_path(path, *inputs)
-        torch.cuda.synchronize()
-        return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before,
-                "memory_method": "torch.cuda.max_memory_allocated delta", "_": len(out)}
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-        handle.write("5")
-    before = _proc_kb("VmRSS")
-    out = run_path(path, *inputs)
-    peak = _proc_kb("VmHWM")
-    return {"peak_extra_bytes": max(0, peak - before) * 1024, "_": len(out),
-            "memory_method": "VmHWM reset via /proc/self/clear_refs"}
+    _, mem = peak_extra_memory(lambda: run_path(path, *inputs), device)
+    return mem
 
 
 def _peak_extra(path, shape, dtype_name, device):
-    arg = json.dumps({"path": path, "shape": list(shape), "dtype": dtype_name, "device": device,
-                      "threads": torch.get_num_threads()})
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_memory-case", arg],
-                          capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0:
-        return {"peak_extra_bytes": None, "memory_method": f"failed: {proc.stderr[-300:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, {"path": path, "shape": list(shape), "dtype": dtype_name,
+                                       "device": device, "threads": torch.get_num_threads()},
+                            drop_env=["TRITON_INTERPRET"])
 
 
 def run_op_bench(shapes, dtype_name="fp32", device="cpu", repeat=3, measure_memory=True):

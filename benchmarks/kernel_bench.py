@@ -38,18 +38,16 @@ import functools
 import gc
 import json
 import os
-import resource
-import subprocess
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
 try:
     from benchmarks._common import print_table, time_fn, write_result
+    from benchmarks._memory import in_fresh_process, peak_extra_memory
 except ImportError:  # run as a script: this folder is on sys.path
     from _common import print_table, time_fn, write_result
+    from _memory import in_fresh_process, peak_extra_memory
 
 import rrhf_kernels
 
@@ -162,66 +160,23 @@ def fwd_bwd(fn: ScoreFn, logits, labels, weights):
     return scores.detach(), grad
 
 
-def _proc_kb(field: str) -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as handle:
-            for line in handle:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def _memory_case(path: str, shape, dtype_name: str) -> dict:
     """In a fresh process: peak resident memory of one fwd+bwd beyond the inputs."""
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     fn = available_paths("cpu", only=path)[path]
     logits, labels, weights = make_inputs(shape, DTYPES[dtype_name], "cpu")
-    gc.collect()
-    method = "VmHWM reset via /proc/self/clear_refs"
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-            handle.write("5")
-        before = _proc_kb("VmRSS")
-    except OSError:
-        before = None
-    if before is None:
-        method = "ru_maxrss delta (lower bound)"
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = fwd_bwd(fn, logits, labels, weights)
-    if method.startswith("VmHWM"):
-        peak = _proc_kb("VmHWM")
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    del out
-    return {"peak_extra_bytes": max(0, peak - before) * 1024, "memory_method": method}
+    _, mem = peak_extra_memory(lambda: fwd_bwd(fn, logits, labels, weights), "cpu")
+    return mem
 
 
 def _cpu_peak_extra(path: str, shape, dtype_name: str) -> dict:
-    arg = json.dumps({"path": path, "shape": list(shape), "dtype": dtype_name})
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--_memory-case", arg],
-        capture_output=True, text=True, env=env, timeout=3600,
-    )
-    if proc.returncode != 0:
-        return {"peak_extra_bytes": None, "memory_method": f"failed: {proc.stderr[-300:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, {"path": path, "shape": list(shape), "dtype": dtype_name},
+                            drop_env=["TRITON_INTERPRET"])
 
 
 def _cuda_peak_extra(fn, logits, labels, weights) -> dict:
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    out = fwd_bwd(fn, logits, labels, weights)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return {"peak_extra_bytes": peak, "memory_method": "torch.cuda.max_memory_allocated delta"}
+    _, mem = peak_extra_memory(lambda: fwd_bwd(fn, logits, labels, weights), "cuda")
+    return mem
 
 
 def copy_gbps(nbytes: int, device: str, repeat: int = 5) -> float:

@@ -32,18 +32,17 @@ import gc
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 try:
     from benchmarks._common import print_table, time_fn, write_result
+    from benchmarks._memory import in_fresh_process, peak_extra_memory
 except ImportError:  # run as a script: this folder is on sys.path
     from _common import print_table, time_fn, write_result
+    from _memory import in_fresh_process, peak_extra_memory
 
 SHAPES = ((200, 100, 6), (30, 30, 2), (30, 30, 4))  # (prompt, response, k): HH-like, then short
 SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
@@ -101,14 +100,6 @@ def step(trainer, batch) -> float:
     return float(trainer.training_step(trainer.model, dict(batch)))
 
 
-def _proc_kb(field):
-    with open("/proc/self/status", encoding="ascii") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return None
-
-
 def memory_case(shape, share, device, **kw) -> dict:
     """In this (fresh) process: peak memory of its first step beyond what was held before it."""
     trainer, batch = build(shape, share, device, **kw)
@@ -117,44 +108,18 @@ def memory_case(shape, share, device, **kw) -> dict:
     inputs = trainer._prepare_inputs(dict(batch))
     trainer._output_head(trainer.model, inputs)
     trainer._share_prompt(trainer.model, inputs)
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step(trainer, batch)
-        torch.cuda.synchronize()
-        return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before,
-                "memory_method": "torch.cuda.max_memory_allocated delta"}
-    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
-        handle.write("5")
-    before = _proc_kb("VmRSS")
-    step(trainer, batch)
-    return {"peak_extra_bytes": max(0, _proc_kb("VmHWM") - before) * 1024,
-            "memory_method": "VmHWM reset via /proc/self/clear_refs"}
+    _, mem = peak_extra_memory(lambda: step(trainer, batch), device)
+    return mem
 
 
 def _peak_extra(shape, share, device, **kw) -> dict:
-    arg = json.dumps({"shape": list(shape), "share": share, "device": device,
-                      "threads": torch.get_num_threads(), **kw})
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_memory-case", arg],
-                          capture_output=True, text=True, env=env, timeout=3600)
-    if proc.returncode != 0:
-        return {"peak_extra_bytes": None, "memory_method": f"failed: {proc.stderr[-300:]}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, {"shape": list(shape), "share": share, "device": device,
+                                       "threads": torch.get_num_threads(), **kw})
 
 
 def _cuda_peak_extra(trainer, batch) -> dict:
-    gc.collect()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step(trainer, batch)
-    torch.cuda.synchronize()
-    return {"peak_extra_bytes": torch.cuda.max_memory_allocated() - before,
-            "memory_method": "torch.cuda.max_memory_allocated delta, in process"}
+    _, mem = peak_extra_memory(lambda: step(trainer, batch), "cuda")
+    return {**mem, "memory_method": mem["memory_method"] + ", in process"}
 
 
 def _tokens(trainer, batch, share) -> int:

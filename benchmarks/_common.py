@@ -47,8 +47,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -150,3 +153,32 @@ def time_fn(
         "ms_max": max(times),
         "repeat": len(times),
     }
+
+
+def run_recipe_timed(recipe: str | Path, out: str | Path, overrides: Sequence[str], *,
+                     env: dict | None = None, log: Path | None = None, log_mode: str = "a"
+                     ) -> dict[str, Any]:
+    """`rrhf-lite run RECIPE --output-dir OUT --set ITEM ...` in a child process, timed.
+
+    Its output goes to `log` (opened with `log_mode`), or is captured and returned as "output".
+    Returns {"returncode", "wall_s", "cpu_s" (the child's user + system time: what the run got
+    of a shared CPU), "load_avg_1m_before", "load_avg_1m_after"} (+ "output")."""
+    cmd = [sys.executable, "-m", "rrhf_lite.cli", "run", str(recipe), "--output-dir", str(out)]
+    for item in overrides:
+        cmd += ["--set", item]
+    load_before = os.getloadavg()[0]
+    start, cpu_start = time.time(), os.times()
+    if log is None:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    else:
+        with open(log, log_mode, encoding="utf-8") as handle:
+            proc = subprocess.run(cmd, env=env, stdout=handle, stderr=subprocess.STDOUT, text=True)
+    wall = time.time() - start
+    cpu_end = os.times()
+    cpu = (cpu_end.children_user - cpu_start.children_user) + (
+        cpu_end.children_system - cpu_start.children_system)
+    result = {"returncode": proc.returncode, "wall_s": wall, "cpu_s": cpu,
+              "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]}
+    if log is None:
+        result["output"] = proc.stdout + proc.stderr
+    return result

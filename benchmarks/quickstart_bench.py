@@ -17,16 +17,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 try:
-    from benchmarks._common import print_table, write_result
+    from benchmarks._common import print_table, run_recipe_timed, write_result
 except ImportError:
-    from _common import print_table, write_result
+    from _common import print_table, run_recipe_timed, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
@@ -35,24 +33,14 @@ RECIPE = ROOT / "recipes" / "quickstart.yaml"
 def run_seed(seed: int, overrides: list[str], workdir: Path) -> dict:
     out = workdir / f"seed-{seed}"
     env = {**os.environ, "RRHF_LITE_CACHE": str(workdir / f"cache-{seed}")}
-    cmd = [sys.executable, "-m", "rrhf_lite.cli", "run", str(RECIPE), "--output-dir", str(out),
-           "--set", f"seed={seed}"]
-    for item in overrides:
-        cmd += ["--set", item]
-    load_before = os.getloadavg()[0]
-    start, cpu_start = time.time(), os.times()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall = time.time() - start
-    cpu_end = os.times()
-    cpu = (cpu_end.children_user - cpu_start.children_user) + (
-        cpu_end.children_system - cpu_start.children_system
-    )
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
-        raise SystemExit(f"seed {seed}: rrhf-lite run failed with exit code {proc.returncode}")
+    run = run_recipe_timed(RECIPE, out, [f"seed={seed}", *overrides], env=env)
+    if run["returncode"] != 0:
+        sys.stderr.write(run["output"][-6000:])
+        raise SystemExit(f"seed {seed}: rrhf-lite run failed with exit code {run['returncode']}")
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    return {"seed": seed, "wall_s": wall, "cpu_s": cpu, "load_avg_1m_before": load_before,
-            "load_avg_1m_after": os.getloadavg()[0], "metrics": metrics}
+    return {"seed": seed, "wall_s": run["wall_s"], "cpu_s": run["cpu_s"],
+            "load_avg_1m_before": run["load_avg_1m_before"],
+            "load_avg_1m_after": run["load_avg_1m_after"], "metrics": metrics}
 
 
 def summarise(runs: list[dict]) -> list[dict]:

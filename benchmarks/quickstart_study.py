@@ -40,16 +40,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 try:
-    from benchmarks._common import print_table, write_result
+    from benchmarks._common import print_table, run_recipe_timed, write_result
 except ImportError:
-    from _common import print_table, write_result
+    from _common import print_table, run_recipe_timed, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
@@ -93,18 +91,13 @@ def run_dir(workdir: Path, arm: str, seed: int) -> Path:
 
 def run_one(arm: str, seed: int, workdir: Path, eval_prompts: int) -> dict:
     out = run_dir(workdir, arm, seed)
-    cmd = [sys.executable, "-m", "rrhf_lite.cli", "run", str(RECIPE), "--output-dir", str(out),
-           "--set", f"seed={seed}", "--set", f"data.max_eval_prompts={eval_prompts}",
-           "--set", "stages=[sample, score, train, evaluate]", "--set", VARIANT_ABLATIONS]
-    for item in ARMS[arm]:
-        cmd += ["--set", item]
-    start = time.time()
     log = workdir / f"{arm}-seed{seed}.log"
-    with open(log, "w") as handle:
-        proc = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"{arm} seed {seed}: rrhf-lite run failed ({proc.returncode}), see {log}")
-    return {"arm": arm, "seed": seed, "wall_s": round(time.time() - start, 1)}
+    run = run_recipe_timed(RECIPE, out, [f"seed={seed}", f"data.max_eval_prompts={eval_prompts}",
+                                         "stages=[sample, score, train, evaluate]",
+                                         VARIANT_ABLATIONS, *ARMS[arm]], log=log, log_mode="w")
+    if run["returncode"] != 0:
+        raise SystemExit(f"{arm} seed {seed}: rrhf-lite run failed ({run['returncode']}), see {log}")
+    return {"arm": arm, "seed": seed, "wall_s": round(run["wall_s"], 1)}
 
 
 # --------------------------------------------------------------------------------- analysis

@@ -24,18 +24,16 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 from rrhf_lite.io import write_json
 
 try:
-    from benchmarks._common import print_table, write_result
+    from benchmarks._common import print_table, run_recipe_timed, write_result
     from benchmarks.quickstart_bench import paired, summarise
 except ImportError:
-    from _common import print_table, write_result
+    from _common import print_table, run_recipe_timed, write_result
     from quickstart_bench import paired, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,23 +79,13 @@ def run_seed(seed: int, overrides: list[str], work_dir: Path, cache: Path | None
     env = dict(os.environ)
     if cache is not None:
         env["RRHF_LITE_CACHE"] = str(cache)
-    cmd = [sys.executable, "-m", "rrhf_lite.cli", "run", str(RECIPE), "--output-dir", str(out),
-           "--set", f"seed={seed}"]
-    for item in overrides:
-        cmd += ["--set", item]
-    load_before = os.getloadavg()[0]
-    start, cpu_start = time.time(), os.times()
-    with open(work_dir / f"seed-{seed}.log", "a", encoding="utf-8") as log:
-        proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
-    wall = time.time() - start
-    cpu_end = os.times()
-    cpu = (cpu_end.children_user - cpu_start.children_user) + (
-        cpu_end.children_system - cpu_start.children_system)
-    if proc.returncode != 0:
-        raise SystemExit(f"seed {seed}: rrhf-lite run failed with exit code {proc.returncode}; "
+    run = run_recipe_timed(RECIPE, out, [f"seed={seed}", *overrides], env=env,
+                           log=work_dir / f"seed-{seed}.log")
+    if run["returncode"] != 0:
+        raise SystemExit(f"seed {seed}: rrhf-lite run failed with exit code {run['returncode']}; "
                          f"see {work_dir / f'seed-{seed}.log'}")
-    timing = {"wall_s": wall, "cpu_s": cpu, "load_avg_1m_before": load_before,
-              "load_avg_1m_after": os.getloadavg()[0], "added": added}
+    timing = {key: run[key] for key in ("wall_s", "cpu_s", "load_avg_1m_before",
+                                        "load_avg_1m_after")} | {"added": added}
     # kept beside the run, so --summarise-only (and a benchmark run in parts) still has it
     passes = _read_json(out / TIMING_FILE, []) + [timing]
     write_json(out / TIMING_FILE, passes)

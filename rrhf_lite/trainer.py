@@ -98,6 +98,7 @@ class RRHFTrainer(LoggedMetrics, Trainer):
             cpu_4bit.configure_for_training(model)
         tokenizer = processing_class
         self.tokenize_stats: dict[str, dict[str, int]] = {}
+        self._forward_choices: dict = {}  # decided on the first batch (forward_choices)
         train_dataset = self._prepare_dataset(train_dataset, tokenizer, args, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._prepare_dataset(v, tokenizer, args, f"eval_{k}")
@@ -186,8 +187,8 @@ class RRHFTrainer(LoggedMetrics, Trainer):
             logger.info("rrhf-lite: candidate log-probs straight from hidden states and the %d x %d "
                         "output embedding: no logits tensor in training", *head.weight.shape)
         self._head, self._head_decided = head, True
-        self._choices["logprob_path"] = "logits" if head is None else "hidden"
-        self._choices["logprob_path_reason"] = reason
+        self._forward_choices.update(logprob_path="logits" if head is None else "hidden",
+                                    logprob_path_reason=reason)
         return head
 
     @staticmethod
@@ -215,20 +216,14 @@ class RRHFTrainer(LoggedMetrics, Trainer):
         else:
             logger.info("rrhf-lite: every candidate row repeats its prompt (share_prompt off: %s)", reason)
         self._share, self._share_decided = share, True
-        self._choices.update(share_prompt=share, share_prompt_reason=reason)
+        self._forward_choices.update(share_prompt=share, share_prompt_reason=reason)
         return share
-
-    @property
-    def _choices(self) -> dict:
-        if "_forward_choices" not in self.__dict__:
-            self._forward_choices = {}
-        return self._forward_choices
 
     @property
     def forward_choices(self) -> dict:
         """How candidates went through the model, as decided on the first batch: `logprob_path`
         ("hidden" / "logits") and `share_prompt` (bool), each with its reason. Empty before."""
-        return dict(self._choices)
+        return dict(self._forward_choices)
 
     def _chunk_sums(self, model, inputs: dict, part: slice, **hidden_kw):
         """(sums, counts) of a chunk; with the hidden path, `hidden_kw` (coef, lse, return_lse)

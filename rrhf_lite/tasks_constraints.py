@@ -13,8 +13,8 @@ constraints, each in a fixed sentence that the reward parses back from the promp
 
 The reward is the mean of the constraints' scores, each in [0, 1] with partial credit (a share
 of the letters in capitals, items off by one, a word count a little over, JSON that parses but
-has other keys, the phrase present but not at the end), so candidates differ in reward and the
-rank loss has pairs to order. SmolLM2-135M-Instruct meets some constraints often and others
+has other keys, an object cut off before it closes, the phrase present but not at the end), so
+candidates differ in reward and the rank loss has pairs to order. SmolLM2-135M-Instruct meets some constraints often and others
 rarely.
 
 Splits: training prompts use TRAIN_TOPICS and every kind but HELD_OUT_KIND; held-out prompts use
@@ -166,6 +166,17 @@ def _json_object(text: str):
     return value, True
 
 
+def _unfinished_object(text: str, keys: tuple) -> float:
+    """Credit for an answer that opens a JSON object but does not parse (the token limit often
+    cuts it off): 0.1 for the opening brace, up to 0.1 more for the wanted keys written as
+    "key": ; always below a finished object's 0.25, and 0 for anything else."""
+    body = re.sub(r"^```(?:json)?\s*", "", text)
+    if not body.startswith("{"):
+        return 0.0
+    written = sum(bool(re.search(rf'"{re.escape(key)}"\s*:', body)) for key in keys)
+    return 0.1 + 0.1 * written / len(keys)
+
+
 def check(kind: str, args: tuple, response: str) -> float:
     """Score in [0, 1] of one constraint on one response (partial credit, see the module doc)."""
     text = response.strip()
@@ -188,7 +199,7 @@ def check(kind: str, args: tuple, response: str) -> float:
     if kind == "json_keys":
         value, parsed = _json_object(text)
         if not parsed:
-            return 0.0
+            return _unfinished_object(text, args)
         if not isinstance(value, dict):
             return 0.25
         wanted = set(args)

@@ -157,7 +157,8 @@ def job_plan(recipe: Recipe) -> dict:
             "note": f"{variants} variants answer greedily, each scored; initial-model "
                     "candidates for best-of-k; tokens = new tokens"})
     if "merge" in stages:
-        rows.append({"stage": "merge", "note": "the last round's adapter into the base (fp16)"})
+        rows.append({"stage": "merge",
+                     "note": f"the last round's adapter into the base ({recipe.merge.torch_dtype})"})
     return {"downloads": downloads(recipe), "stages": rows, "planned_k": k,
             "prompts_per_step": t.per_device_train_batch_size * t.gradient_accumulation_steps}
 

@@ -50,6 +50,11 @@ def test_sizes_follow_overrides_and_local_files(tmp_path):
     assert stages["round 1: sample"]["prompts"] == stages["round 2: train"]["prompts"] == 10
     assert stages["round 1: train"]["steps"] == stages["round 2: train"]["steps"] == 3
     assert stages["evaluate"]["prompts"] == 10
+    assert stages["merge"]["note"].endswith(f"({recipe.merge.torch_dtype})")
+    merged_fp32 = job_plan(load_recipe(ITERATED, [f"data.prompts={prompts}",
+                                                  f"data.eval_prompts={prompts}",
+                                                  "merge.torch_dtype=float32"]))
+    assert _by_stage(merged_fp32)["merge"]["note"].endswith("(float32)")
     assert [d["key"] for d in plan["downloads"]] == ["model.name_or_path", "scoring.reward_model",
                                                     "scoring.reward_base"]
     unknown = job_plan(load_recipe(ITERATED, ["data.prompts=someone/else", "data.max_prompts=null"]))

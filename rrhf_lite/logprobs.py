@@ -266,7 +266,7 @@ def packing_agrees(model, input_ids, attention_mask, labels, groups, most: int =
 def model_candidate_scores(
     model, tokenizer, examples: Sequence[dict], max_length: int | None = 512,
     length_penalty: float = 1.0, micro_batch_size: int = 8, *, max_prompt_length: int | None = None,
-    truncation_side: str = "left", backend: str = "auto",
+    truncation_side: str = "left", backend: str = "auto", share_prompt: bool | str = "auto",
 ) -> list[list[float]]:
     """The model's own candidate scores p_i = (sum of response token log-probs) / |y_i|^lambda.
 
@@ -276,6 +276,11 @@ def model_candidate_scores(
         max_length, max_prompt_length, truncation_side: as in training (see tokenize_example).
         length_penalty: lambda. micro_batch_size: candidates per forward pass.
         backend: rrhf_kernels backend ("auto" | "triton" | "torch").
+        share_prompt: "auto" (default) packs each micro-batch by prompt, so a prompt runs once
+            for its candidates there, as training does (see choose_prompt_sharing: checked once
+            to give the unshared numbers, else off); False: every candidate row repeats its
+            prompt. Evaluation is mostly forward passes over k candidates of a shared prompt,
+            so this is where its time goes.
 
     Returns one list of k floats per example, in order; a row whose prompt leaves no room for a
     response token gets NaN for each candidate.
@@ -294,13 +299,18 @@ def model_candidate_scores(
     results: list[list[float]] = [
         [float("nan")] * len(ex["responses"]) if f is None else [] for ex, f in zip(examples, features, strict=True)
     ]
+    share = None  # decided on the first micro-batch with candidates of one prompt
     try:
         for start in range(0, len(flat), max(1, micro_batch_size)):
             part = flat[start: start + micro_batch_size]
             batch = collate([feat for _, feat in part])
-            sums, counts = chunk_logprob_sums(
-                model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                batch["labels"].to(device), backend=backend)
+            args = (batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                    batch["labels"].to(device))
+            groups = torch.tensor([i for i, _ in part], device=device)
+            if share is None and len(set(groups.tolist())) < len(part):
+                share, _reason = choose_prompt_sharing(model, *args, groups, share_prompt)
+            sums, counts = chunk_logprob_sums(model, *args, backend=backend,
+                                              groups=groups if share else None)
             scores = sums.float() / counts.clamp(min=1).float() ** length_penalty
             for (i, _), s in zip(part, scores.tolist(), strict=True):
                 results[i].append(s)

@@ -211,20 +211,34 @@ def _manual_scores(model, tok, prompt, responses, length_penalty):
     return out
 
 
+@pytest.mark.parametrize("share_prompt", ["auto", False], ids=["packed", "unshared"])
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5])
-def test_model_candidate_scores_matches_manual(length_penalty):
+def test_model_candidate_scores_matches_manual(length_penalty, share_prompt, monkeypatch):
+    import rrhf_lite.logprobs as logprobs
+
+    packed_chunks = []
+    plain_sums = logprobs.chunk_logprob_sums
+
+    def spy(model, *args, groups=None, **kw):
+        packed_chunks.append(groups is not None)
+        return plain_sums(model, *args, groups=groups, **kw)
+
+    monkeypatch.setattr(logprobs, "chunk_logprob_sums", spy)
     tok = build_char_tokenizer()
     model = make_tiny_causal_lm(seed=3, hidden_size=32, intermediate_size=64)
     examples = [{"prompt": "Q: 1+1", "responses": ["2", "three", "no idea at all"], "scores": None},
-                {"prompt": "Hi", "responses": ["hello"], "scores": None},
+                {"prompt": "Hi", "responses": ["hello", "hey"], "scores": None},
                 {"prompt": "x" * 40, "responses": ["y"], "scores": None}]  # dropped: NaN
     got = model_candidate_scores(model, tok, examples, max_length=32, length_penalty=length_penalty,
-                                 micro_batch_size=2, backend="torch")
+                                 micro_batch_size=2, backend="torch", share_prompt=share_prompt)
     for ex, scores in zip(examples[:2], got[:2], strict=True):
         expected = _manual_scores(model, tok, ex["prompt"], ex["responses"], length_penalty)
         assert scores == pytest.approx(expected, rel=1e-4, abs=1e-4)
     assert len(got[2]) == 1 and got[2][0] != got[2][0]  # NaN
     assert not model.training
+    # micro-batches of 2 over 3 + 2 candidates: packed by prompt unless told not to (the
+    # sharing check's own forwards are unshared and packed, hence "any")
+    assert any(packed_chunks) is (share_prompt == "auto")
 
 
 # ----------------------------------------------------------------------------- one shape

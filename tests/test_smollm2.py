@@ -107,6 +107,23 @@ def test_left_padded_batched_greedy_equals_unbatched(fp32):
     assert len({row[0] for row in batched}) == 3
 
 
+def test_evaluation_scores_packed_by_prompt_equal_unshared(fp32):
+    """model_candidate_scores (ranking accuracy, perplexity, the general measure) packs each
+    prompt's candidates by default: with the real chat template, the same numbers."""
+    from rrhf_lite.logprobs import model_candidate_scores
+
+    model, tok = fp32
+    rows = [{"prompt": FRANCE, "responses": ["Paris.", "The capital of France is Paris.",
+                                             "I do not know.", "Lyon"]},
+            {"prompt": PROMPTS[1], "responses": ["Blue.", "Green is a color."]}]
+    plain = model_candidate_scores(model, tok, rows, max_length=96, micro_batch_size=4,
+                                   share_prompt=False)
+    packed = model_candidate_scores(model, tok, rows, max_length=96, micro_batch_size=4)
+    for a, b in zip(plain, packed, strict=True):
+        assert b == pytest.approx(a, abs=1e-4)
+    assert plain[0][1] > plain[0][3]  # a real model: the right answer is likelier per token
+
+
 def test_nf4_loads_the_real_weights_on_both_cpu_paths(smollm2_dir, fp32, cpu_4bit_path):
     model, tok = fp32
     nf4, _ = load_causal_lm(str(smollm2_dir), load_in_4bit=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -139,10 +140,19 @@ def test_default_perplexity_model_is_the_initial_one_in_doc_and_code(tmp_path, m
     loaded = []
     monkeypatch.setattr(evaluate, "load_causal_lm",
                         lambda name, **kwargs: (loaded.append(name), (None, None))[1])
-    monkeypatch.setattr(evaluate, "_own_scores", lambda *args, **kwargs: [[-1.0]])
-    result = evaluate.perplexities(state, {"initial": ["a"], "rrhf": ["b"]}, ["p"])
-    assert loaded == ["the/base"] and result == {"initial": pytest.approx(2.718281828),
-                                                 "rrhf": pytest.approx(2.718281828)}
+    scored = []
+
+    def own_scores(state, model, tokenizer, rows, **kwargs):  # -1 for "a", -2 for "b", ...
+        scored.extend(rows)
+        return [[-1.0 - "abcd".index(r) for r in row["responses"]] for row in rows]
+
+    monkeypatch.setattr(evaluate, "_own_scores", own_scores)
+    result = evaluate.perplexities(state, {"initial": ["a", "c"], "rrhf": ["b", "d"]}, ["p", "q"])
+    assert loaded == ["the/base"] and result == {"initial": pytest.approx(math.exp(2.0)),
+                                                 "rrhf": pytest.approx(math.exp(3.0))}
+    # one row per prompt, the variants' answers as its candidates (a prompt runs once for all)
+    assert scored == [{"prompt": "p", "responses": ["a", "b"]},
+                      {"prompt": "q", "responses": ["c", "d"]}]
 
 
 @pytest.mark.parametrize("name, local", [

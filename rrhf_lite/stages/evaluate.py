@@ -225,13 +225,13 @@ def perplexities(state: RunState, responses_by_variant: dict[str, list[str]], pr
     model, tokenizer = load_causal_lm(
         name, torch_dtype=recipe.model.torch_dtype, trust_remote_code=recipe.model.trust_remote_code
     )
-    result = {}
-    for variant, responses in responses_by_variant.items():
-        rows = [{"prompt": p, "responses": [r]} for p, r in zip(prompts, responses, strict=True)]
-        per_row = _own_scores(state, model, tokenizer, rows, length_penalty=1.0,
-                              micro_batch_size=8)
-        result[variant] = perplexity([s[0] for s in per_row])
-    return result
+    # one row per prompt with every variant's answer as its candidates: each prompt then runs
+    # once for all the variants' answers (model_candidate_scores packs by prompt)
+    variants = list(responses_by_variant)
+    rows = [{"prompt": p, "responses": [responses_by_variant[v][i] for v in variants]}
+            for i, p in enumerate(prompts)]
+    per_row = _own_scores(state, model, tokenizer, rows, length_penalty=1.0, micro_batch_size=8)
+    return {v: perplexity([scores[j] for scores in per_row]) for j, v in enumerate(variants)}
 
 
 def training_time(adapter: Path | None) -> dict:

@@ -34,6 +34,18 @@ def _cell(nb, tag: str):
     return cells[0]
 
 
+def _run_cells(nb, namespace: dict, tags=("settings", "data", "recipe")) -> dict:
+    """Execute the cells with these tags in `namespace`, in order, as the kernel would."""
+    for tag in tags:
+        exec(compile(_cell(nb, tag).source, f"notebook cell {tag}", "exec"), namespace)
+    return namespace
+
+
+def _branch(gpu: bool, **settings) -> dict:
+    """The first cells' variables for one branch (the hardware check's outputs)."""
+    return {"GPU_MODE": gpu, "TINY": False, "Path": Path, "json": json, **settings}
+
+
 # ----------------------------------------------------------------------------- stored form
 
 
@@ -91,10 +103,7 @@ def test_gpu_branch_builds_data_and_a_valid_t4_recipe(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.chdir(tmp_path)
     nb = _read()
-    namespace = {"GPU_MODE": True, "TINY": False, "DTYPE": "float16", "MIXED_PRECISION": "fp16",
-                 "Path": Path, "json": json}
-    for tag in ("settings", "data", "recipe"):
-        exec(compile(_cell(nb, tag).source, f"notebook cell {tag}", "exec"), namespace)
+    namespace = _run_cells(nb, _branch(True, DTYPE="float16", MIXED_PRECISION="fp16"))
 
     recipe = namespace["recipe"]
     model, dataset = namespace["MODEL"], namespace["DATASET"]
@@ -120,9 +129,7 @@ def test_gpu_branch_builds_data_and_a_valid_t4_recipe(tmp_path, monkeypatch):
 
     def run_dir_after(**settings):
         namespace.update(settings)
-        for tag in ("data", "recipe"):
-            exec(compile(_cell(nb, tag).source, f"notebook cell {tag}", "exec"), namespace)
-        return namespace["recipe"].output_dir
+        return _run_cells(nb, namespace, ("data", "recipe"))["recipe"].output_dir
 
     # Same settings and data resume the same run; other data (same file names) gets a new one.
     assert run_dir_after() == recipe.output_dir
@@ -223,12 +230,7 @@ def test_cpu_branch_is_one_round_of_the_shipped_smollm2_recipe(tmp_path, monkeyp
     from rrhf_lite.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
-    nb = _read()
-    namespace = {"GPU_MODE": False, "TINY": False, "DTYPE": "float32", "MIXED_PRECISION": "no",
-                 "Path": Path, "json": json}
-    for tag in ("settings", "data", "recipe"):
-        exec(compile(_cell(nb, tag).source, f"notebook cell {tag}", "exec"), namespace)
-    cpu = namespace["recipe"]
+    cpu = _run_cells(_read(), _branch(False, DTYPE="float32", MIXED_PRECISION="no"))["recipe"]
     shipped = load_recipe(NOTEBOOK.parents[1] / "recipes" / "smollm2_constraints.yaml")
 
     assert cpu.rounds == 1 and not cpu.ablations

@@ -98,6 +98,14 @@ def tiny_lm_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def small_lm_dir(tmp_path_factory):
+    """A tiny LLaMA with grouped-query attention (4 heads, 2 KV heads) for the trainer's tests;
+    only ever read, so one copy serves every module."""
+    return save_tiny_causal_lm(tmp_path_factory.mktemp("small_lm") / "model", seed=0,
+                               hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
+
+
+@pytest.fixture(scope="session")
 def tiny_chat_lm_dir(tmp_path_factory):
     """Same as tiny_lm_dir, with a chat template on the tokenizer."""
     return save_tiny_causal_lm(tmp_path_factory.mktemp("tiny_chat_lm") / "model", seed=0, chat_template=True)

@@ -13,14 +13,7 @@ import torch
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.modeling import ModelArguments, load_model_for_training
-from rrhf_lite.tiny import save_tiny_causal_lm
 from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
-
-
-@pytest.fixture(scope="module")
-def small_lm_dir(tmp_path_factory):
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("small_lm") / "model", seed=0,
-                               hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
 
 
 def _rows(n_prompts=6):
@@ -66,25 +59,31 @@ def _first_batch(trainer):
     return next(iter(trainer.get_train_dataloader()))
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in _lora_params(model).items()}
+def _grads(model, params=_lora_params):
+    return {n: p.grad.detach().clone() for n, p in params(model).items()}
+
+
+def _weighted_trainer(model, tok, out, **kw):
+    """A trainer on _rows() whose loss weighs every term away from 1 (length penalty, SFT and
+    rank weights), so a wrong term shows in the loss and gradients."""
+    args = _config(out, length_penalty=0.7, sft_weight=0.5, rank_weight=2.0, **kw)
+    return RRHFTrainer(model=model, args=args, train_dataset=_rows(), processing_class=tok)
 
 
 @pytest.fixture(scope="module")
 def grad_setup(small_lm_dir, tmp_path_factory):
     model, tok = _model(small_lm_dir)
     _randomise_lora_b(model)
-    trainer = RRHFTrainer(model=model, args=_config(tmp_path_factory.mktemp("g"), length_penalty=0.7,
-                                                    sft_weight=0.5, rank_weight=2.0),
-                          train_dataset=_rows(), processing_class=tok)
+    trainer = _weighted_trainer(model, tok, tmp_path_factory.mktemp("g"))
     return trainer, _first_batch(trainer)
 
 
-def _step_grads(trainer, batch, micro):
+def _step_grads(trainer, batch, micro, params=_lora_params):
+    """One training step with candidate micro-batch `micro`: (loss, {name: grad} of params)."""
     trainer.model.zero_grad(set_to_none=True)
     trainer.args.candidate_micro_batch_size = micro
     loss = trainer.training_step(trainer.model, dict(batch))
-    return float(loss), _grads(trainer.model)
+    return float(loss), _grads(trainer.model, params)
 
 
 def test_micro_batched_gradient_equals_full_batch(grad_setup):

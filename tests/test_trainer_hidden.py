@@ -9,29 +9,20 @@ import logging
 
 import pytest
 import torch
-from test_trainer import _config, _first_batch, _lora_params, _model, _randomise_lora_b, _rows
+from test_trainer import (
+    _first_batch,
+    _lora_params,
+    _model,
+    _randomise_lora_b,
+    _step_grads,
+    _weighted_trainer,
+)
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.tiny import save_tiny_causal_lm
-from rrhf_lite.trainer import RRHFTrainer
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("hidden_lm") / "model", seed=0,
-                               hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
 
 
 def _trainer(model, tok, out, path, **kw):
-    args = _config(out, logprob_path=path, length_penalty=0.7, sft_weight=0.5, rank_weight=2.0, **kw)
-    return RRHFTrainer(model=model, args=args, train_dataset=_rows(), processing_class=tok)
-
-
-def _step(trainer, batch, micro, params):
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.args.candidate_micro_batch_size = micro
-    loss = trainer.training_step(trainer.model, dict(batch))
-    return float(loss), {n: p.grad.detach().clone() for n, p in params().items()}
+    return _weighted_trainer(model, tok, out, logprob_path=path, **kw)
 
 
 def _compare(make, tmp_path, params_of, micros=(None, 2, 3)):
@@ -41,7 +32,7 @@ def _compare(make, tmp_path, params_of, micros=(None, 2, 3)):
         model, tok = make()
         trainer = _trainer(model, tok, tmp_path / path, path)
         batch = _first_batch(trainer)
-        runs[path] = [_step(trainer, batch, m, lambda model=model: params_of(model)) for m in micros]
+        runs[path] = [_step_grads(trainer, batch, m, params_of) for m in micros]
         assert (trainer._output_head(model, batch) is None) == (path == "logits")
     for (loss_h, grads_h), (loss_l, grads_l), micro in zip(runs["hidden"], runs["logits"], micros, strict=True):
         assert loss_h == pytest.approx(loss_l, rel=1e-5), micro
@@ -53,7 +44,7 @@ def _compare(make, tmp_path, params_of, micros=(None, 2, 3)):
 
 @pytest.mark.parametrize("load_in_4bit,small_tiles", [(False, False), (True, False), (False, True)],
                          ids=["fp32-lora", "nf4-lora", "fp32-lora-small-tiles"])
-def test_hidden_path_same_loss_and_lora_grads_as_logits(lm_dir, tmp_path, load_in_4bit, small_tiles,
+def test_hidden_path_same_loss_and_lora_grads_as_logits(small_lm_dir, tmp_path, load_in_4bit, small_tiles,
                                                         monkeypatch):
     if small_tiles:  # many token chunks and vocabulary tiles: pass 3 reuses pass 1's logsumexp
         import rrhf_kernels._hidden_tiles as tiles
@@ -64,16 +55,16 @@ def test_hidden_path_same_loss_and_lora_grads_as_logits(lm_dir, tmp_path, load_i
         assert tiles.tile_shape(40, 100, None, None) == (4, 16)
 
     def make():
-        model, tok = _model(lm_dir, load_in_4bit=load_in_4bit)
+        model, tok = _model(small_lm_dir, load_in_4bit=load_in_4bit)
         _randomise_lora_b(model)
         return model, tok
 
     _compare(make, tmp_path, _lora_params)
 
 
-def test_hidden_path_full_finetune_with_tied_embeddings(lm_dir, tmp_path):
+def test_hidden_path_full_finetune_with_tied_embeddings(small_lm_dir, tmp_path):
     def make():
-        model, tok = _model(lm_dir, load_in_4bit=False, use_lora=False)
+        model, tok = _model(small_lm_dir, load_in_4bit=False, use_lora=False)
         model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
         return model, tok
 
@@ -83,8 +74,8 @@ def test_hidden_path_full_finetune_with_tied_embeddings(lm_dir, tmp_path):
     _compare(make, tmp_path, params, micros=(None, 2))
 
 
-def test_auto_picks_hidden_path_and_says_so(lm_dir, tmp_path, caplog):
-    model, tok = _model(lm_dir, load_in_4bit=False)
+def test_auto_picks_hidden_path_and_says_so(small_lm_dir, tmp_path, caplog):
+    model, tok = _model(small_lm_dir, load_in_4bit=False)
     trainer = _trainer(model, tok, tmp_path, "auto", max_steps=1, candidate_micro_batch_size=2)
     with caplog.at_level(logging.INFO, logger="rrhf_lite.trainer"):
         trainer.train()
@@ -94,8 +85,8 @@ def test_auto_picks_hidden_path_and_says_so(lm_dir, tmp_path, caplog):
     assert trainer._head is model.get_output_embeddings()
 
 
-def test_falls_back_to_logits_when_the_head_carries_lora(lm_dir, tmp_path, caplog):
-    model, tok = _model(lm_dir, load_in_4bit=False, lora_target_modules=["q_proj", "lm_head"])
+def test_falls_back_to_logits_when_the_head_carries_lora(small_lm_dir, tmp_path, caplog):
+    model, tok = _model(small_lm_dir, load_in_4bit=False, lora_target_modules=["q_proj", "lm_head"])
     assert type(model.get_output_embeddings()) is not torch.nn.Linear
     trainer = _trainer(model, tok, tmp_path / "a", "auto")
     batch = trainer._prepare_inputs(_first_batch(trainer))
@@ -107,9 +98,9 @@ def test_falls_back_to_logits_when_the_head_carries_lora(lm_dir, tmp_path, caplo
         strict._output_head(model, batch)
 
 
-def test_falls_back_when_logits_are_post_processed(lm_dir, tmp_path):
+def test_falls_back_when_logits_are_post_processed(small_lm_dir, tmp_path):
     # e.g. Gemma 2's final-logit softcapping: the head alone would give other numbers
-    model, tok = _model(lm_dir, load_in_4bit=False)
+    model, tok = _model(small_lm_dir, load_in_4bit=False)
     base = model.get_base_model()
 
     def softcap(module, args, kwargs, output):

@@ -10,30 +10,15 @@ import logging
 
 import pytest
 import torch
-from test_trainer import _config, _first_batch, _lora_params, _model, _randomise_lora_b, _rows
+from test_trainer import _first_batch, _model, _randomise_lora_b, _step_grads, _weighted_trainer
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.shared_prompt import segments_in_use
-from rrhf_lite.tiny import save_tiny_causal_lm
-from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
-
-
-@pytest.fixture(scope="module")
-def lm_dir(tmp_path_factory):
-    return save_tiny_causal_lm(tmp_path_factory.mktemp("shared_lm") / "model", seed=0,
-                               hidden_size=32, intermediate_size=64, num_heads=4, num_kv_heads=2)
+from rrhf_lite.trainer import RRHFConfig
 
 
 def _trainer(model, tok, out, share, **kw):
-    args = _config(out, share_prompt=share, length_penalty=0.7, sft_weight=0.5, rank_weight=2.0, **kw)
-    return RRHFTrainer(model=model, args=args, train_dataset=_rows(), processing_class=tok)
-
-
-def _step(trainer, batch, micro):
-    trainer.model.zero_grad(set_to_none=True)
-    trainer.args.candidate_micro_batch_size = micro
-    loss = trainer.training_step(trainer.model, dict(batch))
-    return float(loss), {n: p.grad.detach().clone() for n, p in _lora_params(trainer.model).items()}
+    return _weighted_trainer(model, tok, out, share_prompt=share, **kw)
 
 
 def _compare(tmp_path, make, micros=(None, 2, 3), checkpointing=False, **kw):
@@ -44,7 +29,7 @@ def _compare(tmp_path, make, micros=(None, 2, 3), checkpointing=False, **kw):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         trainer = _trainer(model, tok, tmp_path / str(share), share, **kw)
         batch = _first_batch(trainer)
-        runs[share] = [_step(trainer, batch, m) for m in micros]
+        runs[share] = [_step_grads(trainer, batch, m) for m in micros]
         assert trainer._share is share
         # plain sdpa / eager LLaMA attention: packed rows run rrhf_lite.segment_attention
         assert segments_in_use(model) is share
@@ -59,26 +44,26 @@ def _compare(tmp_path, make, micros=(None, 2, 3), checkpointing=False, **kw):
 @pytest.mark.parametrize("attn,path,checkpointing", [
     ("sdpa", "auto", False), ("eager", "auto", True), ("sdpa", "logits", True), ("eager", "logits", False),
 ], ids=["sdpa-hidden", "eager-hidden-ckpt", "sdpa-logits-ckpt", "eager-logits"])
-def test_shared_step_equals_unshared_fp32_lora(lm_dir, tmp_path, attn, path, checkpointing):
+def test_shared_step_equals_unshared_fp32_lora(small_lm_dir, tmp_path, attn, path, checkpointing):
     def make():
-        model, tok = _model(lm_dir, load_in_4bit=False, attn_implementation=attn)
+        model, tok = _model(small_lm_dir, load_in_4bit=False, attn_implementation=attn)
         _randomise_lora_b(model)
         return model, tok
 
     _compare(tmp_path, make, checkpointing=checkpointing, logprob_path=path)
 
 
-def test_shared_step_equals_unshared_nf4_lora(lm_dir, tmp_path, cpu_4bit_path):
+def test_shared_step_equals_unshared_nf4_lora(small_lm_dir, tmp_path, cpu_4bit_path):
     def make():
-        model, tok = _model(lm_dir, load_in_4bit=True)
+        model, tok = _model(small_lm_dir, load_in_4bit=True)
         _randomise_lora_b(model)
         return model, tok
 
     _compare(tmp_path, make, micros=(None, 2), checkpointing=True)
 
 
-def test_auto_turns_sharing_on_and_says_so_once(lm_dir, tmp_path, caplog):
-    model, tok = _model(lm_dir, load_in_4bit=False)
+def test_auto_turns_sharing_on_and_says_so_once(small_lm_dir, tmp_path, caplog):
+    model, tok = _model(small_lm_dir, load_in_4bit=False)
     trainer = _trainer(model, tok, tmp_path, "auto", max_steps=1, candidate_micro_batch_size=2)
     with caplog.at_level(logging.INFO, logger="rrhf_lite.trainer"):
         trainer.train()
@@ -88,8 +73,8 @@ def test_auto_turns_sharing_on_and_says_so_once(lm_dir, tmp_path, caplog):
     assert trainer._share is True
 
 
-def test_auto_off_with_the_reason_and_true_refuses(lm_dir, tmp_path, caplog):
-    model, tok = _model(lm_dir, load_in_4bit=False)
+def test_auto_off_with_the_reason_and_true_refuses(small_lm_dir, tmp_path, caplog):
+    model, tok = _model(small_lm_dir, load_in_4bit=False)
     model.config._attn_implementation = "flash_attention_2"  # decided without running it
     trainer = _trainer(model, tok, tmp_path / "a", "auto")
     batch = trainer._prepare_inputs(_first_batch(trainer))

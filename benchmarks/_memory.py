@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -61,15 +62,37 @@ def peak_extra_memory(run: Callable[[], Any], device: str) -> tuple[Any, dict]:
     return out, {"peak_extra_bytes": max(0, peak - before) * 1024, "memory_method": method}
 
 
+MEMORY_CASE_OPTION = "--_memory-case"  # how in_fresh_process hands a case to the script
+
+
+def add_memory_case_option(parser: argparse.ArgumentParser) -> None:
+    """The hidden option through which in_fresh_process starts the script on one case."""
+    parser.add_argument(MEMORY_CASE_OPTION, dest="memory_case", help=argparse.SUPPRESS)
+
+
+def answer_memory_case(args: argparse.Namespace, measure: Callable[[dict], dict]) -> bool:
+    """In a process started by in_fresh_process: set the case's "threads" (when it has one),
+    print `measure(rest of the case)` as the JSON line in_fresh_process reads, and return True;
+    False (nothing done) in an ordinary run."""
+    if not args.memory_case:
+        return False
+    case = json.loads(args.memory_case)
+    if "threads" in case:
+        torch.set_num_threads(case.pop("threads"))
+    print(json.dumps(measure(case)))
+    return True
+
+
 def in_fresh_process(script: str, case: dict, *, drop_env: Iterable[str] = ()) -> dict:
     """Run `script --_memory-case JSON(case)` in a new interpreter and return the JSON dict it
-    prints last; a failed run gives peak_extra_bytes None and the end of its stderr."""
+    prints last (the script answers through add_memory_case_option and answer_memory_case); a
+    failed run gives peak_extra_bytes None and the end of its stderr."""
     env = dict(os.environ)
     for name in drop_env:
         env.pop(name, None)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--_memory-case",
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), MEMORY_CASE_OPTION,
                            json.dumps(case)], capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         return {"peak_extra_bytes": None, "memory_method": f"failed: {proc.stderr[-300:]}"}

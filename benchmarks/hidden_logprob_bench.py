@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 from collections.abc import Sequence
 
 import torch
@@ -36,10 +35,20 @@ import torch.nn.functional as F
 
 try:
     from benchmarks._common import print_table, time_fn, write_result
-    from benchmarks._memory import in_fresh_process, peak_extra_memory
+    from benchmarks._memory import (
+        add_memory_case_option,
+        answer_memory_case,
+        in_fresh_process,
+        peak_extra_memory,
+    )
 except ImportError:  # run as a script: this folder is on sys.path
     from _common import print_table, time_fn, write_result
-    from _memory import in_fresh_process, peak_extra_memory
+    from _memory import (
+        add_memory_case_option,
+        answer_memory_case,
+        in_fresh_process,
+        peak_extra_memory,
+    )
 
 import rrhf_kernels
 
@@ -217,12 +226,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "CPU each op's thread-pool synchronisation stalls, which punishes the "
                              "tiled path's many ops more than the logits path's few)")
     parser.add_argument("--no-step", action="store_true", help="skip the training-step table")
-    parser.add_argument("--_memory-case", dest="memory_case", help=argparse.SUPPRESS)
+    add_memory_case_option(parser)
     args = parser.parse_args(argv)
-    if args.memory_case:  # internal: one memory measurement in this fresh process
-        case = json.loads(args.memory_case)
-        torch.set_num_threads(case["threads"])
-        print(json.dumps(_memory_case(case["path"], tuple(case["shape"]), case["dtype"], case["device"])))
+    # internal: one memory measurement in this fresh process
+    if answer_memory_case(args, lambda case: _memory_case(case["path"], tuple(case["shape"]),
+                                                          case["dtype"], case["device"])):
         return 0
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
 from collections.abc import Callable, Sequence
 
@@ -44,10 +43,20 @@ import torch
 
 try:
     from benchmarks._common import print_table, time_fn, write_result
-    from benchmarks._memory import in_fresh_process, peak_extra_memory
+    from benchmarks._memory import (
+        add_memory_case_option,
+        answer_memory_case,
+        in_fresh_process,
+        peak_extra_memory,
+    )
 except ImportError:  # run as a script: this folder is on sys.path
     from _common import print_table, time_fn, write_result
-    from _memory import in_fresh_process, peak_extra_memory
+    from _memory import (
+        add_memory_case_option,
+        answer_memory_case,
+        in_fresh_process,
+        peak_extra_memory,
+    )
 
 import rrhf_kernels
 
@@ -266,12 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory runs")
     parser.add_argument("--name", default="kernel_bench", help="result file name part")
-    parser.add_argument("--_memory-case", dest="memory_case", help=argparse.SUPPRESS)
+    add_memory_case_option(parser)
     args = parser.parse_args(argv)
 
-    if args.memory_case:  # internal: one CPU memory measurement in this fresh process
-        case = json.loads(args.memory_case)
-        print(json.dumps(_memory_case(case["path"], tuple(case["shape"]), case["dtype"])))
+    # internal: one CPU memory measurement in this fresh process
+    if answer_memory_case(args, lambda case: _memory_case(case["path"], tuple(case["shape"]),
+                                                          case["dtype"])):
         return 0
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1))) if args.device == "cpu" else None

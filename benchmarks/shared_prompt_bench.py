@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import time
@@ -39,10 +38,20 @@ import torch
 
 try:
     from benchmarks._common import print_table, time_fn, write_result
-    from benchmarks._memory import in_fresh_process, peak_extra_memory
+    from benchmarks._memory import (
+        add_memory_case_option,
+        answer_memory_case,
+        in_fresh_process,
+        peak_extra_memory,
+    )
 except ImportError:  # run as a script: this folder is on sys.path
     from _common import print_table, time_fn, write_result
-    from _memory import in_fresh_process, peak_extra_memory
+    from _memory import (
+        add_memory_case_option,
+        answer_memory_case,
+        in_fresh_process,
+        peak_extra_memory,
+    )
 
 SHAPES = ((200, 100, 6), (30, 30, 2), (30, 30, 4))  # (prompt, response, k): HH-like, then short
 SMOLLM2 = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_layers": 30,
@@ -237,13 +246,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="CPU intra-op threads (default 1: on a busy shared CPU the process's "
                              "CPU time then measures the work, free of thread-pool waits)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
-    parser.add_argument("--_memory-case", dest="memory_case", help=argparse.SUPPRESS)
+    add_memory_case_option(parser)
     args = parser.parse_args(argv)
-    if args.memory_case:  # internal: one memory measurement in this fresh process
-        case = json.loads(args.memory_case)
-        torch.set_num_threads(case.pop("threads"))
+
+    def measure(case: dict) -> dict:  # internal: one memory measurement in this fresh process
         shape, share, device = tuple(case.pop("shape")), case.pop("share"), case.pop("device")
-        print(json.dumps(memory_case(shape, share, device, **case)))
+        return memory_case(shape, share, device, **case)
+
+    if answer_memory_case(args, measure):
         return 0
     if args.device == "cpu":
         torch.set_num_threads(max(1, args.threads))

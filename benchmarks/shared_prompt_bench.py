@@ -148,7 +148,8 @@ def run_shared_bench(shapes=SHAPES, device="cpu", repeat=3, attn="sdpa", dry=Fal
     for shape in shapes:
         built = {mode: build(shape, mode == "shared", device, **kw) for mode in MODES}
         losses = {mode: step(*built[mode]) for mode in MODES}  # warm-up, and the exactness check
-        assert built["shared"][0]._share is True and built["unshared"][0]._share is False
+        assert (built["shared"][0].forward_choices["share_prompt"] is True
+                and built["unshared"][0].forward_choices["share_prompt"] is False)
         times: dict[str, list[float]] = {mode: [] for mode in MODES}
         cpu_times: dict[str, list[float]] = {mode: [] for mode in MODES}
         for _ in range(repeat):

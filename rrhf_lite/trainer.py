@@ -172,7 +172,7 @@ class RRHFTrainer(LoggedMetrics, Trainer):
 
     def _output_head(self, model, inputs: dict):
         """The Linear head when log-probs come from hidden states, else None; decided once."""
-        if getattr(self, "_head_decided", False):
+        if "logprob_path" in self._forward_choices:  # decided on an earlier batch
             return self._head
         sharded = self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
         with self.compute_loss_context_manager():
@@ -186,7 +186,7 @@ class RRHFTrainer(LoggedMetrics, Trainer):
         else:
             logger.info("rrhf-lite: candidate log-probs straight from hidden states and the %d x %d "
                         "output embedding: no logits tensor in training", *head.weight.shape)
-        self._head, self._head_decided = head, True
+        self._head = head
         self._forward_choices.update(logprob_path="logits" if head is None else "hidden",
                                     logprob_path_reason=reason)
         return head
@@ -198,8 +198,8 @@ class RRHFTrainer(LoggedMetrics, Trainer):
 
     def _share_prompt(self, model, inputs: dict) -> bool:
         """Whether chunks are packed by prompt (each prompt once for its candidates); decided once."""
-        if getattr(self, "_share_decided", False):
-            return self._share
+        if "share_prompt" in self._forward_choices:  # decided on an earlier batch
+            return self._forward_choices["share_prompt"]
         setting = self.args.share_prompt
         with self.compute_loss_context_manager():
             share, reason = choose_prompt_sharing(
@@ -215,7 +215,6 @@ class RRHFTrainer(LoggedMetrics, Trainer):
                         else "4-D attention mask")
         else:
             logger.info("rrhf-lite: every candidate row repeats its prompt (share_prompt off: %s)", reason)
-        self._share, self._share_decided = share, True
         self._forward_choices.update(share_prompt=share, share_prompt_reason=reason)
         return share
 

@@ -30,7 +30,7 @@ def _compare(tmp_path, make, micros=(None, 2, 3), checkpointing=False, **kw):
         trainer = _trainer(model, tok, tmp_path / str(share), share, **kw)
         batch = _first_batch(trainer)
         runs[share] = [_step_grads(trainer, batch, m) for m in micros]
-        assert trainer._share is share
+        assert trainer.forward_choices["share_prompt"] is share
         # plain sdpa / eager LLaMA attention: packed rows run rrhf_lite.segment_attention
         assert segments_in_use(model) is share
     for (loss_s, grads_s), (loss_u, grads_u), micro in zip(runs[True], runs[False], micros, strict=True):
@@ -70,7 +70,7 @@ def test_auto_turns_sharing_on_and_says_so_once(small_lm_dir, tmp_path, caplog):
         trainer.train()  # decided once
     said = [r.message for r in caplog.records if "prompt" in r.message and "share_prompt" in r.message]
     assert len(said) == 1 and "runs once" in said[0] and "unmasked parts only" in said[0]
-    assert trainer._share is True
+    assert trainer.forward_choices["share_prompt"] is True
 
 
 def test_auto_off_with_the_reason_and_true_refuses(small_lm_dir, tmp_path, caplog):

@@ -21,7 +21,7 @@ Public API (names and meaning kept stable):
     ``ram_gb``, ``gpu`` (CUDA device name or None), ``cuda`` (CUDA runtime version or None),
     ``date`` (UTC ISO-8601), ``python``, and versions of ``torch``, ``triton``,
     ``transformers``, ``peft``, ``bitsandbytes``, ``trl``, ``liger_kernel`` (None if absent).
-    Collected by ``rrhf_lite.report.collect_environment`` (the one environment collector).
+    Collected by ``rrhf_lite.utils.report_files.collect_environment`` (the one environment collector).
 
 ``device_tag(device=None) -> str``
     Short file-name-safe tag: ``"cpu"`` or the GPU name, e.g. ``"nvidia-h100-80gb-hbm3"``.
@@ -35,7 +35,7 @@ Public API (names and meaning kept stable):
     A plain fixed-width text table of ``rows`` (list of dicts; ``columns`` picks and orders
     keys, default: every key, in first-seen order). Floats print with 4 significant digits;
     None as ``-`` (``short_value``). ``print_table`` prints it and returns the same string.
-    Both are ``rrhf_lite.report.format_table`` (the one table renderer) in its plain style.
+    Both are ``rrhf_lite.utils.report_files.format_table`` (the one table renderer) in its plain style.
 
 ``time_fn(fn, warmup=1, repeat=5, device=None) -> dict``
     Calls ``fn()`` ``warmup`` times, then ``repeat`` times, synchronising CUDA around each
@@ -57,9 +57,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rrhf_lite.io import atomic_write_text
-from rrhf_lite.report import collect_environment, cuda_device
-from rrhf_lite.report import format_table as render_table
+from rrhf_lite.utils.io import atomic_write_text
+from rrhf_lite.utils.report_files import collect_environment, cuda_device
+from rrhf_lite.utils.report_files import format_table as render_table
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -113,7 +113,7 @@ def format_table(
     columns: Sequence[str] | None = None,
     title: str | None = None,
 ) -> str:
-    """Fixed-width text table of a list of dicts (rrhf_lite.report.format_table, plain)."""
+    """Fixed-width text table of a list of dicts (rrhf_lite.utils.report_files.format_table, plain)."""
     return render_table(rows, columns, plain=True, title=title, cell=short_value)
 
 

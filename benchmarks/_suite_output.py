@@ -1,6 +1,6 @@
 """GPU suite, output: the goals' verdicts, the results files (OUT/<stem>.json and .md, rewritten
 after every item) and the summary printed at the end. Tables come from the one renderer,
-rrhf_lite.report.format_table (imported on use: the project is importable only after setup).
+rrhf_lite.utils.report_files.format_table (imported on use: the project is importable only after setup).
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     """A results table for the .md file: the one renderer, in the benchmarks' cell style."""
     from _common import short_value
 
-    from rrhf_lite.report import format_table
+    from rrhf_lite.utils.report_files import format_table
 
     return format_table(rows, columns, cell=short_value)
 
@@ -166,7 +166,7 @@ def to_markdown(results: dict[str, Any]) -> str:
 
 def write_outputs(results: dict[str, Any], out_dir: Path, stem: str) -> tuple[Path, Path]:
     """Atomically (re)write OUT/<stem>.json and OUT/<stem>.md."""
-    from rrhf_lite.io import atomic_write_text
+    from rrhf_lite.utils.io import atomic_write_text
 
     out_dir.mkdir(parents=True, exist_ok=True)
     results["elapsed_s"] = round(time.monotonic() - results["_start"], 1)

@@ -150,7 +150,7 @@ def ensure_project_importable() -> dict[str, str]:
 def versions(commit: str | None = None) -> dict[str, Any]:
     """Python, package and CUDA versions, rrhf_lite's version and the git commit (or `commit`)."""
     import rrhf_lite
-    from rrhf_lite.report import collect_environment, cuda_device
+    from rrhf_lite.utils.report_files import collect_environment, cuda_device
 
     out = collect_environment(VERSIONED)
     out["cuda"] = cuda_device()[1]

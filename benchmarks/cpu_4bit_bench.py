@@ -4,7 +4,7 @@ dequantise + matmul, side by side in one process.
 The model is a random LLaMA of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV
 heads, intermediate 1536, vocab 49152, tied embeddings): every layer packs, so with
 `fused_cpu_4bit=True` all of them take the fused kernel where the CPU has it. Each variant
-loads the same saved checkpoint through rrhf_lite.inference.load_causal_lm, then times a prefill
+loads the same saved checkpoint through rrhf_lite.models.inference_loader.load_causal_lm, then times a prefill
 (one forward over the prompts) and top-p sampling of a fixed number of new tokens (EOS off).
 
 On a CPU without AVX512-BF16 the fused kernel does not exist: the script says so, measures the
@@ -27,7 +27,7 @@ try:
 except ImportError:
     from _common import print_table, time_fn, write_result
 
-from rrhf_lite import cpu_4bit
+from rrhf_lite.models import cpu_4bit
 
 SHAPE = dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
              intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True,

@@ -23,7 +23,7 @@ Building a random 8B NF4 model without a checkpoint: the model is created on the
 every linear layer inside the decoder blocks becomes a ``bnb.nn.Linear4bit`` whose random bf16
 weight is made on the GPU and quantised at once (one layer's weight in bf16 at a time, never the
 whole model), and embeddings, norms, lm_head and rotary buffers are materialised directly. Then
-the same preparation as ``rrhf_lite.modeling.load_model_for_training`` runs
+the same preparation as ``rrhf_lite.models.training_loader.load_model_for_training`` runs
 (``prepare_model_for_kbit_training`` with non-reentrant checkpointing, then ``get_peft_model``
 with ``lora_config_from_args``). A missing-weights checkpoint does not work for this:
 transformers leaves missing 4-bit weights unquantised.
@@ -100,20 +100,21 @@ def _quantised_linear(linear: torch.nn.Linear, device: torch.device, compute_dty
 def build_random_qlora_model(config, device: str | torch.device, model_args=None, seed: int = 0):
     """A randomly initialised NF4 + LoRA causal LM, prepared for training like the real loader.
 
-    ``model_args``: a ``rrhf_lite.modeling.ModelArguments`` (defaults: NF4, double quant, LoRA
+    ``model_args``: a ``rrhf_lite.models.training_loader.ModelArguments`` (defaults: NF4, double quant, LoRA
     r=16 alpha 32 dropout 0.05 on all linear layers, gradient checkpointing). Returns the
     PeftModel in train mode on ``device``.
     """
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import LlamaForCausalLM
 
-    from rrhf_lite.cpu_4bit import configure_for_training
-    from rrhf_lite.modeling import ModelArguments, lora_config_from_args, resolve_dtype
+    from rrhf_lite.models.cpu_4bit import configure_for_training
+    from rrhf_lite.models.training_loader import ModelArguments, lora_config_from_args
+    from rrhf_lite.utils.precision import parse_dtype
 
     args = model_args or ModelArguments(model_name_or_path="<random>")
     device = torch.device(device)
-    weight_dtype = resolve_dtype(args.torch_dtype, device.type)
-    compute_dtype = resolve_dtype(args.bnb_4bit_compute_dtype, device.type)
+    weight_dtype = parse_dtype(args.torch_dtype, device=device.type)
+    compute_dtype = parse_dtype(args.bnb_4bit_compute_dtype, device=device.type)
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
@@ -182,7 +183,7 @@ def _materialise_rest(model, device: torch.device, dtype: torch.dtype, std: floa
 
 def make_batch(vocab_size: int, k: int, seq_len: int, prompt_len: int, seed: int = 0) -> dict:
     """One prompt with k full-length candidates (random ids), collated by rrhf-lite's collator."""
-    from rrhf_lite.tokenization import RRHFCollator
+    from rrhf_lite.data.tokenization import RRHFCollator
 
     if not 0 < prompt_len < seq_len:
         raise ValueError(f"need 0 < prompt_len < seq_len, got {prompt_len}, {seq_len}")
@@ -212,7 +213,7 @@ def reference_code_loss(model, batch: dict) -> torch.Tensor:
     change a divisor, not the memory or time).
     """
     from rrhf_kernels import reference_logprob_sums
-    from rrhf_lite.loss import rrhf_loss
+    from rrhf_lite.training.losses import rrhf_loss
 
     device = next(p for p in model.parameters() if p.requires_grad).device
     ids, mask, labels = (batch[key].to(device) for key in ("input_ids", "attention_mask", "labels"))
@@ -268,8 +269,8 @@ def mixed_precision(model, bf16: bool):
 
 def make_trainer(model, micro_batch: int, bf16: bool, backend: str, output_dir: str):
     """An RRHFTrainer over `model` (a PeftModel), ready for `training_step` calls."""
-    from rrhf_lite.tokenization import RRHFCollator
-    from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
+    from rrhf_lite.data.tokenization import RRHFCollator
+    from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
     config = RRHFConfig(output_dir=output_dir, candidate_micro_batch_size=micro_batch,
                         per_device_train_batch_size=1, learning_rate=1e-4, bf16=bf16,

@@ -166,9 +166,9 @@ def check_against_reference(shape, dtype_name="fp32", device="cpu", backend="aut
 def _step_trainer(vocab, path, device, out_dir, hidden_size, layers, k, length):
     from peft import LoraConfig, get_peft_model
 
-    from rrhf_lite.tiny.models import make_tiny_causal_lm
-    from rrhf_lite.tokenization import RRHFCollator
-    from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
+    from rrhf_lite.builtin.tiny.models import make_tiny_causal_lm
+    from rrhf_lite.data.tokenization import RRHFCollator
+    from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
     model = make_tiny_causal_lm(seed=0, vocab_size=vocab, hidden_size=hidden_size,
                                 intermediate_size=hidden_size * 3, num_layers=layers,

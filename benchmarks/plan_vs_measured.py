@@ -52,14 +52,14 @@ TOLERANCE = 0.15
 
 
 def shape_of(name: str):
-    from rrhf_lite.plan_shapes import shape_from_config
+    from rrhf_lite.plan.shapes import shape_from_config
 
     cfg = SHAPES[name]
     return shape_from_config({**cfg, "model_type": "llama", "tie_word_embeddings": False}, name)
 
 
 def predict(name: str, k: int, m: int, seq: int, prompt: int, device: str) -> dict:
-    from rrhf_lite.memory_plan import GiB, Regime, TrainSettings, training_parts
+    from rrhf_lite.plan.memory_parts import GiB, Regime, TrainSettings, training_parts
 
     regime = Regime.cpu() if device == "cpu" else Regime.gpu()
     settings = TrainSettings(candidates=k, micro_batch=m, max_length=seq,
@@ -179,8 +179,8 @@ def e2e_rows_vs_plan(e2e_rows: list[dict], prompt_len: int) -> list[dict]:
     """The plan's prediction beside each measured rrhf-lite row of e2e_bench (GPU suite)."""
     from e2e_bench import MODEL_CONFIGS
 
-    from rrhf_lite.memory_plan import Regime, TrainSettings, training_parts
-    from rrhf_lite.plan_shapes import shape_from_config
+    from rrhf_lite.plan.memory_parts import Regime, TrainSettings, training_parts
+    from rrhf_lite.plan.shapes import shape_from_config
 
     out = []
     for r in e2e_rows:

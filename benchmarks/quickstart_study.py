@@ -114,8 +114,8 @@ def adapters_of(out: Path) -> dict[str, Path | None]:
 
 def answer_kind(prompt: str, response: str) -> str:
     """right / habit / other: the greedy answer's kind."""
-    from rrhf_lite.tiny.tasks import solve
-    from rrhf_lite.tiny.warmup import habit
+    from rrhf_lite.builtin.tiny.tasks import solve
+    from rrhf_lite.builtin.tiny.warmup import habit
 
     if response == solve(prompt):
         return "right"
@@ -123,8 +123,8 @@ def answer_kind(prompt: str, response: str) -> str:
 
 
 def greedy_measures(out: Path, variant: str, split: str) -> dict:
-    from rrhf_lite.io import read_jsonl
-    from rrhf_lite.tiny.tasks import parse_prompt
+    from rrhf_lite.builtin.tiny.tasks import parse_prompt
+    from rrhf_lite.utils.io import read_jsonl
 
     rows = read_jsonl(out / "eval" / f"{variant}.{split}.jsonl")
     kinds = [answer_kind(r["prompt"], r["response"]) for r in rows]
@@ -157,8 +157,8 @@ def token_logprobs(model, tokenizer, prompt: str, answers: list[str]):
 
 def mechanism_measures(model, tokenizer, prompts: list[str]) -> dict:
     """Shared-prefix log-prob and decision margin of right vs habit, per task (see top)."""
-    from rrhf_lite.tiny.tasks import parse_prompt, solve
-    from rrhf_lite.tiny.warmup import habit
+    from rrhf_lite.builtin.tiny.tasks import parse_prompt, solve
+    from rrhf_lite.builtin.tiny.warmup import habit
 
     per_task: dict[str, dict[str, list[float]]] = {}
     for prompt in prompts:
@@ -186,7 +186,7 @@ def mechanism_measures(model, tokenizer, prompts: list[str]) -> dict:
 def candidate_measures(scored_file: Path) -> dict:
     """What a round trained on: best and mean reward of its candidates, how many distinct
     candidates a prompt kept, and the share of prompts whose candidates all tie (no pair)."""
-    from rrhf_lite.io import read_jsonl
+    from rrhf_lite.utils.io import read_jsonl
 
     rows = read_jsonl(scored_file)
     return {
@@ -200,7 +200,7 @@ def candidate_measures(scored_file: Path) -> dict:
 def training_trend(history_file: Path) -> dict:
     """Rank accuracy on the training candidates and SFT loss of the best one, at the start and
     the end of training (means of the first and of the last two logged steps)."""
-    from rrhf_lite.io import read_jsonl
+    from rrhf_lite.utils.io import read_jsonl
 
     logs = [h for h in read_jsonl(history_file) if "rank/accuracy" in h]
     if len(logs) < 2:
@@ -215,9 +215,9 @@ def training_trend(history_file: Path) -> dict:
 def analyze_run(out: Path, arm: str, seed: int) -> dict:
     import torch
 
-    from rrhf_lite.inference import load_causal_lm
-    from rrhf_lite.io import read_jsonl
-    from rrhf_lite.sources import resolve_model
+    from rrhf_lite.builtin.sources import resolve_model
+    from rrhf_lite.models.inference_loader import load_causal_lm
+    from rrhf_lite.utils.io import read_jsonl
 
     torch.set_num_threads(1)  # tiny models; runs are analysed in parallel processes
     base = resolve_model("builtin:tiny-world", seed=seed)

@@ -70,9 +70,9 @@ def build(shape, share, device="cpu", attn="sdpa", dry=False, micro=None, checkp
     """(trainer, batch) for one mode: the same model weights and batch for both modes."""
     from peft import LoraConfig, get_peft_model
 
-    from rrhf_lite.tiny.models import make_tiny_causal_lm
-    from rrhf_lite.tokenization import RRHFCollator
-    from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
+    from rrhf_lite.builtin.tiny.models import make_tiny_causal_lm
+    from rrhf_lite.data.tokenization import RRHFCollator
+    from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
     config = dict(TINY if dry else SMOLLM2)
     tied = config.pop("tie_word_embeddings", False)
@@ -134,7 +134,7 @@ def _cuda_peak_extra(trainer, batch) -> dict:
 def _tokens(trainer, batch, share) -> int:
     if not share:
         return int(batch["input_ids"].numel())
-    from rrhf_lite.shared_prompt import pack_chunk
+    from rrhf_lite.training.shared_prompt import pack_chunk
 
     groups = trainer._prompt_groups(batch)
     return pack_chunk(batch["input_ids"], batch["attention_mask"], batch["labels"], groups).tokens
@@ -191,12 +191,12 @@ def check_exactness(device="cpu", attn="sdpa", tolerance=1e-5) -> dict:
     """Packed vs unshared rows on a small random fp32 LLaMA (k = 3, 1, 2, one-token and
     truncated responses): per-candidate log-prob sums and every parameter's gradient of
     sum_i w_i S_i. Passed when each error is <= tolerance x max(1, |reference|)."""
-    from rrhf_lite.logprobs import chunk_logprob_sums
-    from rrhf_lite.segment_attention import use_segments
-    from rrhf_lite.tiny.models import make_tiny_causal_lm
-    from rrhf_lite.tokenization import RRHFCollator
+    from rrhf_lite.builtin.tiny.models import make_tiny_causal_lm
+    from rrhf_lite.data.tokenization import RRHFCollator
+    from rrhf_lite.training.logprobs import chunk_logprob_sums
+    from rrhf_lite.training.segment_attention import use_segments
 
-    base = attn.removeprefix("segments-")  # "segments-sdpa": rrhf_lite.segment_attention over sdpa
+    base = attn.removeprefix("segments-")  # "segments-sdpa": rrhf_lite.training.segment_attention over sdpa
     model = make_tiny_causal_lm(seed=0, hidden_size=64, intermediate_size=128, num_heads=4,
                                 num_kv_heads=2, attn_implementation=base).to(device)
     if attn != base and not use_segments(model.config):

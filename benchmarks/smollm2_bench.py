@@ -27,7 +27,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from rrhf_lite.io import write_json
+from rrhf_lite.utils.io import write_json
 
 try:
     from benchmarks._common import print_table, run_recipe_timed, write_result
@@ -51,8 +51,8 @@ def adopt_added_variants(run_dir: Path, seed: int, overrides: list[str]) -> list
     the new variants. Returns the names of the added ablations ([] when nothing was adopted)."""
     import yaml
 
-    from rrhf_lite.io import atomic_write_text
-    from rrhf_lite.recipe import dump_recipe, load_recipe, parse_recipe
+    from rrhf_lite.config.recipe import dump_recipe, load_recipe, parse_recipe
+    from rrhf_lite.utils.io import atomic_write_text
 
     saved = run_dir / "recipe.yaml"
     if not saved.exists():
@@ -199,7 +199,7 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     steps = [{"seed": r["seed"], "variant": name, **info}
              for r in runs for name, info in r["steps"].items()]
     print_table(steps, title="optimiser steps and seconds per step")
-    from rrhf_lite.recipe import load_recipe
+    from rrhf_lite.config.recipe import load_recipe
 
     own = {a.name for a in load_recipe(RECIPE).ablations}
     times = [{"seed": r["seed"], **pass_totals(r, own), **r["stage_wall_s"]} for r in runs]

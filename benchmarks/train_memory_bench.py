@@ -67,9 +67,9 @@ def child(k: int, micro: int | None, steps: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    from rrhf_lite.modeling import ModelArguments, load_model_for_training
-    from rrhf_lite.tiny import save_tiny_causal_lm
-    from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
+    from rrhf_lite.builtin.tiny import save_tiny_causal_lm
+    from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
+    from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz "

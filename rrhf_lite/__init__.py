@@ -1,5 +1,26 @@
 """rrhf-lite: RRHF on one GPU.
 
+The package is in rooms by concern; a room imports only rooms below it in this list (checked by
+tests/test_layout.py), so a reader can start at the top and never meet a name from above:
+
+    cli         the `rrhf-lite` command line (and errors.py, the one user-facing error)
+    pipeline    `rrhf-lite run`: rounds, the run directory and its lock, preflight checks
+    plan        `rrhf-lite plan` and `validate --plan`: memory by part, job size, model shapes
+    stages      sample, score, train (RRHF or DPO), evaluate, merge, generate; what the stages of a
+                run hand each other (run_context) and their wall times
+    training    RRHFTrainer and RRHFConfig, the losses, per-candidate log-probs, prompt sharing,
+                logged metrics, the finite guard, DPO pairs
+    generation  candidates by any method, our diverse beam search, one prefill per prompt
+    builtin     what a `builtin:` name resolves to: the tiny world, SmolLM2, the tasks
+    models      loading for training and for inference, 4-bit CPU paths, reward models
+    data        listwise rows, prompt files, tokenisation, candidate statistics
+    config      the recipe schema: sections, ablations, strict YAML
+    utils       files, the user's files, dtypes, processes, progress lines, report files, plots
+
+builtin sits below stages (they resolve prompt sets through it) and needs only data and utils;
+the run directory's creation is the pipeline's, while the state the stages share
+(stages.run_context) needs only config, so no stage imports the pipeline.
+
 Heavy modules (transformers, peft) load on first use, so `rrhf-lite --help` and the losses
 stay quick to import.
 """
@@ -8,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 
-from rrhf_lite.cpu_4bit import quiet_optional_kernel_warning
+from rrhf_lite.models.cpu_4bit import quiet_optional_kernel_warning
 
 __version__ = "0.1.0"
 
@@ -18,11 +39,11 @@ quiet_optional_kernel_warning()
 
 # public name -> module that defines it
 _EXPORTS = {
-    "rank_loss": "rrhf_lite.loss",
-    "sft_loss": "rrhf_lite.loss",
-    "rrhf_loss": "rrhf_lite.loss",
-    "RRHFConfig": "rrhf_lite.trainer_config",
-    "RRHFTrainer": "rrhf_lite.trainer",
+    "rank_loss": "rrhf_lite.training.losses",
+    "sft_loss": "rrhf_lite.training.losses",
+    "rrhf_loss": "rrhf_lite.training.losses",
+    "RRHFConfig": "rrhf_lite.training.config",
+    "RRHFTrainer": "rrhf_lite.training.trainer",
     "UserInputError": "rrhf_lite.errors",
 }
 

@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _load(args):
-    from rrhf_lite.recipe import load_recipe
+    from rrhf_lite.config.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.output_dir:
@@ -130,32 +130,32 @@ def _load(args):
 
 def dispatch(args) -> int:
     if args.command == "schema":
-        from rrhf_lite.recipe import recipe_schema
+        from rrhf_lite.config.recipe import recipe_schema
 
         print(json.dumps(recipe_schema(), indent=2))
         return EXIT_OK
     if args.command == "validate":
-        from rrhf_lite.preflight import check_recipe
-        from rrhf_lite.recipe import dump_recipe
+        from rrhf_lite.config.recipe import dump_recipe
+        from rrhf_lite.pipeline.preflight import check_recipe
 
         recipe = _load(args)
         check_recipe(recipe)  # paths, model files, the resolved training arguments
         print(dump_recipe(recipe), end="")
         if args.plan:
-            from rrhf_lite.plan_job import format_job_plan, job_plan
+            from rrhf_lite.plan.job_size import format_job_plan, job_plan
 
             # comments, so the output stays a loadable recipe
             text = format_job_plan(job_plan(recipe))
             print("\n".join(f"# {line}".rstrip() for line in ["", *text.splitlines()]))
         return EXIT_OK
     if args.command in ("merge", "generate"):  # a builtin: base is built (once, cached) first
-        from rrhf_lite.sources import is_builtin, resolve_model
+        from rrhf_lite.builtin.sources import is_builtin, resolve_model
 
         for attr in ("base", "model"):
             if is_builtin(getattr(args, attr, None)):
                 setattr(args, attr, resolve_model(getattr(args, attr)))
     if args.command == "plan":
-        from rrhf_lite.plan_recipe import format_plan, parse_memory, plan_recipe
+        from rrhf_lite.plan.recipe_memory import format_plan, parse_memory, plan_recipe
 
         print(format_plan(plan_recipe(_load(args), parse_memory(args.gpu_memory))))
         return EXIT_OK
@@ -182,7 +182,7 @@ def dispatch(args) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"[rrhf-lite] recipe {recipe.name!r} is valid; loading torch and transformers",
               flush=True)
-    from rrhf_lite.pipeline import run_recipe
+    from rrhf_lite.pipeline.run import run_recipe
 
     stages = None if args.command == "run" else [args.command]
     run_recipe(recipe, only_stages=stages, force=args.force)

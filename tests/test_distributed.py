@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rrhf_lite.distributed import distributed_map, is_main_process, shard_bounds, world_size
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.utils.distributed import distributed_map, is_main_process, shard_bounds, world_size
 
 LORA = dict(lora_r=4, lora_alpha=8, lora_dropout=0.0)  # no dropout: masks would differ by batch
 PROMPTS = [{"prompt": p} for p in ("hello", "a longer prompt here", "abc", "xyz 12", "q")]
@@ -39,7 +39,7 @@ def _rows(n=8):
 
 
 def _config(out, batch):
-    from rrhf_lite.trainer import RRHFConfig
+    from rrhf_lite.training.trainer import RRHFConfig
 
     return RRHFConfig(output_dir=str(out), per_device_train_batch_size=batch, max_steps=3,
                       learning_rate=2e-2, lr_scheduler_type="constant", optim="adamw_torch",
@@ -49,7 +49,7 @@ def _config(out, batch):
 
 
 def _train(model_dir, data, out, batch, callbacks=None):
-    from rrhf_lite.modeling import ModelArguments
+    from rrhf_lite.models.training_loader import ModelArguments
     from rrhf_lite.stages.train import run_train
 
     torch.manual_seed(0)  # the LoRA init draws from the global RNG: the same on every rank
@@ -64,7 +64,7 @@ def _lora_weights(adapter_dir) -> dict[str, torch.Tensor]:
 
 
 def _sample(model_dir, prompts, seed=0):
-    from rrhf_lite.inference import load_causal_lm
+    from rrhf_lite.models.inference_loader import load_causal_lm
     from rrhf_lite.stages.sample import sample_candidates
 
     model, tokenizer = load_causal_lm(str(model_dir), device="cpu")
@@ -80,8 +80,8 @@ def _worker(model_dir: str, out: str) -> None:
     from safetensors.torch import save_file
     from transformers import TrainerCallback
 
-    from rrhf_lite import distributed
-    from rrhf_lite.trainer import RRHFTrainer
+    from rrhf_lite.training.trainer import RRHFTrainer
+    from rrhf_lite.utils import distributed
 
     out_dir = Path(out)
     me = distributed.rank()
@@ -152,7 +152,7 @@ def test_distributed_map_in_one_process_is_fn(monkeypatch):
 
 def test_metric_totals_combine_like_one_big_batch():
     """Two ranks' logged windows reduce to what one process with both batches logs."""
-    from rrhf_lite.trainer import RRHFTrainer
+    from rrhf_lite.training.trainer import RRHFTrainer
 
     rank0 = {"loss/total": [1.0, 3.0], "rank/accuracy": [1.0, 0.5], "rank/pairs": [2.0, 4.0]}
     rank1 = {"loss/total": [2.0, 2.0], "rank/accuracy": [0.0, 1.0], "rank/pairs": [1.0, 1.0]}
@@ -168,7 +168,7 @@ def test_metric_totals_combine_like_one_big_batch():
 
 
 def test_quant_storage_follows_sharded_engine(monkeypatch):
-    from rrhf_lite.modeling import resolve_quant_storage
+    from rrhf_lite.models.training_loader import resolve_quant_storage
 
     for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE"):
         monkeypatch.delenv(var, raising=False)
@@ -190,7 +190,7 @@ def test_quant_storage_follows_sharded_engine(monkeypatch):
 
 def test_fsdp_qlora_load_has_one_dtype_per_frozen_weight(monkeypatch, tiny_lm_dir):
     """FSDP flattens a block's weights into one tensor: with storage = bf16, no fp32 up-cast."""
-    from rrhf_lite.modeling import ModelArguments, load_model_for_training
+    from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
 
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     torch.manual_seed(0)
@@ -206,8 +206,8 @@ def test_fsdp_qlora_load_has_one_dtype_per_frozen_weight(monkeypatch, tiny_lm_di
 
 def test_padding_chunks_add_nothing_to_the_gradient(tiny_lm_dir, tmp_path):
     """The zero-weight chunks that keep sharded engines in step leave the gradient unchanged."""
-    from rrhf_lite.modeling import ModelArguments, load_model_for_training
-    from rrhf_lite.trainer import RRHFTrainer
+    from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
+    from rrhf_lite.training.trainer import RRHFTrainer
 
     torch.manual_seed(0)
     model, tokenizer = load_model_for_training(ModelArguments(str(tiny_lm_dir), **LORA))
@@ -329,7 +329,7 @@ def _initial_lora(model_dir) -> dict[str, torch.Tensor]:
     if not _INITIAL:
         from peft import get_peft_model_state_dict
 
-        from rrhf_lite.modeling import ModelArguments, load_model_for_training
+        from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
 
         torch.manual_seed(0)
         model, _ = load_model_for_training(ModelArguments(str(model_dir), **LORA))

@@ -11,12 +11,16 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from rrhf_lite.dpo import best_worst_pairs, pretokenized_dpo_trainer, tokenize_pairs
+from rrhf_lite.builtin.tiny import build_char_tokenizer, save_tiny_causal_lm
+from rrhf_lite.config.recipe import dump_recipe, load_recipe, parse_recipe
+from rrhf_lite.data.tokenization import RRHFCollator, tokenize_example
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.modeling import ModelArguments, load_model_for_training, lora_config_from_args
-from rrhf_lite.recipe import dump_recipe, load_recipe, parse_recipe
-from rrhf_lite.tiny import build_char_tokenizer, save_tiny_causal_lm
-from rrhf_lite.tokenization import RRHFCollator, tokenize_example
+from rrhf_lite.models.training_loader import (
+    ModelArguments,
+    load_model_for_training,
+    lora_config_from_args,
+)
+from rrhf_lite.training.dpo_pairs import best_worst_pairs, pretokenized_dpo_trainer, tokenize_pairs
 
 LIMITS = {"max_length": 64, "max_prompt_length": 32}
 
@@ -238,8 +242,8 @@ def test_dpo_ablation_in_a_run_steps_like_rrhf_and_gets_a_report_row(tiny_lm_dir
     """A run with RRHF and a DPO ablation: the DPO adapter lies where ablations go, took as many
     optimiser steps as RRHF's round 1 (not its own epoch count), and is a row of the report
     with its time per step beside RRHF's."""
+    from rrhf_lite.builtin.tiny.tasks import reward
     from rrhf_lite.cli import main
-    from rrhf_lite.tiny.tasks import reward
 
     prompts = ["sort 321=", "copy abc=", "sort 213=", "copy xy=", "sort 31=", "copy q="]
     rows = []
@@ -258,7 +262,7 @@ def test_dpo_ablation_in_a_run_steps_like_rrhf_and_gets_a_report_row(tiny_lm_dir
         "model": {"name_or_path": str(tiny_lm_dir)}, "stages": ["train", "evaluate"],
         "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
         "data": {"candidates": str(candidates), "eval_prompts": str(held_out)},
-        "scoring": {"reward_function": "rrhf_lite.tiny.tasks:reward"},
+        "scoring": {"reward_function": "rrhf_lite.builtin.tiny.tasks:reward"},
         # 6 prompts, batch 1 x 2: 3 steps per epoch; DPO's 4 pairs alone would make 2
         "train": {"num_train_epochs": 1, "per_device_train_batch_size": 1,
                   "gradient_accumulation_steps": 2, "gradient_checkpointing": False,

@@ -13,28 +13,28 @@ import pytest
 import torch
 import yaml
 
-from rrhf_lite import report, stage_times
+from rrhf_lite.builtin.constraints import make_rows
+from rrhf_lite.builtin.sources import load_prompt_rows
 from rrhf_lite.cli import main
+from rrhf_lite.config.recipe import parse_recipe
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.inference import load_causal_lm
-from rrhf_lite.recipe import parse_recipe
-from rrhf_lite.run_state import RunState
-from rrhf_lite.sources import load_prompt_rows
-from rrhf_lite.stages import eval_extras
-from rrhf_lite.tasks_constraints import make_rows
+from rrhf_lite.models.inference_loader import load_causal_lm
+from rrhf_lite.stages import eval_extras, stage_times
+from rrhf_lite.stages.run_context import RunState
+from rrhf_lite.utils import report_files as report
 
 # ------------------------------------------------------------------ success per kind (the hook)
 
 
 def test_breakdown_hook_is_found_next_to_the_reward_function_only_when_there():
-    hook = eval_extras.breakdown_function("rrhf_lite.tasks_constraints:reward")
+    hook = eval_extras.breakdown_function("rrhf_lite.builtin.constraints:reward")
     rows = make_rows(4, seed=0, held_out=True)
     prompts = [r["prompt"] for r in rows]
     shares = eval_extras.success_by_kind(hook, prompts, ["THE END."] * 4)
     assert set(shares) == {k for r in rows for k in r["kinds"]}
     assert all(0.0 <= v <= 1.0 for v in shares.values())
     # the tiny world's reward module has no breakdown; no reward function, no hook
-    assert eval_extras.breakdown_function("rrhf_lite.tiny.tasks:reward") is None
+    assert eval_extras.breakdown_function("rrhf_lite.builtin.tiny.tasks:reward") is None
     assert eval_extras.breakdown_function(None) is None
     assert eval_extras.success_by_kind(None, prompts, ["x"] * 4) is None
 
@@ -118,7 +118,7 @@ def _state(tmp_path, model_dir) -> RunState:
     recipe = parse_recipe({"model": {"name_or_path": str(model_dir)},
                            "output_dir": str(tmp_path / "run"), "stages": ["evaluate"],
                            "data": {"eval_prompts": "p.jsonl"},
-                           "scoring": {"reward_function": "rrhf_lite.tiny.tasks:reward"},
+                           "scoring": {"reward_function": "rrhf_lite.builtin.tiny.tasks:reward"},
                            "evaluate": {"max_new_tokens": 6, "batch_size": 4},
                            "train": {"max_length": 48, "max_prompt_length": 24}})
     return RunState(recipe, tmp_path / "run", str(model_dir), ["evaluate"])
@@ -158,7 +158,7 @@ def test_a_run_reports_kinds_general_ability_examples_and_stage_times(
     package = tmp_path / "task_pkg"
     package.mkdir()
     (package / "my_task.py").write_text(textwrap.dedent("""
-        from rrhf_lite.tiny.tasks import reward, score
+        from rrhf_lite.builtin.tiny.tasks import reward, score
 
         def success_by_kind(prompts, responses):
             out = {}

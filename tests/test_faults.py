@@ -18,7 +18,7 @@ from conftest import train_recipe
 
 from rrhf_lite.cli import main
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import atomic_directory, last_complete_checkpoint
+from rrhf_lite.utils.io import atomic_directory, last_complete_checkpoint
 
 ROWS = [
     {"prompt": f"Q{i}: rate", "responses": ["good stuff", "fine", "bad"][: 2 + i % 2],
@@ -47,7 +47,7 @@ def _recipe(tmp_path: Path, model_dir, data, out, name="recipe.yaml", **sections
 _WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from rrhf_lite.io import atomic_directory
+    from rrhf_lite.utils.io import atomic_directory
     with atomic_directory(sys.argv[1], overwrite=True) as tmp:
         (Path(tmp) / "config.json").write_text("new")
         (Path(tmp) / "model.safetensors").write_bytes(b"half")
@@ -85,7 +85,7 @@ def test_kill_while_writing_a_directory(tmp_path, old):
 
 def test_crash_between_the_two_renames_keeps_the_old_directory(tmp_path, monkeypatch):
     """overwrite moves the old dir aside, then renames the new one in; die in between."""
-    import rrhf_lite.io as io
+    import rrhf_lite.utils.io as io
 
     target = tmp_path / "merged"
     target.mkdir()
@@ -281,7 +281,7 @@ def test_merge_refuses_a_pickle_adapter(tmp_path, tiny_lm_dir, pickle_adapter, c
 
 
 def test_generate_and_load_refuse_a_pickle_adapter(tiny_lm_dir, pickle_adapter, capsys):
-    from rrhf_lite.inference import load_causal_lm
+    from rrhf_lite.models.inference_loader import load_causal_lm
 
     adapter, marker = pickle_adapter
     code = main(["generate", "--model", str(tiny_lm_dir), "--adapter", str(adapter),

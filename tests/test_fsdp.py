@@ -74,9 +74,9 @@ def _worker(report_dir: str, argv: list[str]) -> int:
     from torch.distributed.tensor import DTensor
 
     import rrhf_lite.stages.train as train_stage
-    from rrhf_lite import distributed
     from rrhf_lite.cli import main
-    from rrhf_lite.trainer import RRHFTrainer
+    from rrhf_lite.training.trainer import RRHFTrainer
+    from rrhf_lite.utils import distributed
 
     torch.set_num_threads(1)
     _fsdp_on_cpu()

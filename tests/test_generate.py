@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rrhf_lite.builtin.tiny import build_char_tokenizer
+from rrhf_lite.data.tokenization import format_prompt, prompt_token_ids
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.inference import encode_prompts, load_causal_lm, load_reward_model
+from rrhf_lite.models.inference_loader import encode_prompts, load_causal_lm, load_reward_model
 from rrhf_lite.stages.generate import chat_loop, generate_texts, run_generate_command
-from rrhf_lite.tiny import build_char_tokenizer
-from rrhf_lite.tokenization import format_prompt, prompt_token_ids
 
 MESSAGES = [{"role": "user", "content": "copy ab="}]
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rrhf_lite.generation import diverse_beam_search
-from rrhf_lite.tiny import make_tiny_causal_lm
+from rrhf_lite.builtin.tiny import make_tiny_causal_lm
+from rrhf_lite.generation.diverse_beam import diverse_beam_search
 
 EOS, PAD = 2, 0
 

@@ -1,4 +1,4 @@
-"""Sampling and beam search from one prefill per prompt (rrhf_lite.prefill) against plain
+"""Sampling and beam search from one prefill per prompt (rrhf_lite.generation.prefill) against plain
 `model.generate`: the same token ids for the same seed, left padding included, while the prompt
 runs once instead of k times."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from rrhf_lite.prefill import generate_from_one_prefill
-from rrhf_lite.tiny import make_tiny_causal_lm
+from rrhf_lite.builtin.tiny import make_tiny_causal_lm
+from rrhf_lite.generation.prefill import generate_from_one_prefill
 
 PAD, EOS = 0, 2
 

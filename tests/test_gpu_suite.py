@@ -1,7 +1,7 @@
 """benchmarks/gpu_suite.py and benchmarks/e2e_bench.py on the CPU: the dry run end to end (so
 the suite cannot rot between GPU windows), and the parts whose failure would waste a GPU window:
 the correctness check must catch a wrong kernel, the budget must skip and still write, the
-random QLoRA model must match what rrhf_lite.modeling.load_model_for_training builds."""
+random QLoRA model must match what rrhf_lite.models.training_loader.load_model_for_training builds."""
 
 from __future__ import annotations
 
@@ -319,7 +319,7 @@ def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir):
     import bitsandbytes as bnb
     from transformers import AutoConfig
 
-    from rrhf_lite.modeling import ModelArguments, load_model_for_training
+    from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
 
     real, _ = load_model_for_training(ModelArguments(model_name_or_path=str(tiny_lm_dir)))
     config = AutoConfig.from_pretrained(tiny_lm_dir)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import rrhf_lite
-from rrhf_lite.loss import rank_loss, rrhf_loss, sft_loss
+from rrhf_lite.training.losses import rank_loss, rrhf_loss, sft_loss
 
 
 def _reference(scores, sums, counts, rewards, mask):

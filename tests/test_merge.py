@@ -11,11 +11,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
+from rrhf_lite.builtin.tiny import build_char_tokenizer
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.stages import merge
-from rrhf_lite.stages.merge import merge_adapter, resolve_dtype
+from rrhf_lite.stages.merge import merge_adapter, merged_dtype
 from rrhf_lite.stages.merge_checks import MergeVerificationError, compare_logits, prompt_logits
-from rrhf_lite.tiny import build_char_tokenizer
 
 PROBE = "Assistant: the quick brown fox"
 
@@ -241,10 +241,10 @@ def test_missing_or_incomplete_adapter_dirs_are_refused(tiny_lm_dir, tmp_path):
 
 
 def test_dtype_names():
-    assert resolve_dtype("bf16") is torch.bfloat16 and resolve_dtype("float32") is torch.float32
-    assert resolve_dtype(torch.float16) is torch.float16
+    assert merged_dtype("bf16") is torch.bfloat16 and merged_dtype("float32") is torch.float32
+    assert merged_dtype(torch.float16) is torch.float16
     with pytest.raises(UserInputError, match="float16, bfloat16, float32"):
-        resolve_dtype("int4")
+        merged_dtype("int4")
 
 
 def test_compare_logits_tolerance_and_nan():

@@ -91,7 +91,7 @@ def test_gpu_branch_builds_data_and_a_valid_t4_recipe(tmp_path, monkeypatch):
     """Settings, data and recipe cells as a T4 runs them (fp16, 4-bit, LoRA), data set faked."""
     import datasets
 
-    from rrhf_lite.sources import load_prompt_rows
+    from rrhf_lite.builtin.sources import load_prompt_rows
     from rrhf_lite.stages.sample import dataset_answers
 
     requested = []
@@ -227,7 +227,7 @@ def test_notebook_runs_on_cpu_default_sizes(tmp_path, smollm2_dir):
 def test_cpu_branch_is_one_round_of_the_shipped_smollm2_recipe(tmp_path, monkeypatch):
     """The CPU mode says it runs recipes/smollm2_constraints.yaml (one round, no ablation): its
     sizes, sampling, learning rate and batch sizes must not drift from the recipe's."""
-    from rrhf_lite.recipe import load_recipe
+    from rrhf_lite.config.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
     cpu = _run_cells(_read(), _branch(False, DTYPE="float32", MIXED_PRECISION="no"))["recipe"]

@@ -1,7 +1,7 @@
 """The paper's recipes run as published: `rrhf-lite run recipes/hh_paper.yaml` and
 `recipes/iterated_two_rounds.yaml`, offline, with `--set` overrides of names and sizes only.
 
-The hub files are replaced by tiny local stand-ins of the same formats (rrhf_lite.tiny.stand_ins):
+The hub files are replaced by tiny local stand-ins of the same formats (rrhf_lite.builtin.tiny.stand_ins):
 an Alpaca-like LLaMA (its tokenizer adds BOS), an rm-static-like data set (prompt / chosen /
 rejected), and the raw GPT-J reward checkpoint hf_ckpt.pt with a config-and-tokenizer-only
 base. Everything else (4-bit + LoRA, diverse beam search, the GPT-J scoring, 64 prompts per
@@ -15,13 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from rrhf_lite.cli import main
-from rrhf_lite.io import read_jsonl
-from rrhf_lite.tiny import (
+from rrhf_lite.builtin.tiny import (
     save_alpaca_like_policy,
     save_gptj_value_head_checkpoint,
     write_rm_static_like,
 )
+from rrhf_lite.cli import main
+from rrhf_lite.utils.io import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 

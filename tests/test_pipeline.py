@@ -9,13 +9,13 @@ import pytest
 import torch
 import transformers
 
-from rrhf_lite import pipeline
+from rrhf_lite.config.recipe import EvaluateSection, dump_recipe, parse_recipe
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import looks_like_local_path
-from rrhf_lite.loss import rrhf_loss
-from rrhf_lite.recipe import EvaluateSection, dump_recipe, parse_recipe
+from rrhf_lite.pipeline import run as pipeline
 from rrhf_lite.stages import merge as merge_stage
 from rrhf_lite.stages.evaluate import pairwise_ranking_accuracy
+from rrhf_lite.training.losses import rrhf_loss
+from rrhf_lite.utils.io import looks_like_local_path
 
 FP4 = {"load_in_4bit": True, "quant_type": "fp4", "double_quant": False}
 
@@ -129,8 +129,8 @@ def test_ranking_accuracy_has_one_definition_a_tie_is_wrong():
 
 def test_default_perplexity_model_is_the_initial_one_in_doc_and_code(tmp_path, monkeypatch):
     """The recipe said "None = the trained policy"; the code scored with the initial model."""
-    from rrhf_lite.run_state import RunState
     from rrhf_lite.stages import evaluate
+    from rrhf_lite.stages.run_context import RunState
 
     description = EvaluateSection.model_fields["perplexity_model"].description
     assert "initial model" in description and "trained policy" not in description

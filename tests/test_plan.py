@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from rrhf_lite.cli import main
+from rrhf_lite.config.recipe import load_recipe
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.memory_plan import GiB, Regime, TrainSettings, training_parts
-from rrhf_lite.plan_recipe import parse_memory, plan_recipe
-from rrhf_lite.plan_shapes import KNOWN_SHAPES, resolve_shape
-from rrhf_lite.recipe import load_recipe
+from rrhf_lite.plan.memory_parts import GiB, Regime, TrainSettings, training_parts
+from rrhf_lite.plan.recipe_memory import parse_memory, plan_recipe
+from rrhf_lite.plan.shapes import KNOWN_SHAPES, resolve_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA3 = ROOT / "recipes" / "llama3_8b_qlora_16gb.yaml"

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
+from rrhf_lite.builtin.tiny import write_rm_static_like
 from rrhf_lite.cli import main
-from rrhf_lite.plan_job import job_plan
-from rrhf_lite.recipe import load_recipe
-from rrhf_lite.tiny import write_rm_static_like
+from rrhf_lite.config.recipe import load_recipe
+from rrhf_lite.plan.job_size import job_plan
 
 ROOT = Path(__file__).resolve().parent.parent
 PAPER = ROOT / "recipes" / "hh_paper.yaml"

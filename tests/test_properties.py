@@ -11,10 +11,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rrhf_lite.data import load_listwise
+from rrhf_lite.config.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from rrhf_lite.data.listwise import load_listwise
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import read_jsonl, read_jsonl_numbered, write_jsonl
-from rrhf_lite.recipe import Recipe, apply_overrides, load_recipe, parse_recipe
+from rrhf_lite.utils.io import read_jsonl, read_jsonl_numbered, write_jsonl
 
 _HEALTH = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=_HEALTH)

@@ -24,14 +24,14 @@ def test_answer_kind(study):
 
 @pytest.fixture(scope="module")
 def tiny_model(tiny_lm_dir):
-    from rrhf_lite.inference import load_causal_lm
+    from rrhf_lite.models.inference_loader import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(tiny_lm_dir), torch_dtype="float32")
     return model.eval(), tokenizer
 
 
 def test_token_logprobs_match_library_scores(study, tiny_model):
-    from rrhf_lite.logprobs import model_candidate_scores
+    from rrhf_lite.training.logprobs import model_candidate_scores
 
     model, tokenizer = tiny_model
     prompt, answers = "copy abcd=", ["abcd", "abc", "x"]
@@ -90,7 +90,7 @@ def test_paired_table(study):
 
 
 def test_training_trend(study, tmp_path):
-    from rrhf_lite.io import write_jsonl
+    from rrhf_lite.utils.io import write_jsonl
 
     logs = [{"loss": 1.0}] + [{"rank/accuracy": a, "loss/sft": s}
                               for a, s in [(0.6, 0.9), (0.7, 0.8), (0.8, 0.6), (0.9, 0.5)]]
@@ -102,7 +102,7 @@ def test_training_trend(study, tmp_path):
 
 
 def test_candidate_measures(study, tmp_path):
-    from rrhf_lite.io import write_jsonl
+    from rrhf_lite.utils.io import write_jsonl
 
     write_jsonl(tmp_path / "scored.jsonl", [
         {"prompt": "copy ab=", "responses": ["ab", "a", "b"], "scores": [1.0, 0.5, 0.0]},
@@ -132,7 +132,7 @@ def test_quickstart_bench_paired_differences(benchmark_module):
 def test_every_arm_is_a_valid_quickstart_recipe(study):
     """The arms are --set overrides of the shipped recipe; they must stay valid as it changes,
     and the arms recorded at the first learning rate must keep it."""
-    from rrhf_lite.recipe import load_recipe
+    from rrhf_lite.config.recipe import load_recipe
 
     for arm, overrides in study.ARMS.items():
         recipe = load_recipe(study.RECIPE, [*overrides, study.VARIANT_ABLATIONS])

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from rrhf_lite.cli import main
+from rrhf_lite.config.recipe import Recipe, apply_overrides, load_recipe
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.recipe import Recipe, apply_overrides, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def _sample_score_recipe(tmp_path, tiny_lm_dir, k: int) -> Path:
         "quantization": {"load_in_4bit": False},
         "sampling": {"generators": [{"method": "top_p", "num_candidates": k}],
                      "max_new_tokens": 4, "include_dataset_responses": False},
-        "scoring": {"reward_function": "rrhf_lite.tiny.tasks:reward"},
+        "scoring": {"reward_function": "rrhf_lite.builtin.tiny.tasks:reward"},
     }, name=f"recipe-{k}.yaml")
 
 
@@ -153,7 +153,7 @@ def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys, mo
     """Stage by stage: `sample` alone cannot sample round 2 before round 1 is trained; it says
     so instead of sampling round 2 from the base model (which would make IP-2 a relabelled
     round 1)."""
-    from rrhf_lite import pipeline_rounds
+    from rrhf_lite.pipeline import rounds as pipeline_rounds
 
     raw = yaml.safe_load(_sample_score_recipe(tmp_path, tiny_lm_dir, k=2).read_text())
     raw.update({"rounds": 2, "stages": ["sample", "score", "train"]})
@@ -200,7 +200,7 @@ def test_score_stage_reads_given_candidates_in_any_format(tmp_path, fmt):
         "output_dir": str(tmp_path / "run"),
         "stages": ["score"],
         "data": {"candidates": str(path)},
-        "scoring": {"reward_function": "rrhf_lite.tiny.tasks:reward"},
+        "scoring": {"reward_function": "rrhf_lite.builtin.tiny.tasks:reward"},
     }, name=f"score-{fmt}.yaml")
     assert main(["run", str(recipe)]) == 0
     scored = [json.loads(line) for line in (tmp_path / "run" / "round-1" / "scored.jsonl").open()]
@@ -212,7 +212,7 @@ def test_score_stage_reads_given_candidates_in_any_format(tmp_path, fmt):
 def test_run_saved_by_an_older_version_resumes(tmp_path):
     """A key added since the run was saved is filled by its default: the same recipe, resumed;
     a key whose value differs, or a saved file this version cannot read, is another recipe."""
-    from rrhf_lite.run_state import prepare_run_dir
+    from rrhf_lite.pipeline.run_dir import prepare_run_dir
 
     recipe = Recipe.model_validate({"output_dir": str(tmp_path / "run"),
                                     "model": {"name_or_path": "some/model"},

@@ -13,9 +13,14 @@ import torch
 from rich.console import Console
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import write_jsonl
-from rrhf_lite.plots import plot_reward_distributions, plot_training_curves, training_curves
-from rrhf_lite.report import format_table, format_value, print_summary_table, write_run_report
+from rrhf_lite.utils.io import write_jsonl
+from rrhf_lite.utils.plots import plot_reward_distributions, plot_training_curves, training_curves
+from rrhf_lite.utils.report_files import (
+    format_table,
+    format_value,
+    print_summary_table,
+    write_run_report,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

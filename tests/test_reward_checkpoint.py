@@ -8,11 +8,11 @@ import collections
 import pytest
 import torch
 
+from rrhf_lite.builtin.tiny import build_char_tokenizer, save_gptj_value_head_checkpoint
+from rrhf_lite.config.sections import ScoringSection
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.recipe_sections import ScoringSection
-from rrhf_lite.reward_checkpoint import converted_reward_dir, read_state_dict
+from rrhf_lite.models.reward_checkpoint import converted_reward_dir, read_state_dict
 from rrhf_lite.stages.score import score_candidates
-from rrhf_lite.tiny import build_char_tokenizer, save_gptj_value_head_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def test_converted_once_into_safetensors_and_reused(raw_gptj, cache, monkeypatch
     first = converted_reward_dir(str(checkpoint), str(base))
     assert (first / "model.safetensors").is_file() and (first / "config.json").is_file()
     assert not list(first.glob("*.pt")) and not list(first.glob("*.bin"))
-    import rrhf_lite.reward_checkpoint as module
+    import rrhf_lite.models.reward_checkpoint as module
 
     monkeypatch.setattr(module, "read_state_dict", lambda path: pytest.fail("read twice"))
     assert converted_reward_dir(str(checkpoint / "hf_ckpt.pt"), str(base)) == first
@@ -124,7 +124,7 @@ def test_a_good_file_reads_as_a_flat_dict_in_either_torch_save_format(raw_gptj, 
 
 
 def test_recipe_keys_say_which_format(raw_gptj, cache, tmp_path):
-    from rrhf_lite.tiny import tiny_llama_config
+    from rrhf_lite.builtin.tiny import tiny_llama_config
 
     checkpoint, base = raw_gptj
     with pytest.raises(ValueError, match="needs reward_model .* and reward_base"):

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from rrhf_lite.cli import main
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.run_lock import LOCK_NAME, acquire, release
+from rrhf_lite.pipeline.lock import LOCK_NAME, acquire, release
 
 GOOD = {"prompt": "Q: hi", "responses": ["good answer", "bad"], "scores": [1.0, 0.0]}
 
@@ -153,12 +153,12 @@ def test_any_recipe_value_validates_or_exits_2(tmp_path_factory, tiny_lm_dir, ca
 def test_disk_full_is_the_machines_problem_not_ours(tmp_path, tiny_lm_dir, capsys, monkeypatch):
     import errno
 
-    import rrhf_lite.pipeline
+    import rrhf_lite.pipeline.run
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "x"))
 
-    monkeypatch.setattr(rrhf_lite.pipeline, "run_recipe", full)
+    monkeypatch.setattr(rrhf_lite.pipeline.run, "run_recipe", full)
     recipe = train_recipe(tmp_path / "r.yaml", tiny_lm_dir, _data(tmp_path), tmp_path / "run")
     code, err = _cli(["run", recipe], capsys)
     assert code == 2 and "No space left on device" in err and "what to do:" in err, err

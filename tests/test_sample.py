@@ -6,11 +6,12 @@ import json
 
 import pytest
 
+from rrhf_lite.data.prompts import load_prompts
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.generation import diverse_beam_search
-from rrhf_lite.inference import encode_prompts, load_causal_lm
-from rrhf_lite.io import read_jsonl
-from rrhf_lite.stages.sample import load_prompts, sample_candidates
+from rrhf_lite.generation.diverse_beam import diverse_beam_search
+from rrhf_lite.models.inference_loader import encode_prompts, load_causal_lm
+from rrhf_lite.stages.sample import sample_candidates
+from rrhf_lite.utils.io import read_jsonl
 
 PROMPTS = [
     {"prompt": "copy abc=", "chosen": "abc", "rejected": "abd"},
@@ -168,7 +169,7 @@ def test_bad_generator_specs(tiny_lm):
 def test_how_often_k_falls_below_the_plan_is_counted(caplog):
     from types import SimpleNamespace
 
-    from rrhf_lite.candidate_stats import describe, k_stats, planned_k
+    from rrhf_lite.data.candidate_stats import describe, k_stats, planned_k
 
     prompts = [{"prompt": "a", "chosen": "same", "rejected": "same"},  # a duplicate: k 1 of 2
                {"prompt": "b", "chosen": "yes", "rejected": "no"},

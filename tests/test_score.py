@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.inference import load_reward_model
-from rrhf_lite.io import read_jsonl
+from rrhf_lite.models.inference_loader import load_reward_model
 from rrhf_lite.stages.score import reward_model_text, score_candidates
+from rrhf_lite.utils.io import read_jsonl
 
 ROWS = [
     {"prompt": "copy abc=", "responses": ["abc", "abd", "x"], "sources": ["a", "b", "c"]},
@@ -97,7 +97,7 @@ def test_reward_read_at_an_appended_eos_even_when_pad_is_eos(tiny_reward_dir):
 
 
 def test_chat_prompts_use_the_reward_models_template(char_tokenizer):
-    from rrhf_lite.tiny import build_char_tokenizer
+    from rrhf_lite.builtin.tiny import build_char_tokenizer
 
     chat = build_char_tokenizer(chat_template=True)
     text, templated = reward_model_text(chat, [{"role": "user", "content": "hi"}], "yo")

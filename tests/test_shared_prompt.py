@@ -1,4 +1,4 @@
-"""Shared-prompt packing (rrhf_lite.shared_prompt) against today's unshared rows: the same
+"""Shared-prompt packing (rrhf_lite.training.shared_prompt) against today's unshared rows: the same
 per-candidate log-prob sums and gradients (<= 1e-5, fp32) with eager and sdpa attention, on the
 logits and hidden-state paths, for variable k, one-token and truncated responses, padding, and a
 prompt's candidates split across chunks; the mask itself against its definition.
@@ -9,13 +9,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rrhf_lite.logprobs import choose_prompt_sharing, chunk_hidden_logprobs, chunk_logprob_sums
-from rrhf_lite.segment_attention import use_segments
-from rrhf_lite.shared_prompt import pack_chunk, segment_mask, segments_in_use
-from rrhf_lite.tiny import make_tiny_causal_lm
-from rrhf_lite.tokenization import IGNORE_INDEX, RRHFCollator
+from rrhf_lite.builtin.tiny import make_tiny_causal_lm
+from rrhf_lite.data.tokenization import IGNORE_INDEX, RRHFCollator
+from rrhf_lite.training.logprobs import (
+    choose_prompt_sharing,
+    chunk_hidden_logprobs,
+    chunk_logprob_sums,
+)
+from rrhf_lite.training.segment_attention import use_segments
+from rrhf_lite.training.shared_prompt import pack_chunk, segment_mask, segments_in_use
 
-# the 4-D mask with eager and sdpa attention, and rrhf_lite.segment_attention over each
+# the 4-D mask with eager and sdpa attention, and rrhf_lite.training.segment_attention over each
 ATTENTION = ["eager", "sdpa", "segments-eager", "segments-sdpa"]
 
 
@@ -159,7 +163,7 @@ def test_segment_mask_matches_its_definition(dtype):
 def test_an_ignored_mask_would_be_caught(batch, monkeypatch):
     """Guards the tests above: responses that see each other give other sums, and the `auto`
     check notices."""
-    import rrhf_lite.shared_prompt as shared
+    import rrhf_lite.training.shared_prompt as shared
 
     model = _model("eager")
     plain, _ = chunk_logprob_sums(model, *_args(batch), backend="torch")
@@ -168,8 +172,8 @@ def test_an_ignored_mask_would_be_caught(batch, monkeypatch):
     def causal_only(segments, dtype):  # what an implementation ignoring the custom mask does
         return original(torch.where(segments > 0, 1, segments), dtype)
 
-    monkeypatch.setattr("rrhf_lite.shared_prompt.segment_mask", causal_only)
-    monkeypatch.setattr("rrhf_lite.logprobs.use_segments", lambda config: False)  # the mask path
+    monkeypatch.setattr("rrhf_lite.training.shared_prompt.segment_mask", causal_only)
+    monkeypatch.setattr("rrhf_lite.training.logprobs.use_segments", lambda config: False)  # the mask path
     leaky, _ = chunk_logprob_sums(model, *_args(batch), backend="torch", groups=batch["groups"])
     assert (leaky - plain).abs().max() > 1e-3
     share, reason = choose_prompt_sharing(model, *_args(batch), batch["groups"])
@@ -177,7 +181,7 @@ def test_an_ignored_mask_would_be_caught(batch, monkeypatch):
 
 
 def test_leaky_segments_would_be_caught_and_switched_back(batch, monkeypatch):
-    import rrhf_lite.segment_attention as segments
+    import rrhf_lite.training.segment_attention as segments
 
     model = _model("sdpa")
     plain, _ = chunk_logprob_sums(model, *_args(batch), backend="torch")

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rrhf_lite import cli, cpu_4bit, smollm2
-from rrhf_lite.generation import generate_candidates
-from rrhf_lite.inference import load_causal_lm
-from rrhf_lite.tokenization import tokenize_example, tokenize_prompt
+from rrhf_lite import cli
+from rrhf_lite.builtin import smollm2
+from rrhf_lite.data.tokenization import tokenize_example, tokenize_prompt
+from rrhf_lite.generation.candidates import generate_candidates
+from rrhf_lite.models import cpu_4bit
+from rrhf_lite.models.inference_loader import load_causal_lm
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPTS = [FRANCE,
@@ -110,7 +112,7 @@ def test_left_padded_batched_greedy_equals_unbatched(fp32):
 def test_evaluation_scores_packed_by_prompt_equal_unshared(fp32):
     """model_candidate_scores (ranking accuracy, perplexity, the general measure) packs each
     prompt's candidates by default: with the real chat template, the same numbers."""
-    from rrhf_lite.logprobs import model_candidate_scores
+    from rrhf_lite.training.logprobs import model_candidate_scores
 
     model, tok = fp32
     rows = [{"prompt": FRANCE, "responses": ["Paris.", "The capital of France is Paris.",
@@ -161,8 +163,8 @@ ROWS = [
 @pytest.fixture(scope="module")
 def trained(smollm2_dir, tmp_path_factory):
     """A few RRHF steps of LoRA on the 4-bit real model; (adapter dir, loss before, after)."""
-    from rrhf_lite.modeling import ModelArguments, load_model_for_training
-    from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
+    from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
+    from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
     out = tmp_path_factory.mktemp("smollm2_train")
     torch.manual_seed(0)
@@ -209,7 +211,7 @@ def test_cli_generate_with_the_adapter(smollm2_dir, trained, capsys):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from rrhf_lite.inference import load_tokenizer
+    from rrhf_lite.models.inference_loader import load_tokenizer
     from rrhf_lite.stages.generate import generate_texts
 
     adapter, _, _ = trained

@@ -56,7 +56,7 @@ def test_step_times_and_read_run(bench, tmp_path):
 
 
 def test_the_recipe_the_benchmark_runs_is_valid(bench):
-    from rrhf_lite.recipe import load_recipe
+    from rrhf_lite.config.recipe import load_recipe
 
     recipe = load_recipe(bench.RECIPE, ["seed=1"])
     assert recipe.seed == 1 and recipe.rounds == 2
@@ -66,7 +66,7 @@ def test_the_recipe_the_benchmark_runs_is_valid(bench):
 def test_an_added_ablation_is_adopted_and_nothing_else(bench, tmp_path, monkeypatch):
     import yaml
 
-    from rrhf_lite.recipe import dump_recipe, load_recipe
+    from rrhf_lite.config.recipe import dump_recipe, load_recipe
 
     run = tmp_path / "seed-3"
     run.mkdir()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from rrhf_lite import tasks_constraints as tc
-from rrhf_lite.sources import load_prompt_rows
+from rrhf_lite.builtin import constraints as tc
+from rrhf_lite.builtin.sources import load_prompt_rows
 
 
 def msg(text: str) -> list[dict]:

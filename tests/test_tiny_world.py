@@ -8,10 +8,8 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import read_jsonl
-from rrhf_lite.tiny import tasks, warmup
-from rrhf_lite.tiny.tasks import (
+from rrhf_lite.builtin.tiny import tasks, warmup
+from rrhf_lite.builtin.tiny.tasks import (
     TASKS,
     is_held_out,
     make_splits,
@@ -21,8 +19,10 @@ from rrhf_lite.tiny.tasks import (
     solve,
     write_prompt_sets,
 )
-from rrhf_lite.tiny.warmup import build_initial_policy, corrupt, habit, noisy_demonstration
-from rrhf_lite.tiny.world import generate, measure_policy
+from rrhf_lite.builtin.tiny.warmup import build_initial_policy, corrupt, habit, noisy_demonstration
+from rrhf_lite.builtin.tiny.world import generate, measure_policy
+from rrhf_lite.errors import UserInputError
+from rrhf_lite.utils.io import read_jsonl
 
 # A model small enough that a few warm-up steps take well under a second.
 TINY = {"hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1,
@@ -84,7 +84,7 @@ def test_reward_rejects_mismatched_lengths():
 
 
 def test_reward_is_importable_the_way_the_score_stage_names_it():
-    module, name = "rrhf_lite.tiny.tasks:reward".split(":")
+    module, name = "rrhf_lite.builtin.tiny.tasks:reward".split(":")
     fn = getattr(importlib.import_module(module), name)
     assert fn(["add 1+1="], ["2"]) == [1.0]
 

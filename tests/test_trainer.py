@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.modeling import ModelArguments, load_model_for_training
-from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
+from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
+from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
 
 def _rows(n_prompts=6):
@@ -213,7 +213,7 @@ def test_peft_config_wraps_a_4bit_base(small_lm_dir, tmp_path):
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from rrhf_lite.inference import load_tokenizer
+    from rrhf_lite.models.inference_loader import load_tokenizer
 
     base = AutoModelForCausalLM.from_pretrained(
         small_lm_dir, dtype=torch.float32, device_map={"": "cpu"},
@@ -227,8 +227,8 @@ def test_peft_config_wraps_a_4bit_base(small_lm_dir, tmp_path):
 
 
 def test_run_train_stage_outputs(small_lm_dir, tmp_path):
-    from rrhf_lite.io import write_jsonl
     from rrhf_lite.stages.train import run_train
+    from rrhf_lite.utils.io import write_jsonl
 
     data = write_jsonl(tmp_path / "train.jsonl", _rows(4))
     out = tmp_path / "run"

@@ -77,7 +77,7 @@ def test_hidden_path_full_finetune_with_tied_embeddings(small_lm_dir, tmp_path):
 def test_auto_picks_hidden_path_and_says_so(small_lm_dir, tmp_path, caplog):
     model, tok = _model(small_lm_dir, load_in_4bit=False)
     trainer = _trainer(model, tok, tmp_path, "auto", max_steps=1, candidate_micro_batch_size=2)
-    with caplog.at_level(logging.INFO, logger="rrhf_lite.trainer"):
+    with caplog.at_level(logging.INFO, logger="rrhf_lite.training.trainer"):
         trainer.train()
         trainer.train()  # decided once
     said = [r.message for r in caplog.records if "candidate log-probs" in r.message]
@@ -90,7 +90,7 @@ def test_falls_back_to_logits_when_the_head_carries_lora(small_lm_dir, tmp_path,
     assert type(model.get_output_embeddings()) is not torch.nn.Linear
     trainer = _trainer(model, tok, tmp_path / "a", "auto")
     batch = trainer._prepare_inputs(_first_batch(trainer))
-    with caplog.at_level(logging.INFO, logger="rrhf_lite.trainer"):
+    with caplog.at_level(logging.INFO, logger="rrhf_lite.training.trainer"):
         assert trainer._output_head(model, batch) is None
     assert any("from [N, T, V] logits" in r.message for r in caplog.records)
     strict = _trainer(model, tok, tmp_path / "b", "hidden")

@@ -13,8 +13,8 @@ import torch
 from test_trainer import _first_batch, _model, _randomise_lora_b, _step_grads, _weighted_trainer
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.shared_prompt import segments_in_use
-from rrhf_lite.trainer import RRHFConfig
+from rrhf_lite.training.shared_prompt import segments_in_use
+from rrhf_lite.training.trainer import RRHFConfig
 
 
 def _trainer(model, tok, out, share, **kw):
@@ -31,7 +31,7 @@ def _compare(tmp_path, make, micros=(None, 2, 3), checkpointing=False, **kw):
         batch = _first_batch(trainer)
         runs[share] = [_step_grads(trainer, batch, m) for m in micros]
         assert trainer.forward_choices["share_prompt"] is share
-        # plain sdpa / eager LLaMA attention: packed rows run rrhf_lite.segment_attention
+        # plain sdpa / eager LLaMA attention: packed rows run rrhf_lite.training.segment_attention
         assert segments_in_use(model) is share
     for (loss_s, grads_s), (loss_u, grads_u), micro in zip(runs[True], runs[False], micros, strict=True):
         assert loss_s == pytest.approx(loss_u, rel=1e-5, abs=1e-6), micro
@@ -65,7 +65,7 @@ def test_shared_step_equals_unshared_nf4_lora(small_lm_dir, tmp_path, cpu_4bit_p
 def test_auto_turns_sharing_on_and_says_so_once(small_lm_dir, tmp_path, caplog):
     model, tok = _model(small_lm_dir, load_in_4bit=False)
     trainer = _trainer(model, tok, tmp_path, "auto", max_steps=1, candidate_micro_batch_size=2)
-    with caplog.at_level(logging.INFO, logger="rrhf_lite.trainer"):
+    with caplog.at_level(logging.INFO, logger="rrhf_lite.training.trainer"):
         trainer.train()
         trainer.train()  # decided once
     said = [r.message for r in caplog.records if "prompt" in r.message and "share_prompt" in r.message]
@@ -78,7 +78,7 @@ def test_auto_off_with_the_reason_and_true_refuses(small_lm_dir, tmp_path, caplo
     model.config._attn_implementation = "flash_attention_2"  # decided without running it
     trainer = _trainer(model, tok, tmp_path / "a", "auto")
     batch = trainer._prepare_inputs(_first_batch(trainer))
-    with caplog.at_level(logging.INFO, logger="rrhf_lite.trainer"):
+    with caplog.at_level(logging.INFO, logger="rrhf_lite.training.trainer"):
         assert trainer._share_prompt(model, batch) is False
     assert any("share_prompt off" in r.message and "flash_attention_2" in r.message for r in caplog.records)
     strict = _trainer(model, tok, tmp_path / "b", True)
@@ -98,7 +98,7 @@ def test_config_accepts_auto_true_false_only(tmp_path):
 def test_recipe_key_reaches_the_config(tmp_path):
     from pydantic import ValidationError
 
-    from rrhf_lite.recipe_sections import TrainSection
+    from rrhf_lite.config.sections import TrainSection
 
     assert TrainSection().share_prompt == "auto"
     assert TrainSection(share_prompt=False).share_prompt is False

@@ -2,7 +2,7 @@
 
 - success per kind of instruction, when the task's reward module offers a breakdown: a function
   named `success_by_kind(prompts, responses) -> {kind: share met}` next to the recipe's
-  `scoring.reward_function` (rrhf_lite.tasks_constraints has one; any user task may);
+  `scoring.reward_function` (rrhf_lite.builtin.constraints has one; any user task may);
 - general ability: the initial model answers prompts unrelated to the task greedily
   (evaluate.general_prompts), and every variant's mean per-token log-likelihood of those answers
   is measured. The initial model's own value is the reference; a policy that collapsed onto its
@@ -17,10 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from statistics import mean
 
-from rrhf_lite.io import read_jsonl, write_jsonl
-from rrhf_lite.logprobs import model_candidate_scores
-from rrhf_lite.run_state import RunState, say
+from rrhf_lite.builtin.sources import current_module_name
 from rrhf_lite.stages.generate import generate_texts
+from rrhf_lite.stages.run_context import RunState
+from rrhf_lite.training.logprobs import model_candidate_scores
+from rrhf_lite.utils.console import say
+from rrhf_lite.utils.io import read_jsonl, write_jsonl
 
 BREAKDOWN_HOOK = "success_by_kind"
 EXAMPLE_CHARS = 240  # an example answer longer than this is cut in the report
@@ -31,7 +33,7 @@ def breakdown_function(reward_function: str | None) -> Callable | None:
     ("module:function"), or None when there is no reward function or no such hook."""
     if not reward_function:
         return None
-    module = importlib.import_module(reward_function.partition(":")[0])
+    module = importlib.import_module(current_module_name(reward_function.partition(":")[0]))
     hook = getattr(module, BREAKDOWN_HOOK, None)
     return hook if callable(hook) else None
 

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from rrhf_lite.candidate_stats import describe
-from rrhf_lite.plots import plot_reward_distributions, plot_training_curves
-from rrhf_lite.report import print_summary_table, update_run_report, write_run_report
-from rrhf_lite.run_state import RunState
-from rrhf_lite.stage_times import read_stage_times, stage_time_rows
+from rrhf_lite.data.candidate_stats import describe
+from rrhf_lite.stages.run_context import RunState
+from rrhf_lite.stages.stage_times import read_stage_times, stage_time_rows
+from rrhf_lite.utils.plots import plot_reward_distributions, plot_training_curves
+from rrhf_lite.utils.report_files import print_summary_table, update_run_report, write_run_report
 
 RESULTS = "Results (held-out prompts unless named)"
 KINDS = "Success per constraint kind (held-out: share of prompts stating it that meet it in full)"

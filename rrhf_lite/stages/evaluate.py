@@ -7,7 +7,7 @@ For every variant of the run (the initial policy, each RRHF round, each ablation
   numbers of all variants are comparable: how natural the outputs are, not how sure of itself
   each variant is;
 - ranking accuracy of its own length-normalised scores p_i on held-out candidate sets (the
-  paper's "model as a reward model" measure; see rrhf_lite.loss.ranking_accuracy);
+  paper's "model as a reward model" measure; see rrhf_lite.training.losses.ranking_accuracy);
 - optionally (rrhf_lite.stages.eval_extras): success per constraint kind when the task's reward
   module offers a breakdown, and the log-likelihood of the initial model's answers to unrelated
   prompts (general ability).
@@ -27,15 +27,11 @@ from statistics import mean
 
 import torch
 
-from rrhf_lite.candidate_stats import k_stats, planned_k
-from rrhf_lite.data import load_listwise
+from rrhf_lite.builtin.sources import load_prompt_rows
+from rrhf_lite.data.candidate_stats import k_stats, planned_k
+from rrhf_lite.data.listwise import load_listwise
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.inference import load_causal_lm
-from rrhf_lite.io import read_jsonl, write_json, write_jsonl
-from rrhf_lite.logprobs import model_candidate_scores as model_scores
-from rrhf_lite.loss import ranking_accuracy
-from rrhf_lite.run_state import INITIAL, RunState, round_variant, say
-from rrhf_lite.sources import load_prompt_rows
+from rrhf_lite.models.inference_loader import load_causal_lm
 from rrhf_lite.stages.eval_extras import (
     GeneralAbility,
     breakdown_function,
@@ -44,8 +40,13 @@ from rrhf_lite.stages.eval_extras import (
 )
 from rrhf_lite.stages.eval_report import write_report
 from rrhf_lite.stages.generate import generate_texts
+from rrhf_lite.stages.run_context import INITIAL, RunState, round_variant
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
+from rrhf_lite.training.logprobs import model_candidate_scores as model_scores
+from rrhf_lite.training.losses import ranking_accuracy
+from rrhf_lite.utils.console import say
+from rrhf_lite.utils.io import read_jsonl, write_json, write_jsonl
 
 REFERENCE_KEYS = ("reference", "chosen")
 
@@ -55,7 +56,7 @@ REFERENCE_KEYS = ("reference", "chosen")
 
 def pairwise_ranking_accuracy(model_scores: list[list[float]], rewards: list[list[float]]) -> dict:
     """Fraction of pairs with different rewards that the model's scores order the same way
-    (a tie in the scores counts as wrong; see rrhf_lite.loss.ranking_accuracy).
+    (a tie in the scores counts as wrong; see rrhf_lite.training.losses.ranking_accuracy).
 
     Rows may have different lengths. Returns {"accuracy" (NaN without pairs), "pairs"}.
     """

@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from rrhf_lite.generation import generate_candidates
-from rrhf_lite.inference import load_causal_lm
-from rrhf_lite.io import check_text
+from rrhf_lite.generation.candidates import generate_candidates
+from rrhf_lite.models.inference_loader import load_causal_lm
+from rrhf_lite.utils.io import check_text
 
 
 def generate_texts(model, tokenizer, prompts: Sequence, *, max_new_tokens: int = 128,
@@ -20,7 +20,7 @@ def generate_texts(model, tokenizer, prompts: Sequence, *, max_new_tokens: int =
     scores), else sampled with temperature and top_p.
 
     Args:
-        model, tokenizer: from rrhf_lite.inference.load_causal_lm (or any causal LM whose
+        model, tokenizer: from rrhf_lite.models.inference_loader.load_causal_lm (or any causal LM whose
             tokenizer pads on the left and has a pad token).
         prompts: strings or chat-message lists.
         max_new_tokens: the most tokens per answer.

@@ -28,9 +28,6 @@ from typing import Any
 import torch
 
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import atomic_directory, write_json
-from rrhf_lite.precision import dtype_name, parse_dtype
-from rrhf_lite.report import environment_versions
 from rrhf_lite.stages.merge_checks import (
     ADAPTER_WEIGHTS,
     MergeVerificationError,
@@ -40,7 +37,10 @@ from rrhf_lite.stages.merge_checks import (
     policy_check,
     prompt_logits,
 )
-from rrhf_lite.user_files import (
+from rrhf_lite.utils.io import atomic_directory, write_json
+from rrhf_lite.utils.precision import dtype_name, parse_dtype
+from rrhf_lite.utils.report_files import environment_versions
+from rrhf_lite.utils.user_files import (
     check_adapter_config,
     check_output_path,
     load_adapter,
@@ -58,7 +58,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 REPORT_NAME = "merge_report.json"
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+def merged_dtype(name: str | torch.dtype) -> torch.dtype:
     """The merged model's dtype: a name (fp16, bf16, fp32 and their spellings) or a torch.dtype."""
     return parse_dtype(name, where="merge torch_dtype", auto=False, hint=(
         "use one of float16, bfloat16, float32 (merging into 4-bit weights is not supported)"))
@@ -229,7 +229,7 @@ def merge_adapter(
     check_4bit_policy: also compare the merged model with the 4-bit base (bitsandbytes, same
       quant settings) + adapter, i.e. the policy as it ran; default: when roundtrip_nf4.
     fused_cpu_4bit: that policy may use bitsandbytes' fused CPU kernel where it can, as
-      sampling and evaluation do (see rrhf_lite.cpu_4bit); False: dequantise + matmul only.
+      sampling and evaluation do (see rrhf_lite.models.cpu_4bit); False: dequantise + matmul only.
     verify_prompts: prompts whose logits are compared; None uses a few defaults, [] skips it.
     tolerance: absolute max logit difference allowed (default: per-dtype, relative to scale).
     allow_mismatch: keep the output even when verification fails (report ok=False);
@@ -238,7 +238,7 @@ def merge_adapter(
       at torch_dtype: much faster NF4 round trip and verification for 7B+ models).
     Returns the report that is also written to output_dir/merge_report.json.
     """
-    dtype = resolve_dtype(torch_dtype)
+    dtype = merged_dtype(torch_dtype)
     if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
         raise UserInputError(f"tolerance must be a finite number >= 0, got {tolerance}",
                              where="merge tolerance", hint="e.g. 0.05, or leave it unset")

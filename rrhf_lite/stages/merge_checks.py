@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from rrhf_lite import cpu_4bit
+from rrhf_lite.config.sections import QuantizationSection
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.inference import load_causal_lm
-from rrhf_lite.precision import parse_dtype
-from rrhf_lite.recipe_sections import QuantizationSection
+from rrhf_lite.models import cpu_4bit
+from rrhf_lite.models.inference_loader import load_causal_lm
+from rrhf_lite.utils.precision import parse_dtype
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 

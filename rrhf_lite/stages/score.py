@@ -2,7 +2,7 @@
 
 - a Hugging Face sequence-classification reward model (one label; the reward is that logit),
   reading prompt text + joiner + response (or the whole chat rendered by its chat template);
-  or a raw GPT-J value-head checkpoint (rrhf_lite.reward_checkpoint), scored as the reference
+  or a raw GPT-J value-head checkpoint (rrhf_lite.models.reward_checkpoint), scored as the reference
   code scores it: EOS appended, the value head read at the first EOS;
 - a Python function named "module:function", called as fn(prompts, responses) -> floats;
 - scores already in the data ("given"), which are only checked.
@@ -23,11 +23,12 @@ from typing import Any
 
 import torch
 
-from rrhf_lite.data import is_finite_number
+from rrhf_lite.builtin.sources import current_module_name
+from rrhf_lite.config.sections import ScoringSection
+from rrhf_lite.data.listwise import is_finite_number
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.io import write_jsonl
-from rrhf_lite.recipe_sections import ScoringSection
-from rrhf_lite.reward_reading import reward_model_scores, reward_model_text
+from rrhf_lite.models.reward_reading import reward_model_scores, reward_model_text
+from rrhf_lite.utils.io import write_jsonl
 
 logger = logging.getLogger(__name__)
 __all__ = ["normalize_reward_spec", "reward_model_scores", "reward_model_text", "score_candidates"]
@@ -100,9 +101,9 @@ def import_reward_function(name: str) -> Callable:
     module_name, _, attr = name.partition(":")
     if not module_name or not attr or ":" in attr:
         raise UserInputError(f"{name!r} is not 'module:function'", where="reward.function",
-                             hint="e.g. rrhf_lite.tiny.tasks:reward")
+                             hint="e.g. rrhf_lite.builtin.tiny.tasks:reward")
     try:
-        module = importlib.import_module(module_name)
+        module = importlib.import_module(current_module_name(module_name))
     except ModuleNotFoundError as err:
         raise UserInputError(f"cannot import module {module_name!r} ({err})",
                              where="reward.function",
@@ -226,11 +227,11 @@ def score_candidates(
         if isinstance(spec["model"], tuple):
             model, tokenizer = spec["model"]
         else:
-            from rrhf_lite.inference import default_device, load_reward_model
+            from rrhf_lite.models.inference_loader import default_device, load_reward_model
 
             path, dtype = spec["model"], spec["torch_dtype"]
             if spec["format"] == "gptj_value_head":  # the raw .pt, as safetensors (cached)
-                from rrhf_lite.reward_checkpoint import converted_reward_dir
+                from rrhf_lite.models.reward_checkpoint import converted_reward_dir
 
                 path = str(converted_reward_dir(path, spec["base"]))
                 if dtype == "auto" and str(spec["device"] or default_device()).startswith("cuda"):

@@ -6,13 +6,13 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rrhf_lite.data import load_listwise, summarize_listwise
-from rrhf_lite.io import atomic_directory, write_json, write_jsonl
-from rrhf_lite.modeling import ModelArguments, load_model_for_training
-from rrhf_lite.precision import auto_dtype_name
-from rrhf_lite.recipe import Recipe
-from rrhf_lite.recipe_sections import TrainSection
-from rrhf_lite.trainer import RRHFConfig, RRHFTrainer
+from rrhf_lite.config.recipe import Recipe
+from rrhf_lite.config.sections import TrainSection
+from rrhf_lite.data.listwise import load_listwise, summarize_listwise
+from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
+from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
+from rrhf_lite.utils.io import atomic_directory, write_json, write_jsonl
+from rrhf_lite.utils.precision import auto_dtype_name
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def run_train(
     """Train with RRHF and return the directory of the final adapter.
 
     Args:
-        data: listwise data, anything `rrhf_lite.data.load_listwise` accepts (a .jsonl/.json/
+        data: listwise data, anything `rrhf_lite.data.listwise.load_listwise` accepts (a .jsonl/.json/
             .parquet path, a hub name, a datasets.Dataset, a list of rows).
         model_args: what to load (4-bit + LoRA by default).
         config: an RRHFConfig; its output_dir receives checkpoints, the result and the logs.

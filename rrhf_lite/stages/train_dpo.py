@@ -2,7 +2,7 @@
 best-vs-worst pair -> LoRA adapter through TRL's DPOTrainer.
 
 What is the same as RRHF's round 1, so that the two compare: the base model loaded the same way
-(4-bit + the recipe's LoRA, rrhf_lite.modeling), the tokens (rrhf_lite.dpo), the learning rate,
+(4-bit + the recipe's LoRA, rrhf_lite.models.training_loader), the tokens (rrhf_lite.training.dpo_pairs), the learning rate,
 schedule, warm-up, batch and accumulation (the train section, with the ablation's `train`
 overrides), and the number of optimiser steps (what round 1 took, from its train_summary.json).
 The reference model is the base with the adapter disabled (PEFT). The adapter is saved where
@@ -17,14 +17,18 @@ import math
 from pathlib import Path
 from typing import Any
 
-from rrhf_lite.data import load_listwise
-from rrhf_lite.dpo import best_worst_pairs, pretokenized_dpo_trainer, tokenize_pairs
+from rrhf_lite.config.ablations import AblationSection
+from rrhf_lite.config.recipe import Recipe
+from rrhf_lite.data.listwise import load_listwise
 from rrhf_lite.errors import UserInputError
-from rrhf_lite.modeling import ModelArguments, load_model_for_training, lora_config_from_args
-from rrhf_lite.recipe import Recipe
-from rrhf_lite.recipe_ablations import AblationSection
-from rrhf_lite.run_state import say
+from rrhf_lite.models.training_loader import (
+    ModelArguments,
+    load_model_for_training,
+    lora_config_from_args,
+)
 from rrhf_lite.stages.train import model_arguments, precision_flags, save_trained, train_section
+from rrhf_lite.training.dpo_pairs import best_worst_pairs, pretokenized_dpo_trainer, tokenize_pairs
+from rrhf_lite.utils.console import say
 
 logger = logging.getLogger(__name__)
 

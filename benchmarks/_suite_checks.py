@@ -1,5 +1,5 @@
 """GPU suite, checks: the kernel against the float64 reference (tolerances from
-rrhf_kernels.tolerances, the ones tests/test_kernel.py uses), and `pytest -m gpu`.
+rrhf_kernels.tolerances, the ones tests/kernels/test_kernel.py uses), and `pytest -m gpu`.
 
 rrhf_kernels is imported inside the functions: it is importable only after the suite's setup.
 """
@@ -144,7 +144,7 @@ def run_gpu_tests(timeout_s: float) -> dict[str, Any]:
 
     # Only the files that use the marker: collecting every test module would import the whole
     # project (tens of seconds) to deselect nearly all of it.
-    files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
+    files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").rglob("test_*.py")
                    if "mark.gpu" in f.read_text(encoding="utf-8", errors="replace"))
     if not files:
         return {"status": "no tests", "summary": "no test file uses pytest.mark.gpu"}

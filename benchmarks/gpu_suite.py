@@ -3,7 +3,7 @@
 Made for a rare, short window on a bare GPU machine: one call, a global time budget, results
 written after every item. What it runs and why, its goals, its output files, how to prepare the
 wheels and the device command: benchmarks/README.md. `--dry` runs the same code on tiny shapes
-on the CPU (tests/test_gpu_suite.py).
+on the CPU (tests/benchmark_scripts/test_gpu_suite.py).
 
 Entry point only; the jobs live beside it: _suite_setup (wheel install, imports, versions),
 _suite_runner (plans, time budget, items), _suite_checks (kernel vs float64, pytest -m gpu),

@@ -1,9 +1,9 @@
 """rrhf-lite: RRHF on one GPU.
 
 The package is in rooms by concern; a room imports only rooms below it in this list (checked by
-tests/test_layout.py), so a reader can start at the top and never meet a name from above:
+tests/project/test_layout.py), so a reader can start at the top and never meet a name from above:
 
-    cli         the `rrhf-lite` command line (and errors.py, the one user-facing error)
+    cli         the `rrhf-lite` command line
     pipeline    `rrhf-lite run`: rounds, the run directory and its lock, preflight checks
     plan        `rrhf-lite plan` and `validate --plan`: memory by part, job size, model shapes
     stages      sample, score, train (RRHF or DPO), evaluate, merge, generate; what the stages of a
@@ -16,6 +16,7 @@ tests/test_layout.py), so a reader can start at the top and never meet a name fr
     data        listwise rows, prompt files, tokenisation, candidate statistics
     config      the recipe schema: sections, ablations, strict YAML
     utils       files, the user's files, dtypes, processes, progress lines, report files, plots
+    errors      (errors.py) UserInputError, the one user-facing error: exit code 2 and a message
 
 builtin sits below stages (they resolve prompt sets through it) and needs only data and utils;
 the run directory's creation is the pipeline's, while the state the stages share

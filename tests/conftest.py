@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import yaml  # noqa: E402
 
 from rrhf_lite.builtin.tiny import build_char_tokenizer, save_tiny_causal_lm, save_tiny_reward_model  # noqa: E402
 
@@ -31,11 +30,11 @@ def cpu_4bit_path(request, monkeypatch):
     "dequantize": the capability check says no AVX512-BF16 (what most CI machines see).
     "fused": it says yes, as on Zen 4 / Sapphire Rapids and later, so bitsandbytes repacks
     eval-mode layers and calls its fused kernel; where this CPU lacks the kernel, that one call
-    is emulated in plain torch (tests/fused_4bit_emulation.py), everything else is the real code.
+    is emulated in plain torch (tests/helpers/fused_4bit_emulation.py), everything else is the real code.
     """
     import bitsandbytes.functional as bnb_functional
     import bitsandbytes.nn.modules as bnb_modules
-    from fused_4bit_emulation import emulated_gemv_4bit
+    from helpers.fused_4bit_emulation import emulated_gemv_4bit
 
     fused = request.param == "fused"
     native = bool(bnb_functional.has_avx512bf16())
@@ -44,31 +43,6 @@ def cpu_4bit_path(request, monkeypatch):
     if fused and not native:
         monkeypatch.setattr(bnb_functional, "gemv_4bit", emulated_gemv_4bit(bnb_functional.gemv_4bit))
     return request.param
-
-
-def train_recipe(path: Path, model_dir, candidates, output_dir, **sections) -> Path:
-    """Write a train-only recipe on a tiny model to `path` (full precision: fastest on CPU, one
-    step). Each keyword replaces a recipe section; a mapping is merged into a mapping section.
-    Test modules import it: `from conftest import train_recipe`."""
-    raw = {
-        "output_dir": str(output_dir), "seed": 0,
-        "model": {"name_or_path": str(model_dir)},
-        "stages": ["train"],
-        "quantization": {"load_in_4bit": False},
-        "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
-        "data": {"candidates": str(candidates)},
-        "train": {"max_steps": 1, "gradient_checkpointing": False, "logprob_backend": "torch",
-                  "max_length": 64, "max_prompt_length": 32, "gradient_accumulation_steps": 1,
-                  "save_steps": 1000, "warmup_ratio": 0.0},
-    }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    path = Path(path)
-    path.write_text(yaml.safe_dump(raw), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="session")

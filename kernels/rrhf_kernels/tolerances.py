@@ -2,7 +2,7 @@
 (benchmarks/_suite_correctness.py) import these numbers; they used to keep three copies.
 
 Every comparison reads `|got - want| <= atol + rtol * |want|` (torch.testing.assert_close).
-The values are the ones tests/test_kernel.py has always passed with (the CPU and Triton
+The values are the ones tests/kernels/test_kernel.py has always passed with (the CPU and Triton
 interpreter runs); the GPU tests and the GPU suite use the same ones.
 
 Only torch is imported here (the package stands alone).

@@ -16,8 +16,8 @@ of the letters in capitals, items off by one, a word count a little over, JSON t
 has other keys, an object cut off before it closes, the phrase present but not at the end), so
 candidates differ in reward and the rank loss has pairs to order. SmolLM2-135M-Instruct meets
 some constraints often and others rarely. Nothing checks that an answer is about its topic: a
-short off-topic answer can meet "at most N words" or "do not use W" in full (README, "What the
-reward rewards").
+short off-topic answer can meet "at most N words" or "do not use W" in full (docs/real-model.md, "What
+the reward rewards").
 
 Splits: training prompts use TRAIN_TOPICS and every kind but HELD_OUT_KIND; held-out prompts use
 HELD_OUT_TOPICS (never trained on) and every kind, HELD_OUT_KIND included (transfer to a kind of

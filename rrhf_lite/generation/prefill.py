@@ -8,7 +8,7 @@ prompts itself in that same order (repeat_interleave), sees a cache holding all 
 prompt token, and runs only that token at its first step. Everything after it (the logits
 processors, the random draws, beam bookkeeping) is generate's own, unchanged: with the same seed
 the same tokens come out, up to float rounding of the prompt's keys and values computed in a
-batch of B rows instead of B*k (tests/test_generation_prefill.py checks the texts are equal).
+batch of B rows instead of B*k (tests/generation/test_generation_prefill.py checks the texts are equal).
 
 Our diverse beam search (rrhf_lite.generation.diverse_beam) already prefills once per prompt.
 """

@@ -184,5 +184,5 @@ def format_plan(result: dict) -> str:
                   f"(of {s.candidates} candidates) at max_length {s.max_length}; max_length "
                   f"{fit['max_length']} at candidate_micro_batch_size {s.micro_batch}"]
     lines.append("counted, not measured: sampling and scoring; the training step's count is "
-                 "checked against measurements (README, 'Will it fit?')")
+                 "checked against measurements (docs/memory.md)")
     return "\n".join(lines)

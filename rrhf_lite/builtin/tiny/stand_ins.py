@@ -10,7 +10,7 @@
   EleutherAI/gpt-j-6B gives the conversion).
 
 With these, `rrhf-lite run recipes/hh_paper.yaml` runs offline with `--set` overrides of names
-and sizes only (tests/test_paper_recipes.py).
+and sizes only (tests/pipeline/test_paper_recipes.py).
 """
 
 from __future__ import annotations

@@ -108,3 +108,22 @@ def test_the_checks_catch_an_upward_import(tmp_path):
     ((module, line, top),) = _imports(bad)
     assert (module, line, top) == ("rrhf_lite.pipeline.run", 2, False)
     assert LAYERS.index(_room(module)) < LAYERS.index("training")
+
+
+# the public API before the move into rooms: every name still comes from `import rrhf_lite`
+PUBLIC_NAMES = ["RRHFConfig", "RRHFTrainer", "UserInputError", "rank_loss", "rrhf_loss", "sft_loss"]
+
+
+def test_public_api_names_and_a_light_import():
+    import subprocess
+    import sys
+
+    code = ("import sys, rrhf_lite; heavy = [m for m in ('torch', 'transformers', 'peft') "
+            "if m in sys.modules]; print(heavy); "
+            f"print(all(callable(getattr(rrhf_lite, n)) for n in {PUBLIC_NAMES!r})); "
+            "print(set(rrhf_lite.__all__) >= set(" + repr(PUBLIC_NAMES) + "))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    heavy, resolved, exported = out.stdout.splitlines()
+    assert heavy == "[]", f"`import rrhf_lite` loads {heavy}: keep heavy imports lazy"
+    assert resolved == "True"
+    assert exported == "True", "a public name left __all__"

@@ -17,7 +17,7 @@ ABLATION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # train.* keys of the RRHF objective alone: a DPO ablation has no use for them.
 RRHF_ONLY_TRAIN_KEYS = ("length_penalty", "rank_weight", "sft_weight", "candidate_micro_batch_size",
-                        "logprob_backend", "logprob_path")
+                        "logprob_backend", "logprob_path", "loss_type", "beta")
 
 
 class DpoSection(Section):
@@ -37,7 +37,9 @@ class DpoSection(Section):
 class AblationSection(Section):
     """A variant trained on round 1's candidates, from the initial model.
 
-    method "rrhf" (default): RRHF with some train.* keys changed (e.g. no rank loss), given in
+    method "rrhf" (default): rrhf-lite's trainer with some train.* keys changed (e.g. no rank
+    loss, or another objective: `train: {loss_type: pl_dpo}`, so one run compares objectives on
+    the same candidates), given in
     `train`. method "dpo": DPO (TRL's DPOTrainer) on each prompt's best-vs-worst pair, with the
     same LoRA and as many optimiser steps as RRHF's round 1; `dpo` holds its settings and
     `train` may override the train section's learning rate, schedule or batch.

@@ -272,8 +272,15 @@ class TrainSection(Section):
     per_device_train_batch_size: int = Field(1, gt=0, description="Prompts per device step")
     gradient_accumulation_steps: int = Field(8, gt=0)
     length_penalty: float = Field(1.0, ge=0.0, description="lambda in p_i = sum / |y_i|^lambda")
-    rank_weight: float = Field(1.0, ge=0.0)
-    sft_weight: float = Field(1.0, ge=0.0)
+    loss_type: Literal["rrhf", "pro", "pl_dpo", "lipo", "dpo_pairs"] = Field(
+        "rrhf", description="The objective on the k candidates: rrhf; pro (Preference Ranking "
+        "Optimisation); pl_dpo (Plackett-Luce DPO), lipo (LiPO-lambda), dpo_pairs (DPO over every "
+        "pair): the DPO family, against the base with the LoRA adapter disabled")
+    beta: float = Field(0.1, gt=0.0, description="DPO family: u_i = beta * (log pi - log pi_ref)")
+    rank_weight: float = Field(1.0, ge=0.0, description="Weight of the objective's preference term")
+    sft_weight: float | None = Field(
+        None, ge=0.0, description="Weight of the SFT term on the best candidate; None = the "
+        "objective's paper default: 1 for rrhf and pro, 0 for the DPO family")
     max_length: int = Field(512, gt=0)
     max_prompt_length: int = Field(256, gt=0)
     truncation_side: Literal["left", "right"] = "left"

@@ -8,6 +8,7 @@ import torch
 from transformers import TrainingArguments
 
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.training.objectives import LOSS_TYPES, default_sft_weight
 from rrhf_lite.utils import distributed
 
 
@@ -16,7 +17,13 @@ class RRHFConfig(TrainingArguments):
     """TrainingArguments plus the RRHF settings.
 
     length_penalty: lambda in p_i = (sum of token log-probs) / |y_i|^lambda (paper default 1).
-    rank_weight, sft_weight: weights of the rank loss and the SFT loss on the best candidate.
+    loss_type: the objective (rrhf_lite.training.objectives): "rrhf" (default) | "pro" |
+        "pl_dpo" | "lipo" | "dpo_pairs"; the last three (the DPO family) need a reference, here
+        the base with the LoRA adapter disabled (full fine-tuning: not supported yet).
+    beta: the DPO family's temperature in u_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x)).
+    rank_weight, sft_weight: weights of the objective's preference term (RRHF: the rank loss) and
+        of the SFT loss on the best candidate; sft_weight None = the objective's paper default
+        (1.0 for rrhf and pro, 0.0 for the DPO family; resolved when the config is built).
     max_length: prompt + response tokens per candidate; longer responses lose their tail.
     max_prompt_length: prompts longer than this are truncated on `truncation_side`.
     truncation_side: "left" keeps the end of long prompts (the reference code's choice).
@@ -37,8 +44,10 @@ class RRHFConfig(TrainingArguments):
     """
 
     length_penalty: float = 1.0
+    loss_type: str = "rrhf"
+    beta: float = 0.1
     rank_weight: float = 1.0
-    sft_weight: float = 1.0
+    sft_weight: float | None = None
     max_length: int | None = 512
     max_prompt_length: int | None = 256
     truncation_side: str = "left"
@@ -68,6 +77,17 @@ class RRHFConfig(TrainingArguments):
         if self.candidate_micro_batch_size is not None and self.candidate_micro_batch_size < 1:
             raise UserInputError("candidate_micro_batch_size must be >= 1 (or None for all)",
                                  where="candidate_micro_batch_size", hint="e.g. 2")
+        if self.loss_type not in LOSS_TYPES:
+            raise UserInputError(f"unknown loss_type {self.loss_type!r}", where="loss_type",
+                                 hint=f"use one of {', '.join(LOSS_TYPES)}")
+        if not self.beta > 0:
+            raise UserInputError(f"beta must be > 0, got {self.beta!r}", where="beta",
+                                 hint="0.1 is DPO's usual value")
+        if self.sft_weight is None:
+            self.sft_weight = default_sft_weight(self.loss_type)
+        if self.sft_weight < 0 or self.rank_weight < 0:
+            raise UserInputError("rank_weight and sft_weight must be >= 0", where="sft_weight",
+                                 hint="0 turns a term off")
         if self.length_penalty < 0:
             raise UserInputError("length_penalty must be >= 0", where="length_penalty",
                                  hint="1.0 is the paper's default")

@@ -43,6 +43,10 @@ class ModelArguments:
     trust_remote_code: off unless you trust the model repository.
     attn_implementation: e.g. "sdpa", "eager", "flash_attention_2"; None = transformers' choice.
     adapter_init_path: start from an existing LoRA adapter (iterated RRHF) instead of a fresh one.
+    kbit_precision: what happens to the weights that are not 4-bit under QLoRA. "auto": the
+        frozen embeddings and output head keep their load dtype, and the norms follow the
+        compute dtype where that is safe (see kbit_precision_plan); "fp32": peft's
+        prepare_model_for_kbit_training, every non-4-bit weight up-cast to fp32 (the old path).
     """
 
     model_name_or_path: str
@@ -62,6 +66,7 @@ class ModelArguments:
     trust_remote_code: bool = False
     attn_implementation: str | None = None
     adapter_init_path: str | None = None
+    kbit_precision: str = "auto"
 
 
 def sharded_engine() -> str | None:
@@ -109,11 +114,104 @@ def lora_config_from_args(args: ModelArguments):
                       task_type="CAUSAL_LM")
 
 
+KBIT_PRECISIONS = ("auto", "fp32")
+_logged_reasons: set[str] = set()
+
+
+def kbit_precision_plan(compute_dtype: torch.dtype) -> tuple[bool, str]:
+    """(up-cast the norms to fp32, why) for a QLoRA model computing in `compute_dtype`.
+
+    The frozen embeddings and output head always keep their load dtype: no adapter trains them,
+    and the hidden-state log-prob path reads a 16-bit head directly. The norms decide the
+    residual stream's dtype (a 4-bit layer returns its input's dtype): 16-bit norms keep it in
+    the load dtype, fp32 norms make it fp32 from the first block on (twice the checkpointed
+    activations).
+    - bfloat16: fp32's exponent range, so the residual stream follows it; losses and LoRA
+      gradients stay within bf16 tolerance of the fp32 up-cast
+      (tests/models/test_training_loader.py, both CPU 4-bit paths).
+    - float16: range up to 65504 only; a residual stream in fp16 can overflow where a model has
+      large activations, which a random test model cannot show, so the norms stay fp32 (as
+      peft does) and the stream with them until it is measured on an fp16 card.
+    - float32: nothing is 16-bit; nothing to decide.
+    """
+    if compute_dtype == torch.bfloat16:
+        return False, ("bfloat16 compute: embeddings, head and norms stay in their load dtype, "
+                       "residual stream in bfloat16 (fp32's exponent range)")
+    if compute_dtype == torch.float16:
+        return True, ("float16 compute: embeddings and head stay in their load dtype; norms "
+                      "up-cast to fp32, so the residual stream is fp32 (fp16 overflows above "
+                      "65504, not yet measured safe for real models)")
+    return False, f"{dtype_name(compute_dtype)} compute: no 16-bit weights to keep or up-cast"
+
+
+def _to_head_dtype(head, args):
+    hidden = args[0]
+    if hidden.dtype != head.weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        return (hidden.to(head.weight.dtype), *args[1:])
+    return None
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged_reasons:
+        _logged_reasons.add(message)
+        logger.info("rrhf-lite: %s", message)
+
+
+def _enable_checkpointing(model, ckpt_kwargs: dict) -> None:
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 spelling
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+
+
+def prepare_4bit_for_lora(model, compute_dtype: torch.dtype, *, precision: str = "auto",
+                          gradient_checkpointing: bool = True, ckpt_kwargs: dict | None = None):
+    """Freeze a 4-bit model for LoRA training and enable checkpointing.
+
+    precision "fp32": peft's prepare_model_for_kbit_training (every non-4-bit weight in fp32).
+    "auto": no fp32 copies of frozen 16-bit weights: embeddings and head keep their load dtype;
+    norms (and other small non-4-bit weights) as kbit_precision_plan decides, the reason
+    logged once.
+    """
+    ckpt_kwargs = ckpt_kwargs if ckpt_kwargs is not None else {"use_reentrant": False}
+    if precision not in KBIT_PRECISIONS:
+        raise UserInputError(f"unknown kbit_precision {precision!r}", where="kbit_precision",
+                             hint="use 'auto' or 'fp32'")
+    if precision == "fp32":
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    upcast_norms, reason = kbit_precision_plan(compute_dtype)
+    if upcast_norms:
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        keep = set()
+        for module in (getattr(model, "get_input_embeddings", lambda: None)(), head):
+            if module is not None:
+                keep.update(id(p) for p in module.parameters())
+        for param in model.parameters():
+            if (param.dtype in (torch.float16, torch.bfloat16) and id(param) not in keep
+                    and type(param).__name__ != "Params4bit"):
+                param.data = param.data.float()
+        if head is not None and getattr(head, "weight", None) is not None:
+            # the fp32 stream meets the 16-bit head: cast its input, not a copy of the head
+            # (a pre-hook, so the hidden-state path, which bypasses head.forward, reads it too)
+            head.register_forward_pre_hook(_to_head_dtype)
+    _log_once(reason)
+    if gradient_checkpointing:
+        _enable_checkpointing(model, ckpt_kwargs)
+    return model
+
+
 def load_model_for_training(args: ModelArguments, *, add_lora: bool = True):
     """Load (model, tokenizer) ready for RRHF training.
 
-    4-bit + LoRA (default): NF4 base via bitsandbytes, prepared for k-bit training (norms in
-    fp32, input grads on), then a PEFT LoRA adapter. load_in_4bit=False: full-precision LoRA.
+    4-bit + LoRA (default): NF4 base via bitsandbytes, frozen, with no fp32 copies of its 16-bit
+    embeddings and head (prepare_4bit_for_lora; kbit_precision "fp32" is peft's up-cast), then
+    a PEFT LoRA adapter. load_in_4bit=False: full-precision LoRA.
     use_lora=False: full fine-tuning (4-bit then is refused: quantised weights cannot train).
     Gradient checkpointing is non-reentrant. Weights load from safetensors only.
 
@@ -136,12 +234,13 @@ def load_model_for_training(args: ModelArguments, *, add_lora: bool = True):
     kwargs = {"dtype": dtype, "trust_remote_code": args.trust_remote_code, "use_safetensors": True}
     if args.attn_implementation:
         kwargs["attn_implementation"] = args.attn_implementation
+    compute_dtype = parse_dtype(args.bnb_4bit_compute_dtype, device=device)
     if args.load_in_4bit:
         # the one 4-bit config every stage loads the base with; the storage dtype follows the
         # sharding engine, which only training knows
         section = QuantizationSection(
             quant_type=args.bnb_4bit_quant_type, double_quant=args.bnb_4bit_use_double_quant,
-            compute_dtype=dtype_name(parse_dtype(args.bnb_4bit_compute_dtype, device=device)))
+            compute_dtype=dtype_name(compute_dtype))
         kwargs["quantization_config"] = section.bnb_config(
             device=device, quant_storage=resolve_quant_storage(args.bnb_4bit_quant_storage, dtype))
         # one process per GPU: each loads its shards onto its own local device (ZeRO-3 places
@@ -159,16 +258,11 @@ def load_model_for_training(args: ModelArguments, *, add_lora: bool = True):
     cpu_4bit.configure_for_training(model)  # never bitsandbytes' packed CPU inference layout
     ckpt_kwargs = {"use_reentrant": False}
     if args.load_in_4bit and not sharded_engine():
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=ckpt_kwargs)
+        model = prepare_4bit_for_lora(model, compute_dtype, precision=args.kbit_precision,
+                                      gradient_checkpointing=args.gradient_checkpointing,
+                                      ckpt_kwargs=ckpt_kwargs)
     elif args.gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 spelling
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=ckpt_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=ckpt_kwargs)
+        _enable_checkpointing(model, ckpt_kwargs)
         if args.use_lora:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
     if args.use_lora and add_lora:

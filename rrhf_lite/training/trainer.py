@@ -24,6 +24,12 @@ ranks' gradients once per optimizer step (only the step's last backward synchron
 that shard parameters (FSDP, ZeRO-3) or reduce gradients in every backward (ZeRO-2) need the same
 number of forwards and backwards on every rank, so ranks with fewer candidate chunks run
 zero-weight padding chunks. Logged metrics are reduced across ranks.
+
+Other objectives (`loss_type`, rrhf_lite.training.objectives) are functions of the same S_i, so
+all of the above holds for them unchanged. The DPO family also needs each candidate's reference
+sum R_i: with LoRA, the same model with the adapter disabled (no second model), run under no_grad
+through the same chunks (micro-batched, prompt-shared, hidden path) before pass 1; R_i are
+constants of the loss. Full fine-tuning has no adapter to disable and is refused for them.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ from rrhf_lite.training.logprobs import (
     chunk_hidden_logprobs,
     chunk_logprob_sums,
 )
-from rrhf_lite.training.losses import rrhf_loss
 from rrhf_lite.training.metrics import LoggedMetrics
+from rrhf_lite.training.objectives import REFERENCE_LOSS_TYPES, listwise_loss
 from rrhf_lite.training.rng import rng_state, set_rng_state
 from rrhf_lite.training.shared_prompt import segments_in_use
 
@@ -92,6 +98,8 @@ class RRHFTrainer(LoggedMetrics, Trainer):
             raise TypeError(f"args must be an RRHFConfig, got {type(args).__name__}")
         if peft_config is not None:
             model = self._wrap_peft(model, peft_config, args)
+        if model is not None and args.loss_type in REFERENCE_LOSS_TYPES:
+            self._require_adapter(model, args.loss_type)
         if model is not None:
             # Evaluation runs in eval mode without grad, where bitsandbytes would switch CPU
             # 4-bit layers to its packed bf16 inference kernel: no backward, other numbers.
@@ -132,6 +140,17 @@ class RRHFTrainer(LoggedMetrics, Trainer):
         elif args.activation_checkpointing:
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         return get_peft_model(model, peft_config)
+
+    @staticmethod
+    def _require_adapter(model, loss_type: str) -> None:
+        from peft import PeftModel
+
+        if not isinstance(model, PeftModel):
+            raise UserInputError(
+                f"loss_type {loss_type!r} needs a reference model, which rrhf-lite takes as the base "
+                "with the LoRA adapter disabled; this model has no adapter (full fine-tuning with a "
+                "frozen reference copy is not supported yet)", where="loss_type",
+                hint="train with LoRA (peft_config / model.lora_r), or use loss_type rrhf or pro")
 
     def _prepare_dataset(self, data, tokenizer, args: RRHFConfig, name: str):
         if data is None:
@@ -201,10 +220,11 @@ class RRHFTrainer(LoggedMetrics, Trainer):
         if "share_prompt" in self._forward_choices:  # decided on an earlier batch
             return self._forward_choices["share_prompt"]
         setting = self.args.share_prompt
+        head = self._output_head(model, inputs)  # the check reads hidden states where training will
         with self.compute_loss_context_manager():
             share, reason = choose_prompt_sharing(
                 model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],
-                self._prompt_groups(inputs), setting)
+                self._prompt_groups(inputs), setting, head=head)
         if not share and setting is True:
             raise UserInputError(f"share_prompt true is not possible here: {reason}",
                                  where="share_prompt", hint="use 'auto' or false")
@@ -236,8 +256,25 @@ class RRHFTrainer(LoggedMetrics, Trainer):
             return chunk_hidden_logprobs(model, head, *args, backend=self.args.logprob_backend,
                                          groups=groups, **hidden_kw)
 
+    def _add_reference_sums(self, model, inputs: dict, chunks: list[slice], padding: int = 0) -> None:
+        """inputs["reference_sums"] [N]: each candidate's log-prob sum under the base with the
+        adapter disabled, for the DPO family (a no-op for rrhf and pro). The same chunks, prompt
+        sharing and log-prob path as the policy; no gradient; the RNG state is left as found."""
+        if self.args.loss_type not in REFERENCE_LOSS_TYPES or "reference_sums" in inputs:
+            return
+        self._output_head(model, inputs)  # decide both on the policy, not inside the context
+        self._share_prompt(model, inputs)
+        peft_model = self.accelerator.unwrap_model(model)
+        state = rng_state()
+        runs = chunks + [slice(0, 1)] * padding  # keep sharded engines in step, as the policy does
+        with torch.no_grad(), peft_model.disable_adapter():
+            sums = [self._chunk_sums(model, inputs, part)[0] for part in runs]
+        set_rng_state(state)
+        inputs["reference_sums"] = torch.cat(sums[:len(chunks)]).detach()
+
     def loss_from_sums(self, sums: torch.Tensor, counts: torch.Tensor, inputs: dict):
-        """RRHF loss and metrics from flat per-candidate sums [N] and counts [N]."""
+        """The objective's loss and metrics from flat per-candidate sums [N] and counts [N] (and,
+        for the DPO family, inputs["reference_sums"] [N])."""
         rewards, mask, index = inputs["rewards"], inputs["candidate_mask"], inputs["candidate_index"]
         B, K = rewards.shape
         sums = sums.float()
@@ -247,12 +284,16 @@ class RRHFTrainer(LoggedMetrics, Trainer):
         def grid(values):
             return values.new_zeros(B * K).index_copy(0, index, values).view(B, K)
 
-        return rrhf_loss(grid(scores), grid(sums), grid(counts_f), rewards.float(), mask,
-                         rank_weight=self.args.rank_weight, sft_weight=self.args.sft_weight)
+        reference = inputs.get("reference_sums")
+        return listwise_loss(
+            self.args.loss_type, grid(scores), grid(sums), grid(counts_f), rewards.float(), mask,
+            None if reference is None else grid(reference.float()), beta=self.args.beta,
+            rank_weight=self.args.rank_weight, sft_weight=self.args.sft_weight)
 
     def _full_loss(self, model, inputs: dict):
         """All chunks in one autograd graph (evaluation, or compute_loss for custom loops)."""
         chunks = self._chunks(len(inputs["input_ids"]))
+        self._add_reference_sums(model, inputs, chunks, self._padding_chunks(chunks))
         parts = [self._chunk_sums(model, inputs, part) for part in chunks]
         sums = torch.cat([s for s, _ in parts])
         counts = torch.cat([c for _, c in parts])
@@ -306,6 +347,7 @@ class RRHFTrainer(LoggedMetrics, Trainer):
             raise NotImplementedError("RRHFTrainer runs one device per process (use DDP, not DataParallel)")
         chunks = self._chunks(len(inputs["input_ids"]))
         padding = self._padding_chunks(chunks)
+        self._add_reference_sums(model, inputs, chunks, padding)
         if len(chunks) == 1 and padding == 0:
             sums, counts = self._chunk_sums(model, inputs, chunks[0])
             loss, metrics = self.loss_from_sums(sums, counts, inputs)

@@ -1,0 +1,102 @@
+"""RRHFTrainer with every loss_type: the micro-batched two-pass gradient equals the full-batch
+gradient (fp32, shared prompts on and off, hidden and logits paths); the DPO family's reference is
+the model with its LoRA adapter disabled; full fine-tuning is refused for the DPO family."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers.trainer_steps import (
+    first_batch,
+    lora_model,
+    lora_params,
+    randomise_lora_b,
+    ranked_rows,
+    rrhf_config,
+    step_grads,
+)
+
+from rrhf_lite.errors import UserInputError
+from rrhf_lite.training.objectives import LOSS_TYPES
+from rrhf_lite.training.trainer import RRHFTrainer
+
+
+def _trainer(model, tok, out, loss_type, **kw):
+    # every weight away from its default, so that a wrong term shows in the loss and gradients
+    settings = dict(loss_type=loss_type, beta=0.7, length_penalty=0.7, sft_weight=0.5, rank_weight=2.0)
+    args = rrhf_config(out, **{**settings, **kw})
+    return RRHFTrainer(model=model, args=args, train_dataset=ranked_rows(), processing_class=tok)
+
+
+@pytest.mark.parametrize("share,path", [(True, "auto"), (False, "auto"), (True, "logits"), (False, "logits")],
+                         ids=["shared-hidden", "unshared-hidden", "shared-logits", "unshared-logits"])
+@pytest.mark.parametrize("loss_type", [t for t in LOSS_TYPES if t != "rrhf"])
+def test_micro_batched_equals_full_batch_fp32(small_lm_dir, tmp_path, loss_type, share, path):
+    model, tok = lora_model(small_lm_dir, load_in_4bit=False)
+    randomise_lora_b(model)  # policy != reference, and lora_A gradients non-zero
+    trainer = _trainer(model, tok, tmp_path, loss_type, share_prompt=share, logprob_path=path)
+    batch = first_batch(trainer)
+    n = len(batch["input_ids"])
+    full_loss, full = step_grads(trainer, batch, None)
+    assert trainer.forward_choices["share_prompt"] is share
+    assert trainer.forward_choices["logprob_path"] == ("hidden" if path == "auto" else "logits")
+    assert any(g.abs().max() > 0 for g in full.values())
+    for micro in (1, 3, n - 1):
+        loss, grads = step_grads(trainer, batch, micro)
+        assert loss == pytest.approx(full_loss, rel=1e-6, abs=1e-7), micro
+        for name, g in grads.items():
+            torch.testing.assert_close(g, full[name], rtol=1e-5, atol=1e-6, msg=f"{name} micro={micro}")
+
+
+def test_reference_is_the_model_with_its_adapter_disabled(small_lm_dir, tmp_path):
+    model, tok = lora_model(small_lm_dir, load_in_4bit=False)
+    randomise_lora_b(model)
+    trainer = _trainer(model, tok, tmp_path, "pl_dpo", candidate_micro_batch_size=2)
+    inputs = trainer._prepare_inputs(dict(first_batch(trainer)))
+    chunks = trainer._chunks(len(inputs["input_ids"]))
+    trainer._add_reference_sums(trainer.model, inputs, chunks)
+    reference = inputs["reference_sums"]
+    with torch.no_grad():
+        policy, _ = trainer._chunk_sums(trainer.model, inputs, slice(None))
+        assert not torch.allclose(policy, reference)  # the adapter is on outside the context
+        for name, p in lora_params(trainer.model).items():
+            if "lora_B" in name:
+                p.zero_()  # now the adapter adds nothing: the policy is the base
+        base, _ = trainer._chunk_sums(trainer.model, inputs, slice(None))
+    torch.testing.assert_close(reference, base, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["pl_dpo", "dpo_pairs"])
+def test_at_the_first_step_policy_equals_reference(small_lm_dir, tmp_path, loss_type):
+    """LoRA B starts at 0, so the policy is the reference: every u_i = 0. dpo_pairs gives log 2
+    per prompt; pl_dpo gives sum over positions of log(1 + |strictly worse candidates|)."""
+    model, tok = lora_model(small_lm_dir, load_in_4bit=False)
+    trainer = _trainer(model, tok, tmp_path, loss_type, sft_weight=0.0, rank_weight=1.0,
+                       candidate_micro_batch_size=2)
+    batch = first_batch(trainer)
+    loss, grads = step_grads(trainer, batch, 2)
+    expected = []
+    for row, mask in zip(batch["rewards"].tolist(), batch["candidate_mask"].tolist(), strict=True):
+        r = [x for x, m in zip(row, mask, strict=True) if m]
+        if loss_type == "dpo_pairs":
+            expected.append(math.log(2.0))
+        else:
+            expected.append(sum(math.log(1 + sum(o < x for o in r)) for x in r if any(o < x for o in r)))
+    assert loss == pytest.approx(sum(expected) / len(expected), rel=1e-6)
+    assert any(g.abs().max() > 0 for g in grads.values())  # and it still learns
+
+
+def test_dpo_family_trains_and_full_finetuning_is_refused(small_lm_dir, tmp_path):
+    model, tok = lora_model(small_lm_dir, load_in_4bit=False, use_lora=False)
+    with pytest.raises(UserInputError, match="adapter"):
+        _trainer(model, tok, tmp_path / "full", "lipo")
+    _trainer(model, tok, tmp_path / "pro", "pro")  # PRO needs no reference: fine without LoRA
+    model, tok = lora_model(small_lm_dir)  # 4-bit base + LoRA, a few real optimiser steps
+    trainer = _trainer(model, tok, tmp_path / "lora", "dpo_pairs", max_steps=2, learning_rate=5e-2,
+                       candidate_micro_batch_size=2)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "loss/rank" in h]
+    assert logged and all(math.isfinite(h["loss/rank"]) for h in logged)
+    assert logged[0]["loss/rank"] == pytest.approx(math.log(2.0), rel=1e-4)

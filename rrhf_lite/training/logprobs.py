@@ -217,12 +217,15 @@ def hidden_path_agrees(model, head, input_ids, attention_mask) -> bool:
     return bool(torch.allclose(mine.float(), logits.float().to(mine.device), rtol=1e-2, atol=1e-3))
 
 
-def choose_prompt_sharing(model, input_ids, attention_mask, labels, groups, setting="auto"):
+def choose_prompt_sharing(model, input_ids, attention_mask, labels, groups, setting="auto", *,
+                          head: torch.nn.Module | None = None):
     """(True, None) when a chunk may be packed by prompt (rrhf_lite.training.shared_prompt), else
     (False, reason). setting False never; otherwise the attention implementation must honour
-    custom 4-D masks and packing must reproduce the unshared log-prob sums on this input (a few
-    candidates of one prompt, eval mode). A model with plain sdpa or eager attention is switched
-    to rrhf_lite.training.segment_attention first (the check then covers it)."""
+    custom 4-D masks and packing must reproduce the unshared log-prob sums on this input (the
+    first CHECK_TOKENS response tokens of a few candidates of one prompt, eval mode; through the
+    hidden-state path when `head` is given, so no logits at all). A model with plain sdpa or
+    eager attention is switched to rrhf_lite.training.segment_attention first (the check then
+    covers it)."""
     if setting is False:
         return False, "share_prompt is false"
     reason = static_reason(model)
@@ -236,7 +239,7 @@ def choose_prompt_sharing(model, input_ids, attention_mask, labels, groups, sett
     model.eval()
     try:
         with torch.random.fork_rng(devices=devices):
-            agrees = packing_agrees(model, input_ids, attention_mask, labels, groups)
+            agrees = packing_agrees(model, input_ids, attention_mask, labels, groups, head=head)
     finally:
         model.train(was_training)
     if not agrees:
@@ -246,17 +249,40 @@ def choose_prompt_sharing(model, input_ids, attention_mask, labels, groups, sett
     return True, None
 
 
+# Response tokens per candidate the first-batch checks score: a leak between packed responses
+# shows from the second response's first token on, and the check costs
+# most x CHECK_TOKENS positions, a small fraction of one [N, T, V] logits buffer.
+CHECK_TOKENS = 8
+
+
+def first_response_tokens(attention_mask, labels, tokens: int = CHECK_TOKENS):
+    """(attention_mask, labels) cut after each row's first `tokens` labelled positions (right
+    padding: the rest of the row becomes padding)."""
+    valid = labels != IGNORE_INDEX
+    over = valid.cumsum(dim=1) > tokens
+    cut = torch.where(over.any(dim=1), over.int().argmax(dim=1), labels.shape[1])
+    keep = torch.arange(labels.shape[1], device=labels.device)[None, :] < cut[:, None]
+    return attention_mask * keep.to(attention_mask.dtype), labels.masked_fill(~keep, IGNORE_INDEX)
+
+
 @torch.no_grad()
-def packing_agrees(model, input_ids, attention_mask, labels, groups, most: int = 3) -> bool:
-    """Whether packing gives the unshared sums on up to `most` candidates of the first prompt
-    with several (a model that ignored the mask would let one response see another). Run once."""
+def packing_agrees(model, input_ids, attention_mask, labels, groups, most: int = 3, *,
+                   head: torch.nn.Module | None = None, tokens: int = CHECK_TOKENS) -> bool:
+    """Whether packing gives the unshared sums on the first `tokens` response tokens of up to
+    `most` candidates of the first prompt with several (a model that ignored the mask would let
+    one response see another). `head`: score from hidden states (chunk_hidden_logprobs), no
+    logits. Run once."""
     counts = torch.bincount(groups - groups.min())
     several = torch.nonzero(counts > 1).flatten()
     group = int(several[0]) + int(groups.min()) if len(several) else int(groups[0])
     pick = torch.nonzero(groups == group).flatten()[:most]
-    args = (input_ids[pick], attention_mask[pick], labels[pick])
-    plain, n = chunk_logprob_sums(model, *args, backend="torch")
-    packed, _ = chunk_logprob_sums(model, *args, backend="torch", groups=groups[pick])
+    args = (input_ids[pick], *first_response_tokens(attention_mask[pick], labels[pick], tokens))
+    if head is None:
+        plain, n = chunk_logprob_sums(model, *args, backend="torch")
+        packed, _ = chunk_logprob_sums(model, *args, backend="torch", groups=groups[pick])
+    else:
+        plain, n = chunk_hidden_logprobs(model, head, *args, backend="torch")
+        packed, _ = chunk_hidden_logprobs(model, head, *args, backend="torch", groups=groups[pick])
     per_token = 1e-4 if embedding_dtype(model) in (torch.float32, torch.float64) else 3e-2
     tolerance = per_token * n.clamp(min=1).float() + 1e-5
     return bool(((plain.float() - packed.float()).abs() <= tolerance).all())

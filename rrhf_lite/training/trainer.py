@@ -220,7 +220,8 @@ class RRHFTrainer(LoggedMetrics, Trainer):
         if "share_prompt" in self._forward_choices:  # decided on an earlier batch
             return self._forward_choices["share_prompt"]
         setting = self.args.share_prompt
-        head = self._output_head(model, inputs)  # the check reads hidden states where training will
+        # the check reads hidden states where training will (the head is decided first there)
+        head = self._head if "logprob_path" in self._forward_choices else None
         with self.compute_loss_context_manager():
             share, reason = choose_prompt_sharing(
                 model, inputs["input_ids"], inputs["attention_mask"], inputs["labels"],

@@ -18,7 +18,9 @@ from helpers.trainer_steps import (
     step_grads,
 )
 
+from rrhf_lite.config.recipe import parse_recipe
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.stages.train import training_config
 from rrhf_lite.training.objectives import LOSS_TYPES
 from rrhf_lite.training.trainer import RRHFTrainer
 
@@ -100,3 +102,24 @@ def test_dpo_family_trains_and_full_finetuning_is_refused(small_lm_dir, tmp_path
     logged = [h for h in trainer.state.log_history if "loss/rank" in h]
     assert logged and all(math.isfinite(h["loss/rank"]) for h in logged)
     assert logged[0]["loss/rank"] == pytest.approx(math.log(2.0), rel=1e-4)
+
+
+def _recipe(tmp_path, train=None, ablations=()):
+    return parse_recipe({"model": {"name_or_path": "some/model"}, "stages": ["train"],
+                         "data": {"candidates": "c.jsonl"}, "output_dir": str(tmp_path / "run"),
+                         "train": train or {}, "ablations": list(ablations)})
+
+
+def test_recipe_keys_reach_the_config_and_bad_values_name_the_key(tmp_path):
+    recipe = _recipe(tmp_path, {"loss_type": "lipo", "beta": 0.5},
+                     [{"name": "pro", "train": {"loss_type": "pro"}}])
+    args = training_config(recipe, tmp_path / "out")
+    assert (args.loss_type, args.beta, args.sft_weight) == ("lipo", 0.5, 0.0)  # DPO family: no SFT
+    ablation = training_config(recipe, tmp_path / "o2", recipe.ablations[0].train)
+    assert (ablation.loss_type, ablation.sft_weight) == ("pro", 1.0)  # PRO: SFT on
+    assert _recipe(tmp_path).train.loss_type == "rrhf"
+    for train, key in (({"loss_type": "simpo"}, r"train\.loss_type"), ({"beta": 0}, r"train\.beta")):
+        with pytest.raises(UserInputError, match=key):
+            _recipe(tmp_path, train)
+    with pytest.raises(UserInputError, match="train.beta"):  # a TRL DPO ablation has dpo.beta
+        _recipe(tmp_path, ablations=[{"name": "d", "method": "dpo", "train": {"beta": 0.2}}])

@@ -1,5 +1,5 @@
 """DeepSpeed ZeRO-2 / ZeRO-3 for real: `accelerate launch` with recipes/accelerate/deepspeed_zero*.yaml
-on 2 CPU processes, through the worker of tests/distributed/test_fsdp.py (the real `rrhf-lite train`), against
+on 2 CPU processes, through the worker of tests/helpers/accelerate_runs.py (the real `rrhf-lite train`), against
 one process on the same global batch.
 
 DeepSpeed is not a dependency of rrhf-lite, and these tests are `slow`: they need
@@ -13,14 +13,14 @@ accelerator (gloo, its own shm all-reduce) runs as on any CPU machine.
 from __future__ import annotations
 
 import pytest
-from test_fsdp import (
-    _adapter,
-    _assert_same_adapter,
-    _check_results,
-    _launch,
-    _launch_config,
-    _one_process,
-    _recipe,
+from helpers.accelerate_runs import (
+    assert_same_adapter,
+    check_results,
+    launch,
+    launch_config,
+    one_process_adapter,
+    trained_adapter,
+    write_recipe,
 )
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,12 @@ pytestmark = pytest.mark.slow
 def test_deepspeed_two_processes_train_the_one_process_adapter(tiny_lm_dir, tmp_path, stage,
                                                                 four_bit):
     pytest.importorskip("deepspeed", reason="pip install --no-build-isolation deepspeed")
-    config = _launch_config(tmp_path, f"deepspeed_zero{stage}")
+    config = launch_config(tmp_path, f"deepspeed_zero{stage}")
     run_dir = tmp_path / "ds"
-    recipe = _recipe(tmp_path, tiny_lm_dir, run_dir, four_bit)
-    proc, reports = _launch(config, recipe, tmp_path / "reports")
+    recipe = write_recipe(tmp_path, tiny_lm_dir, run_dir, four_bit)
+    proc, reports = launch(config, recipe, tmp_path / "reports")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    _check_results(reports, run_dir)
+    check_results(reports, run_dir)
     for r in reports:
         s = r["sharding"]
         assert s["distributed_type"] == "DistributedType.DEEPSPEED" and s["zero_stage"] == stage
@@ -46,7 +46,7 @@ def test_deepspeed_two_processes_train_the_one_process_adapter(tiny_lm_dir, tmp_
                 assert s["weight_class"] == "Params4bit" and s["ds_shape"] == [512, 1]
         else:  # ZeRO-2 keeps every weight whole on every rank
             assert s["weight_global"] == [64, 64] and s["ds_shape"] is None
-    _assert_same_adapter(_adapter(run_dir), _one_process(tmp_path, tiny_lm_dir, four_bit))
+    assert_same_adapter(trained_adapter(run_dir), one_process_adapter(tmp_path, tiny_lm_dir, four_bit))
 
 
 def _numel(shape: list[int]) -> int:

@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", required=True, help="base model (hub name or directory)")
     merge.add_argument("--adapter", required=True, help="adapter directory (safetensors)")
     merge.add_argument("--out", required=True, help="output directory for the merged model")
-    merge.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    merge.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                       help="dtype of the merged weights (default: float16, as the recipe key "
+                       "merge.torch_dtype)")
     merge.add_argument(
         "--no-roundtrip-nf4", action="store_true",
         help="merge into the original weights instead of their NF4 round-trip (use when the "
@@ -88,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     merge.add_argument("--device", default="cpu", type=_device, help="where to merge (cpu, cuda); cuda is much faster for 7B+")
-    merge.add_argument("--tolerance", type=_number(float, 0.0), help="max |logit difference| accepted by the check")
+    merge.add_argument("--tolerance", type=_number(float, 0.0),
+                       help="max |logit difference| accepted by the check (recipe key "
+                       "merge.tolerance; default: relative to the logits' scale, per dtype)")
     merge.add_argument(
         "--allow-mismatch", action="store_true",
         help="keep the merged model even when the logit check fails (exit code 1)",

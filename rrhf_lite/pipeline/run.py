@@ -173,8 +173,7 @@ def _merge(state: RunState) -> None:
     report = merge_adapter(
         state.base_model, adapter, out, torch_dtype=recipe.merge.torch_dtype,
         roundtrip_nf4=recipe.merge.roundtrip_nf4 and quantization.load_in_4bit,
-        **quantization.roundtrip(), fused_cpu_4bit=quantization.fused_cpu_kernel,
-        force=recipe.merge.force,
+        **quantization.roundtrip(), tolerance=recipe.merge.tolerance, force=recipe.merge.force,
         trust_remote_code=recipe.model.trust_remote_code,
     )
     say(f"merge verified: max |logit difference| = {report.get('max_abs_diff')}")

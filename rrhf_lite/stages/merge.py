@@ -10,9 +10,10 @@ Why the steps are in this order:
   the merged model is saved, reloaded from disk and compared with them. That checks the
   artefact a user will ship, not an object in memory.
 - With the round trip, the reloaded model is also compared with the trained policy itself:
-  the 4-bit base through bitsandbytes + the adapter. Its tolerance follows the precision those
-  4-bit layers actually computed in (bf16 where bitsandbytes' fused CPU kernel ran, else their
-  compute dtype), and the report names that path.
+  the 4-bit base through bitsandbytes + the adapter, on the path training computed (dequantise
+  + matmul in the compute dtype), never on bitsandbytes' fused bf16 CPU kernel: that kernel's
+  rounding is a property of sampling speed on some CPUs, not of the merge, and a check that
+  took it would pass or fail by the CPU it ran on. The report names the path.
 - Everything is written to a temporary sibling directory and renamed at the end, so a crash
   or a failed verification never leaves a half-written model behind.
 """
@@ -207,7 +208,6 @@ def merge_adapter(
     torch_dtype: str | torch.dtype = "float16",
     roundtrip_nf4: bool = False,
     check_4bit_policy: bool | None = None,
-    fused_cpu_4bit: bool = True,
     quant_type: str = "nf4",
     blocksize: int = 64,
     double_quant: bool = True,
@@ -228,8 +228,6 @@ def merge_adapter(
       rrhf-lite's QLoRA settings), so the merged model matches the policy that was trained.
     check_4bit_policy: also compare the merged model with the 4-bit base (bitsandbytes, same
       quant settings) + adapter, i.e. the policy as it ran; default: when roundtrip_nf4.
-    fused_cpu_4bit: that policy may use bitsandbytes' fused CPU kernel where it can, as
-      sampling and evaluation do (see rrhf_lite.models.cpu_4bit); False: dequantise + matmul only.
     verify_prompts: prompts whose logits are compared; None uses a few defaults, [] skips it.
     tolerance: absolute max logit difference allowed (default: per-dtype, relative to scale).
     allow_mismatch: keep the output even when verification fails (report ok=False);
@@ -309,7 +307,7 @@ def merge_adapter(
                 report["policy_verification"] = policy_check(
                     base_model, adapter_path, tokenizer, prompts, got,
                     merged_dtype=dtype_name(dtype), device=device, quant_type=quant_type,
-                    double_quant=double_quant, fused_cpu_4bit=fused_cpu_4bit,
+                    double_quant=double_quant,
                     trust_remote_code=trust_remote_code,
                     tolerance=tolerance)
                 report["ok"] = report["ok"] and report["policy_verification"]["ok"]

@@ -24,10 +24,10 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # fp32 only sees summation-order noise; fp16/bf16 see the rounding of W + BA to 10/7 bits.
 RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 8e-2}
 
-# The same, for the merged model against the 4-bit policy, by the precision its 4-bit layers
-# computed in. Activations rounded at every layer (bf16: 8 bits) drift more than weights rounded
-# once, yet a merge that skipped the NF4 round trip must still fail: on the tiny test model the
-# fused bf16 path lands 3e-3 from the round-tripped merge and 0.12 from a plain one.
+# The same, for the merged model against the 4-bit policy, by the compute dtype its 4-bit layers
+# dequantise into (the policy never takes the fused bf16 CPU kernel here: see policy_check).
+# Activations rounded at every layer (bf16 on a GPU: 8 bits) drift more than weights rounded
+# once, yet a merge that skipped the NF4 round trip must still fail.
 POLICY_TOLERANCE = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 2e-2}
 
 class MergeVerificationError(UserInputError):
@@ -125,25 +125,26 @@ def adapter_effect(base: list[torch.Tensor], reference: list[torch.Tensor]) -> f
 
 def policy_check(base_model: str, adapter_path: Path, tokenizer, prompts: list[str],
                  merged_logits: list[torch.Tensor], *, merged_dtype: str, device: str,
-                 quant_type: str, double_quant: bool, fused_cpu_4bit: bool, trust_remote_code: bool,
+                 quant_type: str, double_quant: bool, trust_remote_code: bool,
                  tolerance: float | None) -> dict:
     """Merged logits against the trained policy: the 4-bit base (bitsandbytes) + the adapter.
 
-    The policy runs as inference runs it: on a CPU with AVX512-BF16, the layers whose shapes
-    allow it take bitsandbytes' fused bf16 kernel. The tolerance is the looser of the merged
-    dtype's and the precision those 4-bit layers computed in; `compute_path` in the result says
-    which path ran on how many layers.
+    The policy computes as training did: dequantise + matmul in the compute dtype, on every CPU
+    (bitsandbytes' fused bf16 kernel, which sampling may take on AVX512-BF16 CPUs, is off
+    here), so the check and its tolerance do not depend on the CPU. The tolerance is the looser
+    of the merged dtype's and the compute dtype's; `compute_path` in the result says which path
+    ran on how many layers.
     """
     quantization = QuantizationSection(quant_type=quant_type, double_quant=double_quant)
     policy, _ = load_causal_lm(
         base_model, adapter_path=str(adapter_path), device=device,
         torch_dtype=parse_dtype("auto", device=device),  # what training computed in here
         quantization_config=quantization.bnb_config(device=device),
-        fused_cpu_4bit=fused_cpu_4bit, trust_remote_code=trust_remote_code)
+        fused_cpu_4bit=False, trust_remote_code=trust_remote_code)
     reference = prompt_logits(policy, tokenizer, prompts)
     path = cpu_4bit.compute_path(policy)
     del policy
-    precision = "bfloat16" if path["fused_layers"] else (path["compute_dtype"] or "float32")
+    precision = path["compute_dtype"] or "float32"
     relative = max(RELATIVE_TOLERANCE[merged_dtype], POLICY_TOLERANCE.get(precision, 8e-2))
     if tolerance is None:
         tolerance = relative * max(max(r.abs().max().item() for r in reference), 1.0)

@@ -335,8 +335,12 @@ class EvaluateSection(Section):
 
 
 class MergeSection(Section):
-    torch_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    torch_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="dtype of the merged weights (`rrhf-lite merge --dtype`, same default)")
     roundtrip_nf4: bool = Field(
         True, description="Pass the base through NF4 first, to match what the adapter saw"
     )
+    tolerance: float | None = Field(
+        None, ge=0.0, description="max |logit difference| the merge check accepts (`rrhf-lite "
+        "merge --tolerance`); default: relative to the logits' scale, per merged dtype")
     force: bool = False

@@ -247,7 +247,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         parse_recipe(raw, str(path))  # raises the "a recipe is a mapping" error
     raw = apply_overrides(raw, overrides or [])
-    return parse_recipe(raw, str(path))
+    recipe = parse_recipe(raw, str(path))
+    recipe.scoring._recipe_dir = str(path.resolve().parent)  # the reward file is found from it
+    return recipe
 
 
 def recipe_schema() -> dict:

@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -211,11 +212,24 @@ class ScoringSection(Section):
         None, description="gptj_value_head: the model the checkpoint was trained from "
         "(EleutherAI/gpt-j-6B); only its config.json and tokenizer are read",
     )
-    reward_function: str | None = Field(None, description="Python callable as module:function")
+    reward_function: str | None = Field(
+        None, description="Your Python reward as module:function (my_reward:reward, my_reward.py "
+        "beside the recipe) or path/to/file.py:function, found from the recipe's directory, then "
+        "the working directory. Signature: reward(prompts, responses) -> list[float], one float "
+        "per pair, called in batches of scoring.batch_size; a prompt is the data's own (text, or "
+        "a list of {role, content} messages). `rrhf-lite validate` calls it once",
+    )
     given: bool = Field(False, description="Scores are already in the candidates file")
     joiner: str = Field("", description="Text between prompt and response for the reward model")
     batch_size: int = Field(8, gt=0)
     max_length: int = Field(512, gt=0)
+
+    # the directory of the recipe file (set by load_recipe): reward_function is found from it
+    _recipe_dir: str | None = PrivateAttr(None)
+
+    def reward_search_dirs(self) -> tuple[str, ...]:
+        """Where reward_function is looked for before the working directory."""
+        return (self._recipe_dir,) if self._recipe_dir else ()
 
     @model_validator(mode="after")
     def _exactly_one_source(self):
@@ -236,7 +250,7 @@ class ScoringSection(Section):
     @classmethod
     def _module_colon_function(cls, value):
         if value is not None and (value.count(":") != 1 or not all(value.split(":"))):
-            raise ValueError("must look like 'package.module:function'")
+            raise ValueError("must look like 'module:function' or 'path/to/file.py:function'")
         return value
 
     @field_validator("reward_model")
@@ -258,7 +272,8 @@ class ScoringSection(Section):
                             read_at="first_eos", trust_remote_code=False)
             return spec
         if self.reward_function:
-            return {"function": self.reward_function, "batch_size": self.batch_size}
+            return {"function": self.reward_function, "batch_size": self.batch_size,
+                    "search_dirs": self.reward_search_dirs()}
         return {"given": True}
 
 

@@ -307,7 +307,8 @@ def _warn_counts(stats: dict[str, int], name: str) -> None:
             logger.warning("%s: %d of %d rows %s", name, stats[key], n, text)
 
 
-def load_listwise(source: Any, *, split: str = "train", require_scores: bool = True) -> list[dict]:
+def load_listwise(source: Any, *, split: str = "train", require_scores: bool = True,
+                  warn: bool = True) -> list[dict]:
     """Load and validate listwise data.
 
     Args:
@@ -316,6 +317,9 @@ def load_listwise(source: Any, *, split: str = "train", require_scores: bool = T
         split: the split to use for hub names and DatasetDicts.
         require_scores: listwise rows must carry "scores" (False for prompts+responses that the
             score stage will rate; their "scores" is then None).
+        warn: log the counts below (False where rows are only checked or counted). Rows that
+            load_listwise returned (a ListwiseRows) are not warned about again when a trainer
+            loads them a second time.
 
     Returns a list of {"prompt", "responses", "scores"} dicts. Bad rows raise UserInputError
     naming the file and its 1-based line (JSONL) or row; k = 1, all-tied scores and duplicate
@@ -326,5 +330,10 @@ def load_listwise(source: Any, *, split: str = "train", require_scores: bool = T
         raise UserInputError("the dataset is empty", where=name, hint="give at least one row")
     examples = [normalize_row(row, where, require_scores)
                 for row, where in zip(rows, places, strict=True)]
-    _warn_counts(summarize_listwise(examples), name)
-    return examples
+    if warn and not isinstance(source, ListwiseRows):
+        _warn_counts(summarize_listwise(examples), name)
+    return ListwiseRows(examples)
+
+
+class ListwiseRows(list):
+    """Rows as load_listwise returns them: checked, and their warnings already logged."""

@@ -104,6 +104,117 @@ def check_paths(recipe: Recipe, stages: set[str]) -> None:
         _check_data_path(recipe.evaluate.general_prompts, "evaluate.general_prompts")
 
 
+# ------------------------------------------------------------------------- data and reward
+
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+DUMMY_PAIR = ("Write one short sentence.", "This is a short sentence.")
+
+
+def _local_data_file(value: str | None) -> Path | None:
+    if not value or _builtin(value):
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_file() and path.suffix.lower() in _DATA_SUFFIXES else None
+
+
+def check_data_files(recipe: Recipe, stages: set[str]) -> tuple | None:
+    """Read every local data file the stages use, as the stages will (a malformed line or a
+    row without "prompt" fails here, naming the file and line); hub data sets are not
+    downloaded. Returns the first (prompt, response) found, for the reward function's trial
+    call, or None."""
+    from rrhf_lite.data.listwise import load_listwise
+    from rrhf_lite.data.prompts import load_prompts
+
+    data, pair = recipe.data, None
+    prompt_files = []
+    if stages & {"sample", "evaluate"}:
+        prompt_files.append(("data.prompts", data.prompts))
+    if "evaluate" in stages:
+        prompt_files += [("data.eval_prompts", data.eval_prompts),
+                         ("evaluate.general_prompts", recipe.evaluate.general_prompts)]
+    for key, value in prompt_files:
+        path = _local_data_file(value)
+        if path is not None:
+            rows = _named(key, lambda path=path: load_prompts(str(path)))
+            pair = pair or (rows[0]["prompt"], DUMMY_PAIR[1])
+    given_scores = "score" not in stages or recipe.scoring.given
+    candidates = [("data.candidates", data.candidates, given_scores)] if (
+        stages & {"score", "train"} and "sample" not in recipe.stages) else []
+    if "evaluate" in stages:
+        candidates.append(("evaluate.ranking_candidates", recipe.evaluate.ranking_candidates,
+                           True))
+    for key, value, scores in candidates:
+        path = _local_data_file(value)
+        if path is not None:
+            rows = _named(key, lambda path=path, scores=scores: load_listwise(
+                str(path), require_scores=scores, warn=False))
+            response = rows[0]["responses"][0]
+            pair = pair or (rows[0]["prompt"], response if isinstance(response, str)
+                            else response.get("content", DUMMY_PAIR[1]))
+    if pair is None and _builtin(data.prompts or ""):
+        from rrhf_lite.builtin.sources import builtin_prompt_rows
+
+        rows = builtin_prompt_rows(data.prompts, limit=1, seed=recipe.seed, key="data.prompts")
+        pair = (rows[0]["prompt"], DUMMY_PAIR[1])
+    return pair
+
+
+def _named(key: str, read):
+    try:
+        return read()
+    except UserInputError as err:
+        err.where = f"recipe key {key}: {err.where}" if err.where else f"recipe key {key}"
+        raise
+
+
+def check_reward_function(recipe: Recipe, pair: tuple | None = None) -> None:
+    """Import scoring.reward_function as the score stage will and call it once on one pair
+    (the data's first prompt when there is a local or built-in one, else a dummy pair): an
+    unimportable name, an exception inside it or a wrong return fails here, not after sampling."""
+    from rrhf_lite.stages.score import call_reward_function, import_reward_function
+
+    name = recipe.scoring.reward_function
+    fn = import_reward_function(name, recipe.scoring.reward_search_dirs())
+    prompt, response = pair or DUMMY_PAIR
+    call_reward_function(fn, name, [prompt], [response],
+                         during="tried once on the data's first prompt, before any model loads")
+
+
+# transformers' report_to name -> the package that provides it
+REPORT_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet_ml", "mlflow": "mlflow",
+                   "neptune": "neptune", "tensorboard": "tensorboard", "trackio": "trackio",
+                   "wandb": "wandb", "codecarbon": "codecarbon", "clearml": "clearml",
+                   "dagshub": "dagshub", "flyte": "flytekit", "dvclive": "dvclive",
+                   "swanlab": "swanlab", "kubeflow": "kubeflow"}
+
+
+def check_report_to(recipe: Recipe) -> None:
+    """train.report_to names integrations transformers knows and this environment has."""
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
+
+    value = recipe.train.report_to
+    names = [value] if isinstance(value, str) else list(value)
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    installed = set(get_available_reporting_integrations())
+    for name in names:
+        if name in ("none", "all"):
+            continue
+        where = f"recipe key train.report_to ({name})"
+        if name not in INTEGRATION_TO_CALLBACK:
+            close = difflib.get_close_matches(name, known, n=1)
+            raise UserInputError(
+                "unknown logging integration" + (f"; did you mean {close[0]!r}?" if close else ""),
+                where=where, hint=f"use none, all, or any of: {', '.join(known)}")
+        if name not in installed:
+            package = REPORT_PACKAGES.get(name, name)
+            raise UserInputError(
+                f"{name} is not installed", where=where,
+                hint=f"pip install {package}, or set train.report_to: none")
+
+
 # ------------------------------------------------------------------------- training arguments
 
 # What rrhf-lite sets itself from other keys: train.extra may not set these.
@@ -180,9 +291,14 @@ def _check_dpo_arguments(recipe: Recipe, ablation) -> None:
 
 
 def check_recipe(recipe: Recipe, stages: list[str] | None = None) -> None:
-    """Every check that needs no model, for `stages` (default: all the recipe's): paths, then
-    the resolved training arguments."""
+    """Every check that needs no model, for `stages` (default: all the recipe's): paths, the
+    local data files read through, the reward function imported and called once, then the
+    resolved training arguments (report_to among them)."""
     run = set(recipe.stages if stages is None else stages)
     check_paths(recipe, run)
+    pair = check_data_files(recipe, run)
+    if recipe.scoring.reward_function and run & {"score", "evaluate"}:
+        check_reward_function(recipe, pair)
     if "train" in run:
+        check_report_to(recipe)
         check_training_arguments(recipe)

@@ -12,14 +12,13 @@
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from statistics import mean
 
-from rrhf_lite.builtin.sources import current_module_name
 from rrhf_lite.stages.generate import generate_texts
 from rrhf_lite.stages.run_context import RunState
+from rrhf_lite.stages.score import reward_module
 from rrhf_lite.training.logprobs import model_candidate_scores
 from rrhf_lite.utils.console import say
 from rrhf_lite.utils.io import read_jsonl, write_jsonl
@@ -28,12 +27,13 @@ BREAKDOWN_HOOK = "success_by_kind"
 EXAMPLE_CHARS = 240  # an example answer longer than this is cut in the report
 
 
-def breakdown_function(reward_function: str | None) -> Callable | None:
+def breakdown_function(reward_function: str | None, search_dirs=()) -> Callable | None:
     """The task's per-kind breakdown: `success_by_kind` in the module of `reward_function`
-    ("module:function"), or None when there is no reward function or no such hook."""
+    ("module:function" or "file.py:function", found as the score stage finds it), or None when
+    there is no reward function or no such hook."""
     if not reward_function:
         return None
-    module = importlib.import_module(current_module_name(reward_function.partition(":")[0]))
+    module, _ = reward_module(reward_function, search_dirs)
     hook = getattr(module, BREAKDOWN_HOOK, None)
     return hook if callable(hook) else None
 

@@ -262,7 +262,8 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
 
     recipe = state.recipe
     general = _general_ability(state, out_dir)
-    hook = breakdown_function(recipe.scoring.reward_function)
+    hook = breakdown_function(recipe.scoring.reward_function,
+                              recipe.scoring.reward_search_dirs())
     metrics: dict = {"variants": {}}
     held_out: dict[str, tuple[list[str], list[float]]] = {}
     for variant, adapter in state.variants().items():  # the initial policy first

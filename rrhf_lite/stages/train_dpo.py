@@ -142,7 +142,7 @@ def dpo_steps(recipe: Recipe, ablation: AblationSection, round1_train: Path, dat
     section = recipe.train
     if section.max_steps > 0:
         return section.max_steps, "as RRHF round 1, train.max_steps"
-    batches = math.ceil(len(load_listwise(data, require_scores=True))
+    batches = math.ceil(len(load_listwise(data, require_scores=True, warn=False))
                         / section.per_device_train_batch_size)
     per_epoch = max(math.ceil(batches / section.gradient_accumulation_steps), 1)
     return (math.ceil(section.num_train_epochs * per_epoch),

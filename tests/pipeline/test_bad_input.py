@@ -206,6 +206,17 @@ def test_warnings_are_counted_and_training_runs(tmp_path, tiny_lm_dir, capsys, c
     assert (tmp_path / "run" / "round-1" / "train" / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_each_data_warning_is_said_once(tmp_path, tiny_lm_dir, capsys, caplog):
+    """The train stage reads the rows and the trainer reads them again: one warning, not two."""
+    data = tmp_path / "cands.jsonl"
+    data.write_text(_lines({"prompt": "Q", "responses": ["only one"], "scores": [1.0]}, GOOD))
+    caplog.set_level("WARNING")
+    code, _, err = _cli(["run", _recipe(tmp_path, tiny_lm_dir, data)], capsys)
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if "k = 1" in r.getMessage()]
+    assert len(said) == 1 and str(data) in said[0], said
+
+
 # ------------------------------------------------------------------------------------ recipes
 
 
@@ -378,3 +389,87 @@ def test_console_command_exits_2_without_traceback(tmp_path, tiny_lm_dir):
     )
     _assert_user_error(proc.returncode, proc.stderr, f"{data} line 2", "not finite")
     _no_results(tmp_path / "run")
+
+
+# ------------------------------------------------------------------ the user's reward function
+
+_USER_REWARD = "def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n"
+
+
+@pytest.fixture
+def clean_imports(monkeypatch):
+    """sys.path and sys.modules as they were, after a test that imports the user's files."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name in [m for m in sys.modules if "p27" in m]:  # the modules these tests wrote
+        del sys.modules[name]
+
+
+def _score_recipe(tmp_path, tiny_lm_dir, function, **sections) -> Path:
+    data = tmp_path / "cands.jsonl"
+    data.write_text(_lines({"prompt": "Q: hi", "responses": ["a", "bb"]}))
+    return _recipe(tmp_path, tiny_lm_dir, data, stages=["score", "train"],
+                   scoring={"reward_function": function}, **sections)
+
+
+@pytest.mark.parametrize("function", ["beside_p27:reward", "beside_p27.py:reward"])
+def test_a_reward_file_beside_the_recipe_needs_no_pythonpath(tmp_path, tiny_lm_dir, capsys,
+                                                             monkeypatch, clean_imports, function):
+    (tmp_path / "beside_p27.py").write_text(_USER_REWARD)
+    recipe = _score_recipe(tmp_path, tiny_lm_dir, function)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    code, _, err = _cli(["validate", recipe], capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("function, body, words", [
+    ("nosuchmod_p27:reward", None, ["cannot import module 'nosuchmod_p27'", "the recipe's directory"]),
+    ("no_file_p27.py:reward", None, ["'no_file_p27.py' not found", "looked in"]),
+    ("user_p27:nope", _USER_REWARD, ["has no function 'nope'"]),
+    ("user_p27:reward", "def reward(prompts, responses):\n    return {}['missing']\n",
+     ["KeyError", "user_p27.py line 2", "called as reward(prompts, responses)"]),
+    ("user_p27:reward", "def reward(prompts, responses):\n    return [1.0, 2.0]\n",
+     ["returned 2 instead of a list of 1 floats"]),
+], ids=["unknown_module", "unknown_file", "unknown_function", "raises", "wrong_length"])
+def test_validate_tries_the_reward_function(tmp_path, tiny_lm_dir, capsys, clean_imports,
+                                            function, body, words):
+    if body is not None:
+        (tmp_path / "user_p27.py").write_text(body)
+    recipe = _score_recipe(tmp_path, tiny_lm_dir, function)
+    for command in ("validate", "run"):  # before any model loads, in both
+        code, _, err = _cli([command, recipe], capsys)
+        _assert_user_error(code, err, f"recipe key scoring.reward_function ({function})", *words)
+        assert "internal error" not in err
+    _no_results(tmp_path / "run")
+
+
+@pytest.mark.parametrize("report_to, words", [
+    ("bogus", ["unknown logging integration", "tensorboard"]),
+    ("tensorbord", ["did you mean 'tensorboard'"]),
+    ("[none, bogus]", ["bogus"]),
+], ids=["unknown", "misspelt", "in_a_list"])
+def test_report_to_is_checked_by_validate(tmp_path, tiny_lm_dir, capsys, report_to, words):
+    data = tmp_path / "cands.jsonl"
+    data.write_text(_lines(GOOD))
+    recipe = _recipe(tmp_path, tiny_lm_dir, data)
+    code, _, err = _cli(["validate", recipe, "--set", f"train.report_to={report_to}"], capsys)
+    _assert_user_error(code, err, "recipe key train.report_to", *words)
+
+
+def test_report_to_an_integration_that_is_not_installed_names_the_package(
+        tmp_path, tiny_lm_dir, capsys, monkeypatch):
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations", lambda: [])
+    data = tmp_path / "cands.jsonl"
+    data.write_text(_lines(GOOD))
+    recipe = _recipe(tmp_path, tiny_lm_dir, data)
+    for name, package in (("tensorboard", "tensorboard"), ("flyte", "flytekit")):
+        code, _, err = _cli(["validate", recipe, "--set", f"train.report_to={name}"], capsys)
+        _assert_user_error(code, err, f"{name} is not installed", f"pip install {package}")
+    monkeypatch.setattr(integration_utils, "get_available_reporting_integrations",
+                        lambda: ["tensorboard"])
+    code, _, err = _cli(["validate", recipe, "--set", "train.report_to=tensorboard"], capsys)
+    assert code == 0, err

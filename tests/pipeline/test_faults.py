@@ -377,14 +377,19 @@ def test_reward_function_is_imported_only_when_the_recipe_names_it(tmp_path, tin
     monkeypatch.delitem(sys.modules, "my_reward_xyz", raising=False)
     data = _write_rows(tmp_path / "cands.jsonl")
 
-    # validating a recipe that names it does not import it; a recipe with given scores neither
+    # a recipe with given scores never imports it
     named = _recipe(tmp_path, tiny_lm_dir, data, tmp_path / "run_fn", "named.yaml",
                     stages=["score"], scoring={"reward_function": "my_reward_xyz:reward"})
-    assert main(["validate", str(named)]) == 0
     given = _recipe(tmp_path, tiny_lm_dir, data, tmp_path / "run_given", "given.yaml",
                     stages=["score"], scoring={"given": True})
+    assert main(["validate", str(given)]) == 0
     assert main(["run", str(given)]) == 0, capsys.readouterr().err
     assert not marker.exists() and "my_reward_xyz" not in sys.modules
+    # validating the recipe that names it imports it and tries it once (before any model)
+    assert main(["validate", str(named)]) == 0
+    assert marker.read_text() == "imported"
+    marker.unlink()
+    monkeypatch.delitem(sys.modules, "my_reward_xyz", raising=False)
 
     # the score stage of the recipe that names it runs it
     assert main(["run", str(named)]) == 0, capsys.readouterr().err

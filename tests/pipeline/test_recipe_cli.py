@@ -90,7 +90,9 @@ def test_cli_exit_code_2_on_missing_recipe(tmp_path, capsys):
 
 
 def test_cli_validate_and_set(tmp_path, capsys):
-    (tmp_path / "cands.jsonl").write_text("")  # validate checks that named data files exist
+    # validate reads the named data files (an empty one is refused)
+    (tmp_path / "cands.jsonl").write_text(
+        json.dumps({"prompt": "Q", "responses": ["a", "b"], "scores": [1, 0]}) + "\n")
     raw = {**MINIMAL, "data": {"candidates": str(tmp_path / "cands.jsonl")},
            "output_dir": str(tmp_path / "run")}
     path = write(tmp_path, raw)
@@ -114,6 +116,21 @@ def test_every_shipped_recipe_validates():
     assert recipes, "recipes/ holds no YAML recipe"
     for path in recipes:
         load_recipe(path)
+
+
+def test_the_example_reward_recipe_validates_and_its_reward_ranks_one_word_first(
+        monkeypatch, capsys):
+    """recipes/examples/synonyms.yaml: validate imports my_reward.py from the recipe's directory
+    (not on sys.path) and calls it once; the function itself prefers a one-word synonym."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", "recipes/examples/synonyms.yaml"]) == 0, capsys.readouterr().err
+    from rrhf_lite.stages.score import import_reward_function
+
+    reward = import_reward_function("my_reward:reward", [ROOT / "recipes" / "examples"])
+    prompt = [{"role": "user", "content": 'Give me a one-word synonym for "happy".'}]
+    scores = reward([prompt] * 4, ["Joyful.", "happy", "A joyful feeling", ""])
+    assert scores[0] == 1.0 and scores[0] > scores[2] > scores[3] and scores[1] < scores[0]
 
 
 def _sample_score_recipe(tmp_path, tiny_lm_dir, k: int) -> Path:

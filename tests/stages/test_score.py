@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import sys
+import textwrap
 
 import pytest
 import torch
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.models.inference_loader import load_reward_model
-from rrhf_lite.stages.score import reward_model_text, score_candidates
+from rrhf_lite.stages.score import call_reward_function, reward_model_text, score_candidates
 from rrhf_lite.utils.io import read_jsonl
 
 ROWS = [
@@ -133,3 +135,94 @@ def test_reward_spec_errors():
                                             "reward_model": None, "given": False},
                               progress=False)
     assert scored[1]["scores"] == [18.0, 28.0]
+
+
+# --- the user's own reward function: where it is found, and its errors ---------------------
+
+_USER_MODULE = textwrap.dedent("""
+    def helper(response):
+        return 1.0 / (len(response) - len(response))
+
+    def reward(prompts, responses):
+        return [float(len(r)) for r in responses]
+
+    def broken(prompts, responses):
+        return [helper(r) for r in responses]
+""")
+
+
+@pytest.fixture
+def user_dir(tmp_path, monkeypatch):
+    """A directory holding the user's reward files, not on sys.path; the working directory is
+    elsewhere; sys.path and sys.modules are restored afterwards."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    here = tmp_path / "recipe_dir"
+    (here / "sub").mkdir(parents=True)
+    (here / "user_reward_p27.py").write_text(_USER_MODULE)
+    (here / "sub" / "file_reward_p27.py").write_text(_USER_MODULE)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    yield here
+    for name in [m for m in sys.modules if "p27" in m]:  # the modules these tests wrote
+        del sys.modules[name]
+
+
+@pytest.mark.parametrize("name", ["user_reward_p27:reward", "sub/file_reward_p27.py:reward"])
+def test_module_and_file_names_resolve_from_the_recipe_directory(user_dir, name):
+    with pytest.raises(UserInputError, match="scoring.reward_function"):  # not on sys.path
+        score_candidates(ROWS, reward={"function": name}, progress=False)
+    scored = score_candidates(ROWS, reward={"function": name, "search_dirs": [str(user_dir)]},
+                              progress=False)
+    assert scored[1]["scores"] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("name", ["user_reward_p27:reward", "sub/file_reward_p27.py:reward"])
+def test_module_and_file_names_resolve_from_the_working_directory(user_dir, monkeypatch, name):
+    monkeypatch.chdir(user_dir)
+    scored = score_candidates(ROWS, reward={"function": name}, progress=False)
+    assert scored[0]["scores"] == [3.0, 3.0, 1.0]
+
+
+def test_an_exception_in_the_users_function_names_their_file_line_and_the_key(user_dir):
+    with pytest.raises(UserInputError) as err:
+        score_candidates(ROWS, reward={"function": "user_reward_p27:broken",
+                                       "search_dirs": [str(user_dir)]}, progress=False)
+    text = str(err.value)
+    assert "recipe key scoring.reward_function (user_reward_p27:broken)" in text
+    assert "ZeroDivisionError" in text
+    assert f"{user_dir / 'user_reward_p27.py'} line 3" in text  # the failing line, in helper
+    assert "rrhf_lite/stages" not in text  # our frames are left out
+    assert "reward(prompts, responses) -> list[float]" in text  # the signature, in the hint
+
+
+@pytest.mark.parametrize("source, words", [
+    ("def reward(prompts, responses)\n    return []\n", ["SyntaxError", "line 1"]),
+    ("import no_such_dependency_p27\n", ["no_such_dependency_p27", "line 1"]),
+    ("raise RuntimeError('configure me first')\n", ["configure me first", "line 1"]),
+], ids=["syntax", "missing_dependency", "raises_on_import"])
+def test_a_module_failing_on_import_is_the_users_error(user_dir, source, words):
+    (user_dir / "failing_p27.py").write_text(source)
+    with pytest.raises(UserInputError) as err:
+        score_candidates(ROWS, reward={"function": "failing_p27:reward",
+                                       "search_dirs": [str(user_dir)]}, progress=False)
+    text = str(err.value)
+    assert "scoring.reward_function" in text and "failing_p27.py" in text
+    for word in words:
+        assert word in text
+
+
+def test_no_error_message_names_a_key_that_does_not_exist():
+    for reward in ({"function": "no_such_module_xyz:f"}, {"function": "test_score:missing"},
+                   {"function": "test_score:nan_reward"}, {"given": True, "function": "a:b"},
+                   {"function": "test_score:length_reward", "batch_size": "x"}):
+        with pytest.raises(UserInputError) as err:
+            score_candidates(ROWS, reward=reward, progress=False)
+        assert "reward.function" not in str(err.value) and "scoring" in str(err.value)
+
+
+def test_a_failure_inside_rrhf_lites_own_task_code_stays_an_internal_error():
+    from rrhf_lite.builtin.tiny import tasks
+
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        call_reward_function(tasks.reward, "rrhf_lite.builtin.tiny.tasks:reward",
+                             ["copy a=", "copy b="], ["a"])

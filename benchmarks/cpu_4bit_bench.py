@@ -1,9 +1,10 @@
 """Sampling speed of a 4-bit model on the CPU: bitsandbytes' fused AVX512-BF16 kernel vs
-dequantise + matmul, side by side in one process.
+dequantise + matmul, side by side in one process, and the per-call choice between them that
+rrhf-lite makes (the fused kernel for calls of up to the crossover measured on this CPU).
 
 The model is a random LLaMA of SmolLM2-135M's shape (hidden 576, 30 layers, 9 heads / 3 KV
 heads, intermediate 1536, vocab 49152, tied embeddings): every layer packs, so with
-`fused_cpu_4bit=True` all of them take the fused kernel where the CPU has it. Each variant
+the fused variant all of them take the fused kernel for every call where the CPU has it. Each variant
 loads the same saved checkpoint through rrhf_lite.models.inference_loader.load_causal_lm, then times a prefill
 (one forward over the prompts) and top-p sampling of a fixed number of new tokens (EOS off).
 
@@ -43,7 +44,12 @@ def save_random_model(directory: Path) -> Path:
     return directory
 
 
-def measure(model_dir: Path, fused: bool, args) -> dict:
+# variant -> what configure_for_inference takes
+VARIANTS = {"dequantise + matmul (fp32)": False, "fused bf16 kernel, every call": 1 << 30,
+            "per call (measured crossover)": "auto"}
+
+
+def measure(model_dir: Path, variant: str, args) -> dict:
     # The tokenizer is not needed: prompts are random ids, sampling never stops early.
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -52,7 +58,7 @@ def measure(model_dir: Path, fused: bool, args) -> dict:
         quantization_config=BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32)).eval()
-    paths = cpu_4bit.configure_for_inference(model, fused=fused)
+    paths = cpu_4bit.configure_for_inference(model, fused=VARIANTS[variant])
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, SHAPE["vocab_size"], (args.batch, args.prompt_len), generator=generator)
     mask = torch.ones_like(ids)
@@ -70,8 +76,8 @@ def measure(model_dir: Path, fused: bool, args) -> dict:
     first = time_fn(prefill, warmup=1, repeat=args.repeat)
     gen = time_fn(sample, warmup=1, repeat=args.repeat)
     used = cpu_4bit.compute_path(model)
-    return {"variant": "fused bf16 kernel" if fused else "dequantise + matmul (fp32)",
-            "path": used["path"], "fused_layers": paths.fused,
+    return {"variant": variant, "path": used["path"], "fused_layers": paths.fused,
+            "max_rows": paths.max_rows,
             "prefill_ms": first["ms"], "sample_s": gen["ms"] / 1000,
             "new_tokens_per_s": args.batch * args.new_tokens / (gen["ms"] / 1000)}
 
@@ -90,12 +96,12 @@ def main() -> None:
     available = cpu_4bit.fused_kernel_available()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = save_random_model(Path(tmp) / "model")
-        rows = [measure(model_dir, fused=False, args=args)]
-        if available:
-            rows.append(measure(model_dir, fused=True, args=args))
-            base = rows[0]
-            for row in rows:
-                row["speedup_vs_dequantise"] = base["sample_s"] / row["sample_s"]
+        names = list(VARIANTS) if available else list(VARIANTS)[:1]
+        rows = [measure(model_dir, name, args=args) for name in names]
+        base = rows[0]
+        for row in rows:
+            row["prefill_speedup"] = base["prefill_ms"] / row["prefill_ms"]
+            row["sample_speedup"] = base["sample_s"] / row["sample_s"]
     note = None if available else (
         "this CPU has no AVX512-BF16: bitsandbytes' fused kernel does not exist here; only the "
         "dequantise path was measured")

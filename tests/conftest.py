@@ -23,6 +23,17 @@ torch.set_num_threads(1)
 BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
+@pytest.fixture(autouse=True)
+def fused_kernel_for_every_call(monkeypatch):
+    """4-bit inference in tests takes the fused kernel (where the CPU has it, or cpu_4bit_path
+    emulates it) for calls of any size, instead of up to the crossover measured on this machine,
+    which would make a test's numbers depend on the machine's load. The measurement itself is
+    tested in tests/models/test_cpu_4bit_rows.py (with the original function)."""
+    from rrhf_lite.models import cpu_4bit
+
+    monkeypatch.setattr(cpu_4bit, "fused_max_rows", lambda layers: None)
+
+
 @pytest.fixture(params=["dequantize", "fused"])
 def cpu_4bit_path(request, monkeypatch):
     """Run a test on each of bitsandbytes' two CPU paths for 4-bit layers, on any machine.

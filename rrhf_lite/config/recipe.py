@@ -112,7 +112,8 @@ class Recipe(Section):
         return {
             "torch_dtype": self.model.torch_dtype,
             "quantization_config": self.quantization.bnb_config(),
-            "fused_cpu_4bit": self.quantization.fused_cpu_kernel,
+            "fused_cpu_4bit": (self.quantization.fused_cpu_max_rows
+                               if self.quantization.fused_cpu_kernel else False),
             "trust_remote_code": self.model.trust_remote_code,
         }
 

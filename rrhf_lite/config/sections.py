@@ -96,7 +96,13 @@ class QuantizationSection(Section):
     fused_cpu_kernel: bool = Field(
         True, description="On CPUs with AVX512-BF16: sampling and evaluation run the 4-bit layers "
         "whose shapes allow it through bitsandbytes' fused bf16 kernel (logits within bf16 "
-        "rounding of training's); false = dequantise + matmul everywhere, as training does",
+        "rounding of training's) for calls of up to fused_cpu_max_rows input rows; false = "
+        "dequantise + matmul everywhere, as training does",
+    )
+    fused_cpu_max_rows: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto", description="The largest call (input rows: batch x new tokens) that takes the "
+        "fused kernel; larger calls (prefills, big batches) dequantise + matmul. auto = measured "
+        "once on this CPU for the model's layer shapes, then cached",
     )
 
     def bnb_config(self, *, device: str | None = None, quant_storage=None):

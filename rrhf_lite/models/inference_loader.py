@@ -88,7 +88,7 @@ def _quantization_config(load_in_4bit: bool, quantization_config):
 
 
 def _from_pretrained(auto_class, name_or_path: str, *, torch_dtype, load_in_4bit, trust_remote_code,
-                     device, what: str, quantization_config=None, fused_cpu_4bit: bool = True):
+                     device, what: str, quantization_config=None, fused_cpu_4bit: bool | int | str = True):
     _check_model_source(str(name_or_path), what)
     dtype = pretrained_dtype(torch_dtype)
     kwargs: dict[str, Any] = {
@@ -147,7 +147,7 @@ def load_causal_lm(
     quantization_config=None,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
-    fused_cpu_4bit: bool = True,
+    fused_cpu_4bit: bool | int | str = True,
 ):
     """Load a causal LM and its tokenizer for generation.
 
@@ -162,8 +162,10 @@ def load_causal_lm(
         trust_remote_code: run model code shipped with the checkpoint (off by default).
         device: where to put the model; default cuda if available, else cpu.
         fused_cpu_4bit: 4-bit on a CPU with AVX512-BF16: let the layers whose shapes allow it
-            use bitsandbytes' fused bf16 kernel (faster; logits within bf16 rounding of
-            training's). False: dequantise + matmul everywhere, as training computes.
+            use bitsandbytes' fused bf16 kernel for small calls (logits within bf16 rounding of
+            training's): True or "auto" = calls up to the crossover measured on this CPU, an int
+            N = calls of up to N input rows (rrhf_lite.models.cpu_4bit). False: dequantise +
+            matmul everywhere, as training computes.
 
     Returns:
         (model, tokenizer): model in eval mode; tokenizer pads on the left and has a pad token
@@ -196,7 +198,7 @@ def load_reward_model(
     load_in_4bit: bool = False,
     trust_remote_code: bool = False,
     device: str | torch.device | None = None,
-    fused_cpu_4bit: bool = True,
+    fused_cpu_4bit: bool | int | str = True,
 ):
     """Load a Hugging Face sequence-classification reward model (one label) and its tokenizer.
 

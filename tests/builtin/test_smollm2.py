@@ -142,9 +142,10 @@ def test_nf4_loads_the_real_weights_on_both_cpu_paths(smollm2_dir, fp32, cpu_4bi
     assert corr > 0.85 and not torch.allclose(full, four, atol=1e-3)  # 0.92 measured
     path = cpu_4bit.compute_path(nf4)
     if cpu_4bit_path == "fused":  # every real layer's shape packs (576, 192, 1536: x64 / x32)
-        assert path["path"] == "fused-bf16" and all(cpu_4bit.is_packed(m) for m in layers)
+        assert path["path"] == "fused-bf16" and all(cpu_4bit.has_fused_copy(m) for m in layers)
     else:
-        assert path["path"] == "dequantize" and not any(cpu_4bit.is_packed(m) for m in layers)
+        assert path["path"] == "dequantize" and not any(cpu_4bit.has_fused_copy(m) for m in layers)
+    assert not any(cpu_4bit.is_packed(m) for m in layers)  # never repacked in place
     if cpu_4bit_path == "dequantize":  # (the emulated fused kernel is slow: one path only)
         answer = generate_candidates(nf4, tok, [FRANCE], method="greedy", max_new_tokens=6)
         assert "Paris" in answer[0][0]

@@ -95,12 +95,13 @@ def test_fused_only_where_the_shape_allows(mixed_lm_dir, char_tokenizer, cpu_4bi
     ids = char_tokenizer("copy abc=", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         fast = model(input_ids=ids).logits
-    packed = {name for name, m in model.named_modules() if m in layers and cpu_4bit.is_packed(m)}
+    fused = {name for name, m in model.named_modules() if m in layers and cpu_4bit.has_fused_copy(m)}
+    assert not any(cpu_4bit.is_packed(m) for m in layers)  # the weights themselves stay exact
     if cpu_4bit_path == "fused":
-        assert len(packed) == 12 and not any("down_proj" in name for name in packed)
+        assert len(fused) == 12 and not any("down_proj" in name for name in fused)
         assert cpu_4bit.compute_path(model)["path"] == "mixed"
     else:
-        assert not packed and cpu_4bit.compute_path(model)["path"] == "dequantize"
+        assert not fused and cpu_4bit.compute_path(model)["path"] == "dequantize"
     # The same logits as the path training takes, up to bf16 rounding where fused.
     exact, _ = load_causal_lm(str(mixed_lm_dir), load_in_4bit=True, device="cpu",
                               fused_cpu_4bit=False)
@@ -171,14 +172,20 @@ def test_evaluation_does_not_pack_a_model_that_trains(mixed_lm_dir, tmp_path, cp
 def test_a_model_packed_before_training_is_unpacked_with_a_warning(mixed_lm_dir, tmp_path,
                                                                    cpu_4bit_path, caplog):
     model, tokenizer = load_causal_lm(str(mixed_lm_dir), load_in_4bit=True, device="cpu")
+    layers = cpu_4bit.linear4bit_layers(model)
+    copies = sum(cpu_4bit.has_fused_copy(m) for m in layers)
+    assert copies == (12 if cpu_4bit_path == "fused" else 0)
+    # bitsandbytes left to itself (a model evaluated outside rrhf-lite's loaders) packs in place
+    for m in layers:
+        cpu_4bit.detach_fused_copy(m)
+        m.support_avx512bf16_for_cpu = cpu_4bit.fused_kernel_available() and cpu_4bit.packable(m)
     with torch.no_grad():
         model(input_ids=torch.tensor([[1, 5, 6]]))
-    layers = cpu_4bit.linear4bit_layers(model)
     packed = sum(cpu_4bit.is_packed(m) for m in layers)
-    assert packed == (12 if cpu_4bit_path == "fused" else 0)
+    assert packed == copies
     with caplog.at_level(logging.WARNING, logger="rrhf_lite.models.cpu_4bit"):
         assert cpu_4bit.configure_for_training(model) == packed
-    assert not any(cpu_4bit.is_packed(m) for m in layers)
+    assert not any(cpu_4bit.is_packed(m) or cpu_4bit.has_fused_copy(m) for m in layers)
     assert not any(m.support_avx512bf16_for_cpu for m in layers)
     assert ("unpacked" in caplog.text) == bool(packed)
 

@@ -292,7 +292,8 @@ def test_roundtrip_nf4_matches_the_4bit_training_base(tiny_lm_dir, adapter_dir, 
     # of this model could take, is kept out of the check, so its tolerance is fp32's ...
     policy = report["policy_verification"]
     assert policy["ok"] and policy["compute_path"] == {
-        "path": "dequantize", "fused_layers": 0, "dequantize_layers": 14, "compute_dtype": "float32"}
+        "path": "dequantize", "fused_layers": 0, "dequantize_layers": 14, "compute_dtype": "float32",
+        "fused_calls": 0, "dequantize_calls": 0, "max_rows": None}  # no layer has a fused copy
     assert policy["max_abs_diff"] < 1e-4 and policy["tolerance"] <= 1e-4
     # ... and a merge into the original full-precision weights fails that check on both paths.
     with pytest.raises(MergeVerificationError, match="4-bit policy"):

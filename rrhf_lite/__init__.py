@@ -29,6 +29,7 @@ stay quick to import.
 from __future__ import annotations
 
 import importlib
+import warnings
 
 from rrhf_lite.models.cpu_4bit import quiet_optional_kernel_warning
 
@@ -37,6 +38,12 @@ __version__ = "0.1.0"
 # Before anything imports bitsandbytes: its "Failed to load CPU gemm_4bit_forward" warning on
 # AVX512-BF16 CPUs reads like an error but only means an optional package is absent.
 quiet_optional_kernel_warning()
+
+# peft reads transformers' deprecated `is_gradient_checkpointing` whenever it wraps a model
+# (PeftModel.__init__), so every model load printed a FutureWarning the user can do nothing
+# about; hide that one message only (PEFT_CHECKPOINTING_WARNING), nothing else.
+PEFT_CHECKPOINTING_WARNING = r"`is_gradient_checkpointing` is deprecated"
+warnings.filterwarnings("ignore", message=PEFT_CHECKPOINTING_WARNING, category=FutureWarning)
 
 # public name -> module that defines it
 _EXPORTS = {

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rrhf-lite",
         description="RRHF on one GPU: sample, score, train (4-bit + LoRA), evaluate, merge.",
     )
+    from importlib.metadata import version  # the installed distribution's (= rrhf_lite.__version__)
+
+    parser.add_argument("--version", action="version", version=f"rrhf-lite {version('rrhf-lite')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run every stage the recipe names, in order")
@@ -77,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--force", action="store_true", help="as for `run`")
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its full-precision base")
-    merge.add_argument("--base", required=True, help="base model (hub name or directory)")
+    merge.add_argument("--base", required=True,
+                       help="base model: a hub name, a directory or a builtin: name "
+                       "(builtin:smollm2-135m-instruct)")
     merge.add_argument("--adapter", required=True, help="adapter directory (safetensors)")
     merge.add_argument("--out", required=True, help="output directory for the merged model")
     merge.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
@@ -100,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--trust-remote-code", action="store_true")
 
     gen = sub.add_parser("generate", help="answer prompts (or chat) with a base, adapter or merged model")
-    gen.add_argument("--model", required=True, help="model (hub name or directory)")
+    gen.add_argument("--model", required=True,
+                     help="model: a hub name, a directory (a merged model too) or a builtin: "
+                     "name (builtin:smollm2-135m-instruct, builtin:tiny-world)")
     gen.add_argument("--adapter", help="LoRA adapter directory to apply on top")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); none = interactive chat")
     gen.add_argument("--max-new-tokens", type=_number(int, 1), default=128)

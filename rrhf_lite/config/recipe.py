@@ -180,11 +180,14 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         dotted, value = item.split("=", 1)
         parts = dotted.strip().split(".")
         node = raw
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise UserInputError(f"--set {dotted}: '{part}' is not a section")
-            node = child
+        for depth, part in enumerate(parts[:-1]):
+            node = _child(node, part, parts[:depth + 1], parts[depth + 1], dotted)
+        if isinstance(node, list):
+            node, last = node, _index(node, parts[-1], dotted, parts[:-1])
+            if last == len(node):
+                node.append(None)
+        else:
+            last = parts[-1]
         try:
             parsed = load_strict(value, f"--set {dotted}")
         except yaml.YAMLError as exc:
@@ -193,8 +196,67 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 f"the value {value!r} is not valid YAML ({problem})", where=f"--set {dotted}",
                 hint="quote the value for the shell, e.g. --set 'key=[a, b]' or "
                 "--set key='\"text: with colon\"'") from None
-        node[parts[-1]] = _number_or_same(parsed)
+        node[last] = _number_or_same(parsed)
     return raw
+
+
+def _index(items: list, part: str, dotted: str, path: list[str]) -> int:
+    """`part` as a position in the list at `path`: 0 .. len (len appends a new item)."""
+    key = ".".join(path)
+    if not part.isdigit():
+        raise UserInputError(f"{key} is a list: the next part must be a position, got {part!r}",
+                             where=f"--set {dotted}", hint=f"e.g. --set {key}.0.<key>=value")
+    if int(part) > len(items):
+        raise UserInputError(
+            f"{key} has {len(items)} item(s): position {part} is past its end",
+            where=f"--set {dotted}",
+            hint=f"use 0 .. {len(items) - 1}, or {len(items)} to add an item")
+    return int(part)
+
+
+def _default_at(path: list[str]):
+    """The recipe's default at `path` (a section or list the YAML left out), as plain data."""
+    model: Any = Recipe
+    value: Any = None
+    for part in path:
+        if isinstance(value, list):
+            value = value[int(part)] if part.isdigit() and int(part) < len(value) else None
+            continue
+        fields = getattr(model, "model_fields", None)
+        field = fields.get(part) if fields else None
+        if field is None or field.is_required():
+            return None
+        value = field.get_default(call_default_factory=True)
+        model = value if isinstance(value, BaseModel) else None
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        elif isinstance(value, list):
+            value = [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+            inner = getattr(field.annotation, "__args__", ())
+            model = next((a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)),
+                         None)
+    return value
+
+
+def _child(node, part: str, path: list[str], following: str, dotted: str):
+    """The mapping or list at `part` of `node`, created (from the recipe's default) if absent."""
+    if isinstance(node, list):
+        position = _index(node, part, dotted, path[:-1])
+        if position == len(node):
+            node.append({})
+        child = node[position]
+    else:
+        if part not in node:  # a list left out of the YAML starts as its default (generators)
+            default = _default_at(path)
+            node[part] = default if isinstance(default, list) else (
+                [] if following.isdigit() else {})
+        child = node[part]
+    if child is None:
+        child = {}
+        node[position if isinstance(node, list) else part] = child
+    if not isinstance(child, dict | list):
+        raise UserInputError(f"--set {dotted}: '{part}' is not a section or a list")
+    return child
 
 
 def _number_or_same(value):

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rrhf_lite.builtin.sources import SMOLLM2
 from rrhf_lite.errors import UserInputError
 
 
@@ -92,6 +93,9 @@ KNOWN_SHAPES: dict[str, ModelShape] = {
                                                    head_dim=128, source="Qwen3-0.6B config.json"),
 }
 
+# builtin: models -> the hub name of the same weights (their shapes are the hub model's)
+BUILTIN_SHAPES = {SMOLLM2: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -131,11 +135,12 @@ def resolve_shape(name_or_path: str) -> ModelShape:
     config_file = path / "config.json" if path.is_dir() else path
     if config_file.name == "config.json" and config_file.is_file():
         return shape_from_config(json.loads(config_file.read_text()), str(config_file))
+    name_or_path = BUILTIN_SHAPES.get(name_or_path, name_or_path)
     if name_or_path in KNOWN_SHAPES:
         return KNOWN_SHAPES[name_or_path]
     raise UserInputError(
         f"no shape known for model {name_or_path!r}",
         where="model.name_or_path",
         hint="the plan reads a model's config.json without downloading: pass a local directory "
-             "holding it, or one of: " + ", ".join(sorted(KNOWN_SHAPES)),
+             "holding it, or one of: " + ", ".join(sorted([*KNOWN_SHAPES, *BUILTIN_SHAPES])),
     )

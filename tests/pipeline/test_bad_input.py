@@ -391,6 +391,28 @@ def test_console_command_exits_2_without_traceback(tmp_path, tiny_lm_dir):
     _no_results(tmp_path / "run")
 
 
+@pytest.mark.parametrize("key, content, words", [
+    ("prompts", '{"prompt": "fine"}\n{not json\n', ["line 2", "malformed JSON"]),
+    ("prompts", '{"question": "wrong key"}\n', ["line 1", '"prompt"', "question"]),
+    ("eval_prompts", '{"prompt": ""}\n', ["line 1", '"prompt"']),
+    ("candidates", '{"prompt": "Q", "responses": "not a list"}\n', ["line 1", "responses"]),
+], ids=["malformed", "wrong_key", "empty_eval_prompt", "bad_candidates"])
+def test_validate_reads_the_data_files(tmp_path, tiny_lm_dir, capsys, key, content, words):
+    bad = tmp_path / f"{key}.jsonl"
+    bad.write_text(content)
+    good = tmp_path / "good.jsonl"
+    good.write_text(_lines({"prompt": "Q"}))
+    if key == "candidates":
+        recipe = _recipe(tmp_path, tiny_lm_dir, bad, stages=["score", "train"],
+                         scoring={"reward_function": "rrhf_lite.builtin.tiny.tasks:reward"})
+    else:
+        data = {"prompts": str(good), "eval_prompts": str(good), "candidates": None, key: str(bad)}
+        recipe = _recipe(tmp_path, tiny_lm_dir, bad, stages=["sample", "score", "evaluate"],
+                         data=data, scoring={"reward_function": "rrhf_lite.builtin.tiny.tasks:reward"})
+    code, _, err = _cli(["validate", recipe], capsys)
+    _assert_user_error(code, err, f"data.{key}", str(bad), *words)
+
+
 # ------------------------------------------------------------------ the user's reward function
 
 _USER_REWARD = "def reward(prompts, responses):\n    return [float(len(r)) for r in responses]\n"

@@ -111,6 +111,38 @@ def test_schema_lists_every_section():
         assert section in schema["properties"]
 
 
+def test_set_reaches_into_lists():
+    raw = apply_overrides({"sampling": {"generators": [{"method": "top_p"}, {}]}},
+                          ["sampling.generators.1.temperature=0.5"])
+    assert raw["sampling"]["generators"] == [{"method": "top_p"}, {"temperature": 0.5}]
+    # a list the recipe leaves out starts as its default (one diverse-beam generator)
+    base = {**MINIMAL, "stages": ["sample"], "data": {"prompts": "p.jsonl"}}
+    raw = apply_overrides(dict(base), ["sampling.generators.0.temperature=0.5",
+                                       "sampling.generators.1.method=top_p"])  # 1 = append
+    recipe = Recipe.model_validate(raw)
+    assert [(g.method, g.temperature) for g in recipe.sampling.generators] == [
+        ("diverse_beam", 0.5), ("top_p", 0.8)]
+    raw = apply_overrides(dict(base), ["ablations.0.name=no_rank",
+                                       "ablations.0.train.rank_weight=0"])
+    assert Recipe.model_validate(raw).ablations[0].train == {"rank_weight": 0.0}
+    for bad, words in (("sampling.generators.3.top_p=0.9", "past its end"),
+                       ("sampling.generators.first.top_p=0.9", "must be a position")):
+        with pytest.raises(UserInputError, match=words) as err:
+            apply_overrides(dict(base), [bad])
+        assert "sampling.generators" in str(err.value) and "what to do" in str(err.value)
+
+
+def test_version_and_help_lines(capsys):
+    from rrhf_lite import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"rrhf-lite {__version__}"
+    with pytest.raises(SystemExit):
+        main(["generate", "--help"])
+    assert "builtin:smollm2-135m-instruct" in capsys.readouterr().out
+
+
 def test_every_shipped_recipe_validates():
     recipes = sorted((ROOT / "recipes").glob("*.yaml"))
     assert recipes, "recipes/ holds no YAML recipe"

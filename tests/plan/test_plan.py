@@ -51,6 +51,15 @@ def test_unknown_model_is_bad_input_and_a_local_config_is_read(tmp_path, capsys)
     assert str(model / "config.json") in capsys.readouterr().out
 
 
+def test_plan_takes_the_builtin_smollm2_name(capsys):
+    """builtin:smollm2-135m-instruct is the hub model's weights: its shape, no conversion needed."""
+    assert resolve_shape("builtin:smollm2-135m-instruct") == KNOWN_SHAPES[
+        "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    recipe = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_constraints.yaml"
+    assert main(["plan", str(recipe)]) == 0, capsys.readouterr().err
+    assert "SmolLM2-135M config.json" in capsys.readouterr().out
+
+
 def test_parse_memory():
     assert parse_memory("16GB") == 16 * GiB == parse_memory("16") == parse_memory("16 GiB")
     assert parse_memory("15360MiB") == parse_memory("t4") == 15 * GiB

@@ -6,8 +6,10 @@ The contract (docs/recipes.md, "Your own reward function"):
 
 - `prompts` and `responses` are lists of the same length (one batch of scoring.batch_size
   pairs, 8 by default; a prompt's k candidates may be split across batches).
-- A prompt is what the data file holds: a string, or a list of chat messages
-  [{"role": "user", "content": "..."}]. A response is a string.
+- A prompt is a string or a list of chat messages [{"role": "user", "content": "..."}]. With
+  a chat model (SmolLM2-Instruct has a chat template) the plain-text prompts of this example
+  arrive as one-message chats, as the model was asked; prompt_text() reads both. A response
+  is a string.
 - Return one finite float per pair, in order; higher is better. Only the order of a prompt's
   candidates matters to RRHF's rank loss, so any scale works.
 - An exception raised here stops the run with exit code 2 and your file and line;

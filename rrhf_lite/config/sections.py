@@ -149,6 +149,10 @@ class DataSection(Section):
     eval_split: str = "test"
     max_prompts: int | None = Field(None, gt=0, description="Use only the first N training prompts")
     max_eval_prompts: int | None = Field(None, gt=0)
+    plain_prompts_as_chat: bool = Field(
+        True, description="Plain-text prompts (data.prompts, data.eval_prompts) become "
+        "single-turn chats [{role: user, content: ...}] when the model has a chat template, "
+        "said once in the log; false = the model reads the bare text")
 
 
 class GeneratorSection(Section):
@@ -324,6 +328,9 @@ class TrainSection(Section):
     save_steps: int = Field(100, gt=0)
     save_total_limit: int | None = 2
     report_to: str | list[str] = "none"
+    allow_sft_only: bool = Field(
+        False, description="Train even when most rows have one candidate (k = 1: no rank pair, "
+        "the SFT loss alone); by default such a run stops with exit code 2 and says why")
     resume: bool = Field(True, description="Resume from the last checkpoint in the run directory")
     extra: dict[str, Any] = Field(
         default_factory=dict, description="Any other transformers.TrainingArguments field"

@@ -24,21 +24,23 @@ def planned_k(sampling, dataset_answers: int = 2) -> int:
     return k + (dataset_answers if sampling.include_dataset_responses else 0)
 
 
-def k_stats(rows: Sequence[dict], planned: int | None = None) -> dict:
+def k_stats(rows: Sequence[dict], planned: int | None = None, dropped: int = 0) -> dict:
     """Counts over listwise rows: prompts, mean/min k, rows below `planned` (None: each row's
-    own count of candidates before de-duplication, sum of its "counts"), duplicates removed."""
-    ks = [len(row.get("responses") or ()) for row in rows]
+    own count of candidates before de-duplication, sum of its "counts"), duplicates removed.
+    `dropped` prompts (left with no non-empty candidate, so not in `rows`) count as k = 0."""
+    ks = [len(row.get("responses") or ()) for row in rows] + [0] * dropped
     produced = [sum(row["counts"]) if isinstance(row.get("counts"), list) else k
-                for row, k in zip(rows, ks, strict=True)]
+                for row, k in zip(rows, ks, strict=False)] + [planned or 1] * dropped
     below = sum(k < (planned if planned is not None else p) for k, p in zip(ks, produced, strict=True))
     return {
-        "prompts": len(rows),
+        "prompts": len(ks),
         "planned_k": planned,
         "mean_k": sum(ks) / len(ks) if ks else None,
         "min_k": min(ks) if ks else None,
         "rows_below_planned": below,
         "fraction_below_planned": below / len(ks) if ks else None,
-        "duplicates_removed": sum(produced) - sum(ks),
+        "duplicates_removed": sum(produced[:len(rows)]) - sum(ks[:len(rows)]),
+        "prompts_dropped": dropped,
     }
 
 
@@ -48,6 +50,8 @@ def describe(stats: dict) -> str:
         return "no prompts"
     planned = stats["planned_k"]
     target = f"k < {planned}" if planned is not None else "k below the candidates produced"
+    dropped = stats.get("prompts_dropped") or 0
     return (f"{target} on {stats['rows_below_planned']} of {stats['prompts']} prompts "
             f"({100 * stats['fraction_below_planned']:.1f} %); mean k {stats['mean_k']:.2f}, "
-            f"min {stats['min_k']}; {stats['duplicates_removed']} duplicate candidates removed")
+            f"min {stats['min_k']}; {stats['duplicates_removed']} duplicate candidates removed"
+            + (f"; {dropped} prompts dropped, every candidate empty" if dropped else ""))

@@ -13,6 +13,16 @@ from rrhf_lite.errors import UserInputError
 DATASET_FIELDS = ("chosen", "rejected", "responses")
 
 
+def single_turn_chats(rows: Sequence[dict]) -> tuple[list[dict], int]:
+    """Rows whose "prompt" is a string get it as one user message; (rows, how many changed)."""
+    out, changed = [], 0
+    for row in rows:
+        if isinstance(row.get("prompt"), str):
+            row, changed = {**row, "prompt": [{"role": "user", "content": row["prompt"]}]}, changed + 1
+        out.append(row)
+    return out, changed
+
+
 def load_prompts(source: Any, *, split: str = "train", limit: int | None = None) -> list[dict]:
     """Read prompts for sampling.
 

@@ -4,6 +4,7 @@ pipeline.py runs the rounds, then the ablations, evaluation and merge."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,13 +13,14 @@ from pathlib import Path
 from rrhf_lite.builtin.sources import load_prompt_rows
 from rrhf_lite.config.recipe import Recipe
 from rrhf_lite.data.candidate_stats import describe, k_stats, planned_k
-from rrhf_lite.data.listwise import load_listwise
+from rrhf_lite.data.listwise import load_listwise, summarize_listwise
+from rrhf_lite.data.prompts import single_turn_chats
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.stages.run_context import RunState
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
 from rrhf_lite.stages.stage_times import timed_stage
-from rrhf_lite.stages.train import model_arguments, run_train, training_config
+from rrhf_lite.stages.train import model_arguments, run_train, train_section, training_config
 from rrhf_lite.utils import distributed
 from rrhf_lite.utils.console import say
 from rrhf_lite.utils.io import (
@@ -142,6 +144,7 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
         recipe.data.prompts, split=recipe.data.prompts_split, limit=recipe.data.max_prompts,
         seed=recipe.seed, key="data.prompts",
     )
+    prompts = chat_prompts(state, prompts)
     policy = state.round_adapters.get(round_index - 1)  # None in round 1: the initial model
     generators = [state.generator_spec(g, policy) for g in recipe.sampling.generators]
     load_kwargs = recipe.policy_load_kwargs()
@@ -165,8 +168,41 @@ def _sample(state: RunState, round_index: int, _source: None, out: Path) -> None
     rows = distributed.distributed_map(
         sample_shard, prompts, block_size=recipe.sampling.batch_size, pass_offset=True
     )
-    say(f"round {round_index}: candidates: {describe(k_stats(rows, planned_k(recipe.sampling)))}")
+    # prompts left with no non-empty candidate are not in rows: count them as k = 0
+    stats = k_stats(rows, planned_k(recipe.sampling), dropped=len(prompts) - len(rows))
+    say(f"round {round_index}: candidates: {describe(stats)}")
     _write_on_main(out, rows)
+
+
+@functools.lru_cache(maxsize=8)
+def _has_chat_template(source: str, trust_remote_code: bool) -> bool:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+_said_chat: set[str] = set()
+
+
+def chat_prompts(state: RunState, rows: list[dict]) -> list[dict]:
+    """Plain-text prompts as single-turn chats when the policy's tokenizer has a chat template
+    (data.plain_prompts_as_chat), so sampling, training and evaluation all ask a chat model as
+    it was trained to be asked; said once per run directory."""
+    recipe = state.recipe
+    if not recipe.data.plain_prompts_as_chat or not any(
+            isinstance(r.get("prompt"), str) for r in rows):
+        return rows
+    source = recipe.model.tokenizer or state.base_model
+    if not _has_chat_template(source, recipe.model.trust_remote_code):
+        return rows
+    rows, changed = single_turn_chats(rows)
+    if str(state.run_dir) not in _said_chat:
+        _said_chat.add(str(state.run_dir))
+        say(f"plain-text prompts are sent as single-turn chats through the model's chat "
+            f"template ({changed} of {len(rows)} here); data.plain_prompts_as_chat: false "
+            "turns this off")
+    return rows
 
 
 def _write_on_main(path: Path, rows: list[dict]) -> None:
@@ -235,6 +271,7 @@ def resume_point(recipe: Recipe, out: Path) -> Path | None:
 def train_adapter(state: RunState, data: Path | str, out: Path, init_adapter: Path | None,
                   overrides: dict) -> None:
     recipe = state.recipe
+    check_rank_pairs(data, train_section(recipe, overrides).allow_sft_only)
     resume = resume_point(recipe, out)
     say(f"training on {data} -> {out}")
     run_train(
@@ -246,6 +283,25 @@ def train_adapter(state: RunState, data: Path | str, out: Path, init_adapter: Pa
     if distributed.is_main_process() and summary.exists():
         forward = json.loads(summary.read_text(encoding="utf-8")).get("forward", {})
         say(f"trained: {describe_forward(forward)}")
+
+
+def check_rank_pairs(data: Path | str, allow_sft_only: bool) -> None:
+    """Stop (exit code 2) when most rows have one candidate: RRHF would train on the SFT loss
+    alone. train.allow_sft_only: true trains anyway (logged)."""
+    stats = summarize_listwise(load_listwise(str(data), require_scores=True, warn=False))
+    single, rows = stats.get("single_response", 0), stats["rows"]
+    if not rows or single * 2 <= rows:
+        return
+    if allow_sft_only:
+        say(f"{single} of {rows} rows have one candidate (k = 1): training anyway "
+            "(train.allow_sft_only), mostly on the SFT loss")
+        return
+    raise UserInputError(
+        f"{single} of {rows} rows have one candidate (k = 1): RRHF would train on the SFT loss "
+        "alone, with no rank pair to learn from", where=str(data),
+        hint="get more distinct, non-empty candidates per prompt (more num_candidates or a "
+        "second generator, a longer sampling.max_new_tokens; a chat model wants chat prompts), "
+        "or set train.allow_sft_only: true to train on such rows on purpose")
 
 
 def describe_forward(choices: dict) -> str:

@@ -32,6 +32,7 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.pipeline.lock import run_dir_lock
 from rrhf_lite.pipeline.preflight import check_recipe
 from rrhf_lite.pipeline.rounds import (
+    chat_prompts,
     require_input,
     resume_point,
     run_round,
@@ -93,7 +94,9 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
     if main:
         if "evaluate" in stages:
             with timed_stage(run_dir, "evaluate"):
-                metrics = evaluate_run(state, _evaluation_prompts(recipe))
+                prompt_sets = {name: chat_prompts(state, rows)
+                               for name, rows in _evaluation_prompts(recipe).items()}
+                metrics = evaluate_run(state, prompt_sets)
         if "merge" in stages:
             with timed_stage(run_dir, "merge"):
                 _merge(state)

@@ -189,7 +189,7 @@ def sample_candidates(
         if loaded:
             _free_memory()
 
-    rows, duplicates, empty, short = [], 0, 0, 0
+    rows, duplicates, empty, short, skipped = [], 0, 0, 0, []
     generated = sum(generated_per_prompt(spec) for spec in specs)
     for p, record in enumerate(records):
         candidates = [(text, _source_label(specs[i])) for i in range(len(specs))
@@ -213,12 +213,16 @@ def sample_candidates(
             sources.append(source)
             counts.append(1)
         if not responses:  # nothing to rank; the trainer would reject the row
-            logger.warning("%s: no non-empty candidate, prompt skipped",
-                           record.get("where", f"prompt {p + 1}"))
+            skipped.append(record.get("where", f"prompt {p + 1}"))
             continue
         short += len(responses) < planned
         rows.append({"prompt": record["prompt"], "responses": responses, "sources": sources,
                      "counts": counts})
+    if skipped:  # said once, with the count, not once per prompt
+        logger.warning("%d of %d prompts skipped: every candidate came out empty (%s%s); a chat "
+                       "model given plain-text prompts often stops at once", len(skipped),
+                       len(records), ", ".join(map(str, skipped[:3])),
+                       ", ..." if len(skipped) > 3 else "")
     logger.info("sampled %d prompts: %d candidates kept, %d duplicates and %d empty dropped; "
                 "%d prompts have fewer candidates than planned", len(rows),
                 sum(len(r["responses"]) for r in rows), duplicates, empty, short)

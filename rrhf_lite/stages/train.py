@@ -122,7 +122,7 @@ def precision_flags(section: TrainSection) -> dict[str, bool]:
 def training_config(recipe: Recipe, output_dir: Path, overrides: dict | None = None):
     """RRHFConfig from the recipe's train section (plus an ablation's overrides)."""
     section = train_section(recipe, overrides)
-    fields = section.model_dump(exclude={"extra", "resume", "mixed_precision"})
+    fields = section.model_dump(exclude={"extra", "resume", "mixed_precision", "allow_sft_only"})
     fields.update(precision_flags(section))
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio).
     fields["warmup_steps"] = fields.pop("warmup_ratio")

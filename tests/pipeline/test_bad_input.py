@@ -217,6 +217,23 @@ def test_each_data_warning_is_said_once(tmp_path, tiny_lm_dir, capsys, caplog):
     assert len(said) == 1 and str(data) in said[0], said
 
 
+def test_mostly_one_candidate_per_prompt_stops_unless_allowed(tmp_path, tiny_lm_dir, capsys):
+    """Rows with k = 1 have no rank pair: a run where most rows do would train SFT alone
+    under RRHF's name, so it stops (exit 2, saying why) unless train.allow_sft_only is set."""
+    one = {"prompt": "Q", "responses": ["only one"], "scores": [1.0]}
+    data = tmp_path / "cands.jsonl"
+    data.write_text(_lines(one, dict(one, prompt="R"), GOOD))
+    recipe = _recipe(tmp_path, tiny_lm_dir, data)
+    code, _, err = _cli(["run", recipe], capsys)
+    _assert_user_error(code, err, str(data), "2 of 3 rows have one candidate", "SFT loss",
+                       "train.allow_sft_only")
+    assert not (tmp_path / "run" / "round-1" / "train" / "adapter").exists()
+    code, out, err = _cli(["run", recipe, "--set", "train.allow_sft_only=true"], capsys)
+    assert code == 0, err
+    assert "training anyway (train.allow_sft_only)" in out
+    assert (tmp_path / "run" / "round-1" / "train" / "adapter" / "adapter_model.safetensors").exists()
+
+
 # ------------------------------------------------------------------------------------ recipes
 
 

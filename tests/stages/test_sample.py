@@ -166,6 +166,21 @@ def test_bad_generator_specs(tiny_lm):
         sample_candidates(prompts, generators=[{"model": "./no/such/model/dir"}], progress=False)
 
 
+def test_prompts_left_without_a_candidate_are_counted_once_and_in_the_k_line(caplog):
+    from rrhf_lite.data.candidate_stats import describe, k_stats
+
+    prompts = [{"prompt": p, "chosen": " ", "rejected": ""} for p in "abc"]  # all empty
+    prompts.append({"prompt": "d", "chosen": "yes", "rejected": "no"})
+    with caplog.at_level("WARNING", logger="rrhf_lite.stages.sample"):
+        rows = sample_candidates(prompts, generators=[], progress=False)
+    assert len(rows) == 1
+    warned = [r.getMessage() for r in caplog.records if "empty" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("3 of 4 prompts skipped"), warned
+    line = describe(k_stats(rows, planned=2, dropped=len(prompts) - len(rows)))
+    assert line.startswith("k < 2 on 3 of 4 prompts (75.0 %); mean k 0.50, min 0")
+    assert line.endswith("3 prompts dropped, every candidate empty")
+
+
 def test_how_often_k_falls_below_the_plan_is_counted(caplog):
     from types import SimpleNamespace
 
@@ -180,7 +195,7 @@ def test_how_often_k_falls_below_the_plan_is_counted(caplog):
     stats = k_stats(rows, planned=2)
     assert stats == {"prompts": 3, "planned_k": 2, "mean_k": pytest.approx(4 / 3), "min_k": 1,
                      "rows_below_planned": 2, "fraction_below_planned": pytest.approx(2 / 3),
-                     "duplicates_removed": 1}
+                     "duplicates_removed": 1, "prompts_dropped": 0}
     assert describe(stats).startswith("k < 2 on 2 of 3 prompts (66.7 %); mean k 1.33, min 1")
     # without a plan, each row's own count before de-duplication is the bar
     assert k_stats(rows)["rows_below_planned"] == 1

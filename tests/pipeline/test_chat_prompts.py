@@ -57,3 +57,19 @@ def test_sampled_prompts_follow_the_models_chat_template(tmp_path, tiny_lm_dir, 
     texts = ["copy ab=", "sort 21="]
     assert prompts == ([[{"role": "user", "content": t}] for t in texts] if as_chat else texts)
     assert (out.count(SAY) == 1) == as_chat, out
+
+
+def test_evaluation_asks_a_chat_model_in_chat(tmp_path, tiny_chat_lm_dir, capsys):
+    recipe = _recipe(tmp_path, tiny_chat_lm_dir, "eval",
+                     eval_prompts=str(tmp_path / "prompts.jsonl"))
+    raw = yaml.safe_load(open(recipe))
+    raw["stages"] = ["evaluate"]
+    raw["evaluate"] = {"max_new_tokens": 3, "plots": False, "examples": 1, "best_of_n": False}
+    with open(recipe, "w") as f:
+        yaml.safe_dump(raw, f)
+    code = main(["run", recipe])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.count(SAY) == 1, out
+    answers = "\n".join(p.read_text() for p in (tmp_path / "eval").rglob("*.json*"))
+    assert '"role": "user"' in answers and '"content": "copy ab="' in answers

@@ -123,3 +123,64 @@ def test_recipe_keys_reach_the_config_and_bad_values_name_the_key(tmp_path):
             _recipe(tmp_path, train)
     with pytest.raises(UserInputError, match="train.beta"):  # a TRL DPO ablation has dpo.beta
         _recipe(tmp_path, ablations=[{"name": "d", "method": "dpo", "train": {"beta": 0.2}}])
+
+
+def _trl_dpo_step(base, tok, peft_config, lora_weights, pairs, out, beta):
+    """TRL's DPOTrainer (sigmoid loss) on these pre-tokenised pairs, all in one batch, the base
+    wrapped by TRL with `peft_config` and its LoRA weights then set to `lora_weights`: (loss,
+    {name: grad} of the LoRA weights). Reference: the model with its adapter disabled (TRL given
+    an already wrapped PeftModel would copy the adapter as a "ref" adapter instead)."""
+    from datasets import Dataset
+    from trl import DPOConfig
+
+    from rrhf_lite.training.dpo_pairs import pretokenized_dpo_trainer
+
+    args = DPOConfig(output_dir=str(out), beta=beta, loss_type=["sigmoid"], bf16=False, fp16=False,
+                     per_device_train_batch_size=len(pairs), report_to="none", save_strategy="no",
+                     max_length=32, disable_dropout=True, seed=0, disable_tqdm=True,
+                     dataloader_pin_memory=False, activation_checkpointing=False)
+    trainer = pretokenized_dpo_trainer()(model=base, args=args, train_dataset=Dataset.from_list(pairs),
+                                         processing_class=tok, peft_config=peft_config)
+    assert list(trainer.model.peft_config) == ["default"]  # no "ref" adapter: reference = disabled
+    params = lora_params(trainer.model)
+    assert params.keys() == lora_weights.keys()
+    with torch.no_grad():
+        for name, value in lora_weights.items():
+            params[name].copy_(value)
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.zero_grad(set_to_none=True)
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    return float(loss), {n: p.grad.detach().clone() for n, p in lora_params(trainer.model).items()}
+
+
+@pytest.mark.parametrize("loss_type", ["pl_dpo", "dpo_pairs"])
+def test_k2_equals_trl_dpo_trainer(small_lm_dir, tmp_path, loss_type):
+    """k = 2, same model, adapter and tokens: our loss and LoRA gradients equal TRL's DPOTrainer
+    sigmoid loss (its reference: the same model with the adapter disabled), micro-batched too."""
+    from rrhf_lite.training.dpo_pairs import best_worst_pairs, tokenize_pairs
+
+    rows = [{"prompt": f"Q{i}: rate me", "responses": [good, bad], "scores": scores}
+            for i, (good, bad, scores) in enumerate([("good stuff", "bad", [1.0, 0.0]),
+                                                      ("bad!", "fine", [0.0, 2.0]),
+                                                      ("fine", "bad", [0.5, -1.0]),
+                                                      ("good", "meh", [3.0, 1.0])])]
+    ours, tok = lora_model(small_lm_dir, load_in_4bit=False)
+    randomise_lora_b(ours)  # away from policy == reference
+    base, _ = lora_model(small_lm_dir, load_in_4bit=False, use_lora=False)
+    weights = {n: p.detach().clone() for n, p in lora_params(ours).items()}
+    pairs, _ = tokenize_pairs(best_worst_pairs(rows)[0], tok, max_length=32, max_prompt_length=16)
+    trl_loss, trl_grads = _trl_dpo_step(base, tok, ours.peft_config["default"], weights, pairs,
+                                        tmp_path / "trl", beta=0.7)
+    assert abs(trl_loss - math.log(2.0)) > 1e-3  # the policy is away from the reference
+    trainer = RRHFTrainer(model=ours, args=rrhf_config(tmp_path / "ours", loss_type=loss_type, beta=0.7,
+                                                       per_device_train_batch_size=len(rows)),
+                          train_dataset=rows, processing_class=tok)
+    batch = first_batch(trainer)
+    for micro in (None, 3):
+        loss, grads = step_grads(trainer, batch, micro)
+        assert loss == pytest.approx(trl_loss, rel=1e-5)
+        assert grads.keys() == trl_grads.keys() and any(g.abs().max() > 0 for g in grads.values())
+        for name, g in grads.items():
+            torch.testing.assert_close(g, trl_grads[name], rtol=1e-5, atol=1e-7, msg=f"{name} micro={micro}")

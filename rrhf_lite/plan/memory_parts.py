@@ -51,6 +51,14 @@ class Regime:
     lora_input_bytes: int = 2
     logits_bytes: int = 4  # logits as the log-prob kernel sees them (accelerate returns fp32)
     autocast: bool = True
+    frozen_bytes: int = 4  # embeddings and head: fp32 after peft's up-cast, 2 when kept 16-bit
+
+    @classmethod
+    def qlora(cls, half: str = "bf16") -> Regime:
+        """The trainer's QLoRA dtypes since issue 30 (training_loader.kbit_precision_plan):
+        embeddings and head stay 16-bit; the residual stream follows bf16 compute, and stays
+        fp32 (norms up-cast) under fp16."""
+        return cls(2, 2 if half == "bf16" else 4, 2, 4, True, 2)
 
     @classmethod
     def cpu(cls) -> Regime:
@@ -77,6 +85,10 @@ class TrainSettings:
     optimizer: str = "adamw"
     checkpointing: bool = True
     load_in_4bit: bool = True
+    share_prompt: bool = False  # packed rows: each prompt once per chunk
+    prompt_tokens: int | None = None  # max_prompt_length (for packing and the first-batch checks)
+    per_prompt: int | None = None  # k
+    first_batch_checks: bool = False  # count the trainer's one-off checks as a moment
 
 
 @dataclass
@@ -134,13 +146,14 @@ def static_parts(shape: ModelShape, s: TrainSettings, regime: Regime) -> list[Pa
                   Part("quantisation constants", c, "static",
                        "absmax per 64 weights: uint8 + fp32 per 256 blocks" if s.double_quant
                        else "fp32 absmax per 64 weights")]
-        embed_bytes = 4  # prepare_model_for_kbit_training up-casts non-4-bit weights to fp32
+        embed_bytes = regime.frozen_bytes  # 4: peft's k-bit up-cast; 2: kept in the load dtype
     else:
         parts.append(Part("block weights", shape.num_layers * shape.block_params() * 2, "static",
                           "16-bit"))
         embed_bytes = 2
     parts.append(Part("embeddings + head", shape.embedding_params() * embed_bytes, "static",
-                      f"V x H x {1 if shape.tie_embeddings else 2}, fp32 after the k-bit up-cast"
+                      f"V x H x {1 if shape.tie_embeddings else 2}, "
+                      + ("fp32 after the k-bit up-cast" if embed_bytes == 4 else "16-bit, frozen")
                       if s.load_in_4bit else "V x H, 16-bit"))
     n = lora_params(shape, s.lora_r, s.lora_targets)
     opt = OPTIMIZER_STATE_BYTES.get(s.optimizer, 8)
@@ -199,14 +212,68 @@ def logits_path(shape: ModelShape, m: int, positions: int, regime: Regime) -> li
                   f"{m} x {positions} x {shape.vocab_size} x {regime.logits_bytes} B"),
              Part("logits gradient", n * regime.logits_bytes, "dynamic", "same shape")]
     if regime.autocast:
-        parts += [Part("16-bit logits gradient", n * regime.compute_bytes, "dynamic",
-                       "cast back through accelerate's fp32 output"),
-                  Part("head weight, autocast copy", shape.vocab_size * shape.hidden_size
-                       * regime.compute_bytes, "dynamic", "fp32 head cast for the matmul, saved")]
+        parts.append(Part("16-bit logits gradient", n * regime.compute_bytes, "dynamic",
+                          "cast back through accelerate's fp32 output"))
+    if regime.autocast and regime.frozen_bytes == 4:  # a 16-bit head needs no copy
+        parts.append(Part("head weight, autocast copy", shape.vocab_size * shape.hidden_size
+                          * regime.compute_bytes, "dynamic", "fp32 head cast for the matmul, saved"))
     return parts
 
 
-LOGPROB_PATHS = {"logits": logits_path}
+# rrhf_kernels._hidden_tiles' tile budget (a test checks these equal the kernel's constants)
+TILE_SHARE, MIN_TILE, MAX_TILE = 0.07, 2**15, 2**24
+
+
+def hidden_tile_bytes(tokens: int, vocab: int, weight_bytes: int) -> float:
+    """Peak bytes of the hidden-state path's tiles: the kernel's tile (elements: TILE_SHARE of the
+    [tokens, V] logits' bytes over the per-element cost, clamped) in the head's dtype, its fp32
+    copy and one fp32 temporary."""
+    per_element = 8 if weight_bytes == 4 else 10
+    budget = min(MAX_TILE, max(MIN_TILE, int(TILE_SHARE * tokens * vocab * weight_bytes / per_element)))
+    return min(budget, tokens * vocab) * (weight_bytes + 8)
+
+
+def hidden_path(shape: ModelShape, m: int, positions: int, regime: Regime) -> list[Part]:
+    """Log-probs from hidden states (rrhf_kernels.weighted_logprob_sum_from_hidden): no logits;
+    pass 3 holds the hidden states at the response positions, their gradient (made during the
+    forward, kept for the backward) and the kernel's tiles over the 16-bit (or fp32) head."""
+    rb, tokens = regime.residual_bytes, m * positions
+    head_bytes = regime.frozen_bytes if regime.autocast else 4
+    return [Part("hidden states (response positions)", tokens * shape.hidden_size * rb, "dynamic",
+                 f"{m} x {positions} x {shape.hidden_size} x {rb} B"),
+            Part("their gradient, made in the forward", tokens * shape.hidden_size * rb, "dynamic",
+                 "same shape"),
+            Part("log-prob tiles", hidden_tile_bytes(tokens, shape.vocab_size, head_bytes), "dynamic",
+                 "head tiles, fp32 copy + temporary")]
+
+
+def first_batch_checks(shape: ModelShape, s: TrainSettings, regime: Regime) -> list[Part]:
+    """The trainer's one-off checks before the first step (no graph): choose_output_head runs one
+    candidate (logits at 4 positions, twice), the share_prompt check up to 3 candidates cut after
+    CHECK_TOKENS = 8 response tokens; counted as one forward block of the longer of the two."""
+    prompt = min(s.prompt_tokens or s.max_length, s.max_length)
+    tokens = max(s.max_length, 3 * min(prompt + 8, s.max_length))
+    c = regime.compute_bytes
+    return [Part("first-batch check forward", tokens * (4 * shape.hidden_size + 3 * shape.intermediate_size) * c,
+                 "dynamic", f"{tokens} tokens, one block, no graph"),
+            Part("first-batch check logits", 2 * 4 * shape.vocab_size * 4, "dynamic",
+                 "4 positions, twice")]
+
+
+LOGPROB_PATHS = {"logits": logits_path, "hidden": hidden_path}
+
+
+def chunk_tokens(s: TrainSettings) -> int:
+    """Tokens the model runs for one chunk of m candidates: m x max_length unshared; packed, each
+    prompt of the chunk once plus m responses (at worst as long as the responses allow)."""
+    m = min(s.micro_batch, s.candidates)
+    if not s.share_prompt or s.prompt_tokens is None or s.per_prompt is None:
+        return m * s.max_length
+    response = min(s.response_tokens or s.max_length, s.max_length)
+    prompt = min(s.prompt_tokens, s.max_length - response) if response < s.max_length else 1
+    # a chunk may straddle two prompts, never more than the batch has
+    prompts = min(m, -(-(m - 1) // s.per_prompt) + 1, -(-s.candidates // s.per_prompt))
+    return min(m * s.max_length, prompts * prompt + m * response)
 
 
 def training_parts(shape: ModelShape, s: TrainSettings, regime: Regime,
@@ -215,13 +282,14 @@ def training_parts(shape: ModelShape, s: TrainSettings, regime: Regime,
     the log-prob backward (all checkpoints + logits buffers) and the last block's backward
     (all checkpoints + the recomputed block + gradients in flight + a dequantised weight)."""
     m = min(s.micro_batch, s.candidates)
-    T = m * s.max_length
+    T = chunk_tokens(s)
     positions = min(s.response_tokens or s.max_length, s.max_length)
     rb = regime.residual_bytes
     layers = shape.num_layers
     ckpt_tensors = layers + 1 if s.checkpointing else 1
     ckpt = Part("checkpointed activations", ckpt_tensors * T * shape.hidden_size * rb, "dynamic",
-                f"({layers} + 1) x {m} x {s.max_length} x {shape.hidden_size} x {rb} B")
+                f"({layers} + 1) x {T} tokens x {shape.hidden_size} x {rb} B"
+                + (" (packed)" if T < m * s.max_length else ""))
     block_saved = block_saved_bytes_per_token(shape, s, regime) * T
     if not s.checkpointing:  # every block keeps its activations
         ckpt = Part("activations (no checkpointing)", layers * block_saved, "dynamic", "")
@@ -235,15 +303,18 @@ def training_parts(shape: ModelShape, s: TrainSettings, regime: Regime,
                        "gradient reaching the last block")
     at_logits = [ckpt, *logits]
     at_block = [ckpt, *block, hidden_grad]
-    phase, dynamic = max((("log-prob backward", at_logits), ("last block's backward", at_block)),
-                         key=lambda item: sum(p.bytes for p in item[1]))
+    moments = [("log-prob backward", at_logits), ("last block's backward", at_block)]
+    if s.first_batch_checks:
+        moments.append(("first-batch checks", first_batch_checks(shape, s, regime)))
+    phase, dynamic = max(moments, key=lambda item: sum(p.bytes for p in item[1]))
     parts = static_parts(shape, s, regime) + dynamic
     if regime.autocast:
         dyn = sum(p.bytes for p in dynamic)
         parts += [Part("CUDA context", CUDA_CONTEXT_BYTES, "overhead", "estimate, not allocated"),
                   Part("allocator slack", ALLOCATOR_SLACK * dyn, "overhead",
                        f"{ALLOCATOR_SLACK:.0%} of the dynamic part, an assumption")]
-    other = "last block's backward" if phase == "log-prob backward" else "log-prob backward"
-    other_bytes = sum(p.bytes for p in (at_block if phase == "log-prob backward" else at_logits))
-    notes = [f"peak at the {phase}; the {other} needs {other_bytes / GiB:.2f} GiB of dynamic memory"]
+    others = ", ".join(f"the {name} {sum(p.bytes for p in parts) / GiB:.2f} GiB"
+                       for name, parts in moments if name != phase)
+    notes = [f"log-probs from {'hidden states' if logprob_path == 'hidden' else 'logits'}; "
+             f"peak at the {phase}; dynamic memory at {others}"]
     return StepPlan(parts, phase, notes)

@@ -21,6 +21,7 @@ from rrhf_lite.plan.memory_parts import (
     Regime,
     StepPlan,
     TrainSettings,
+    chunk_tokens,
     dequantised_weight_bytes,
     quantised_bytes,
     training_parts,
@@ -53,7 +54,13 @@ def candidates_per_prompt(recipe) -> int:
 
 def train_settings(recipe, *, micro_batch: int | None = None, max_length: int | None = None):
     t = recipe.train
-    n = t.per_device_train_batch_size * candidates_per_prompt(recipe)
+    k = candidates_per_prompt(recipe)
+    n = t.per_device_train_batch_size * k
+    length = max_length or t.max_length
+    # sampled candidates are at most max_new_tokens (+ EOS) long; the data set's own responses
+    # and given candidates up to max_length
+    sampled_only = "sample" in recipe.stages and not recipe.sampling.include_dataset_responses
+    response = min(length, recipe.sampling.max_new_tokens + 1) if sampled_only else None
     targets = recipe.lora.target_modules
     targets = _ALL_LINEAR if targets == "all-linear" else tuple(
         [targets] if isinstance(targets, str) else targets)
@@ -62,15 +69,41 @@ def train_settings(recipe, *, micro_batch: int | None = None, max_length: int | 
                                                       else "sgd" if "sgd" in optim else "adamw")
     return TrainSettings(
         candidates=n, micro_batch=micro_batch or t.candidate_micro_batch_size or n,
-        max_length=max_length or t.max_length, lora_r=recipe.lora.r, lora_targets=targets,
+        max_length=length, response_tokens=response, lora_r=recipe.lora.r, lora_targets=targets,
         lora_dropout=recipe.lora.dropout, double_quant=recipe.quantization.double_quant,
         optimizer=optimizer, checkpointing=t.gradient_checkpointing,
-        load_in_4bit=recipe.quantization.load_in_4bit)
+        load_in_4bit=recipe.quantization.load_in_4bit, share_prompt=t.share_prompt is not False,
+        prompt_tokens=t.max_prompt_length, per_prompt=k, first_batch_checks=True)
+
+
+def half_dtype(recipe) -> str:
+    """"fp16" where the recipe asks for it (mixed_precision or the 4-bit compute dtype), else
+    "bf16" (what "auto" gives on a card with bf16; a T4 gets fp16: set mixed_precision fp16)."""
+    compute = str(recipe.quantization.compute_dtype)
+    return "fp16" if recipe.train.mixed_precision == "fp16" or compute in ("float16", "fp16",
+                                                                           "half") else "bf16"
 
 
 def regime_for(recipe) -> Regime:
-    half = 2 if recipe.train.mixed_precision != "no" else 4
-    return Regime.gpu(half) if half == 2 else Regime(4, 4, 4, 4, False)
+    if recipe.train.mixed_precision == "no":
+        return Regime(4, 4, 4, 4, False)
+    if recipe.quantization.load_in_4bit:
+        return Regime.qlora(half_dtype(recipe))  # training_loader.prepare_4bit_for_lora's dtypes
+    return Regime.gpu(2)
+
+
+def logprob_path_for(recipe, shape: ModelShape) -> tuple[str, str]:
+    """(path, why) the trainer will take: hidden states unless the recipe says logits, LoRA
+    wraps the head, or the model is not a plain LLaMA-family decoder (checked on the first batch)."""
+    targets = recipe.lora.target_modules
+    on_head = not isinstance(targets, str) and "lm_head" in targets or targets == "lm_head"
+    if recipe.train.logprob_path == "logits":
+        return "logits", "logprob_path is 'logits'"
+    if recipe.lora.enabled and on_head:
+        return "logits", "LoRA on the head"
+    if shape.family != "llama":
+        return "logits", f"a {shape.family} model"
+    return "hidden", "a plain Linear head (the trainer checks it on the first batch)"
 
 
 def policy_weight_parts(shape: ModelShape, double_quant: bool) -> list[Part]:
@@ -139,13 +172,14 @@ def largest_fit(recipe, shape, regime, card: float) -> dict:
     """The largest candidate micro-batch (at the recipe's max_length) and the largest max_length
     (multiple of 64, at the recipe's micro-batch) whose training step fits the card."""
     base = train_settings(recipe)
+    path = logprob_path_for(recipe, shape)[0]
     micro = 0
     for m in range(1, base.candidates + 1):
-        if _fits(training_parts(shape, train_settings(recipe, micro_batch=m), regime), card):
+        if _fits(training_parts(shape, train_settings(recipe, micro_batch=m), regime, path), card):
             micro = m
     length, probe = 0, 64
     while probe <= 32768 and _fits(training_parts(
-            shape, train_settings(recipe, max_length=probe), regime), card):
+            shape, train_settings(recipe, max_length=probe), regime, path), card):
         length, probe = probe, probe + 64
     return {"candidate_micro_batch_size": micro or None, "max_length": length or None}
 
@@ -153,7 +187,17 @@ def largest_fit(recipe, shape, regime, card: float) -> dict:
 def plan_recipe(recipe, card_bytes: float) -> dict:
     shape = resolve_shape(recipe.model.name_or_path)
     regime = regime_for(recipe)
-    train = training_parts(shape, train_settings(recipe), regime) if "train" in recipe.stages else None
+    path, why = logprob_path_for(recipe, shape)
+    train = None
+    if "train" in recipe.stages:
+        settings = train_settings(recipe)
+        train = training_parts(shape, settings, regime, path)
+        train.notes += [f"log-prob path: {path} ({why})",
+                        f"prompt sharing: {'on' if settings.share_prompt else 'off'} "
+                        f"({chunk_tokens(settings)} tokens per chunk of {settings.micro_batch})",
+                        f"dtypes: embeddings + head {regime.frozen_bytes} B, residual stream "
+                        f"{regime.residual_bytes} B, compute {regime.compute_bytes} B "
+                        f"({half_dtype(recipe) if regime.autocast else 'fp32'})"]
     stages = {"train": train, "sample": sampling_plan(recipe, shape, regime),
               "score": scoring_plan(recipe, regime)}
     return {"model": recipe.model.name_or_path, "shape_source": shape.source, "card_bytes": card_bytes,

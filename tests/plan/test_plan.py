@@ -14,11 +14,18 @@ from rrhf_lite.cli import main
 from rrhf_lite.config.recipe import load_recipe
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.plan.memory_parts import GiB, Regime, TrainSettings, training_parts
-from rrhf_lite.plan.recipe_memory import parse_memory, plan_recipe
+from rrhf_lite.plan.recipe_memory import (
+    logprob_path_for,
+    parse_memory,
+    plan_recipe,
+    regime_for,
+    train_settings,
+)
 from rrhf_lite.plan.shapes import KNOWN_SHAPES, resolve_shape
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA3 = ROOT / "recipes" / "llama3_8b_qlora_16gb.yaml"
+LLAMA3_8GB = ROOT / "recipes" / "llama3_8b_qlora_8gb.yaml"
 
 
 def test_known_shapes_give_the_published_parameter_counts():
@@ -32,8 +39,8 @@ def test_plan_command_prints_every_part(capsys):
     assert main(["plan", str(LLAMA3), "--gpu-memory", "16GB"]) == 0
     out = capsys.readouterr().out
     for part in ("4-bit weights", "quantisation constants", "embeddings + head", "LoRA parameters",
-                 "optimizer states", "checkpointed activations", "logits (kept for backward)",
-                 "CUDA context", "KV cache", "reward model weights", "largest that fit"):
+                 "optimizer states", "checkpointed activations", "recomputed block",
+                 "log-prob path: hidden", "prompt sharing: on", "CUDA context", "KV cache", "reward model weights", "largest that fit"):
         assert part in out, part
 
 
@@ -67,29 +74,31 @@ def test_parse_memory():
         parse_memory("lots")
 
 
-def _on_card(settings, m, length):
+def _on_card(recipe, m, length):
     shape = KNOWN_SHAPES["meta-llama/Meta-Llama-3-8B-Instruct"]
-    return training_parts(shape, TrainSettings(
-        candidates=settings.candidates, micro_batch=m, max_length=length,
-        lora_targets=settings.lora_targets), Regime.gpu()).on_card
+    settings = train_settings(recipe, micro_batch=m, max_length=length)
+    return training_parts(shape, settings, regime_for(recipe),
+                          logprob_path_for(recipe, shape)[0]).on_card
 
 
-def test_largest_fit_is_the_edge_of_what_fits():
-    recipe = load_recipe(str(LLAMA3), [])
-    for card in (8 * GiB, 10 * GiB, 12 * GiB):
+@pytest.mark.parametrize("path", [LLAMA3, LLAMA3_8GB])
+def test_largest_fit_is_the_edge_of_what_fits(path):
+    recipe = load_recipe(str(path), [])
+    for card in (6 * GiB, 7 * GiB, 8 * GiB):
         result = plan_recipe(recipe, card)
         fit, s = result["largest_fit"], result["settings"]
         length = fit["max_length"]
-        if length is None:  # 8 GiB: the static parts alone do not fit
-            assert _on_card(s, s.micro_batch, 64) > card
+        if length is None:  # the static parts alone do not fit
+            assert _on_card(recipe, s.micro_batch, 64) > card
         else:
-            assert _on_card(s, s.micro_batch, length) <= card < _on_card(s, s.micro_batch, length + 64)
+            assert (_on_card(recipe, s.micro_batch, length) <= card
+                    < _on_card(recipe, s.micro_batch, length + 64))
         m = fit["candidate_micro_batch_size"]
         if m is not None:
-            assert _on_card(s, m, s.max_length) <= card
+            assert _on_card(recipe, m, s.max_length) <= card
             if m < s.candidates:
-                assert _on_card(s, m + 1, s.max_length) > card
-    assert plan_recipe(recipe, 8 * GiB)["largest_fit"]["max_length"] is None
+                assert _on_card(recipe, m + 1, s.max_length) > card
+    assert plan_recipe(recipe, 6 * GiB)["largest_fit"]["max_length"] is None
 
 
 def test_peak_grows_with_micro_batch_and_length_and_not_with_k():

@@ -30,7 +30,7 @@ try:
 except ImportError:
     from _common import print_table, write_result
 
-from rrhf_lite.models.cpu_4bit import alternating_median_seconds
+from rrhf_lite.models.cpu_4bit import alternating_median_seconds, packed_copy
 
 SHAPES = {"q_o 576x576": (576, 576), "k_v 192x576": (192, 576), "gate_up 1536x576": (1536, 576),
           "down 576x1536": (576, 1536)}  # (out_features, in_features)
@@ -40,7 +40,6 @@ ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256, 512)
 def layer_pair(out_features: int, in_features: int):
     """(unpacked Linear4bit in float32 compute, (packed weight, packed state)) of one weight."""
     import bitsandbytes as bnb
-    import bitsandbytes.functional as F
 
     torch.manual_seed(0)
     dense = torch.nn.Linear(in_features, out_features, bias=False)
@@ -51,11 +50,7 @@ def layer_pair(out_features: int, in_features: int):
     layer = layer.to("cpu")  # quantises
     layer.support_avx512bf16_for_cpu = False
     layer.eval()
-    import copy
-
-    state = copy.deepcopy(layer.weight.quant_state)
-    packed, packed_state = F._convert_weight_packed_for_cpu(layer.weight.data.clone(), state)
-    return layer, (packed, packed_state)
+    return layer, packed_copy(layer)
 
 
 def main() -> None:

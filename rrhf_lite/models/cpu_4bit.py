@@ -173,16 +173,19 @@ def _path_choosing_class(plain: type) -> type:
     return _PATH_CHOOSING[plain]
 
 
-def attach_fused_copy(layer: torch.nn.Module, max_rows: int | None) -> None:
-    """Give `layer` a packed copy of its weight and the per-call choice of path."""
+def packed_copy(layer: torch.nn.Module) -> tuple:
+    """(weight, quant state) of `layer` in the fused kernel's layout; the layer is untouched."""
     import copy
 
     import bitsandbytes.functional as bnb_functional
 
     state = copy.deepcopy(layer.weight.quant_state)  # packing rewrites the state it is given
-    packed, packed_state = bnb_functional._convert_weight_packed_for_cpu(
-        layer.weight.data.clone(), state)
-    layer.rrhf_fused = FusedCopy(packed, packed_state, max_rows)
+    return bnb_functional._convert_weight_packed_for_cpu(layer.weight.data.clone(), state)
+
+
+def attach_fused_copy(layer: torch.nn.Module, max_rows: int | None) -> None:
+    """Give `layer` a packed copy of its weight and the per-call choice of path."""
+    layer.rrhf_fused = FusedCopy(*packed_copy(layer), max_rows)
     if not hasattr(type(layer), "rrhf_plain_class"):
         layer.__class__ = _path_choosing_class(type(layer))
 
@@ -264,18 +267,10 @@ def alternating_median_seconds(first, second, repeats: int) -> tuple[float, floa
 def measure_crossover(layers: list[torch.nn.Module], timer=alternating_median_seconds) -> int | None:
     """The largest row count of CALIBRATION_ROWS at which the fused kernel is faster than
     dequantise + matmul on every layer given (0: never; None: at every count measured)."""
-    import copy
-
     import bitsandbytes as bnb
-    import bitsandbytes.functional as bnb_functional
     import torch
 
-    pairs = []
-    for layer in layers:
-        state = copy.deepcopy(layer.weight.quant_state)
-        packed, packed_state = bnb_functional._convert_weight_packed_for_cpu(
-            layer.weight.data.clone(), state)
-        pairs.append((layer, packed, packed_state))
+    pairs = [(layer, *packed_copy(layer)) for layer in layers]
     best = 0
     with torch.no_grad():
         for rows in CALIBRATION_ROWS:

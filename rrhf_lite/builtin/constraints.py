@@ -15,9 +15,16 @@ The reward is the mean of the constraints' scores, each in [0, 1] with partial c
 of the letters in capitals, items off by one, a word count a little over, JSON that parses but
 has other keys, an object cut off before it closes, the phrase present but not at the end), so
 candidates differ in reward and the rank loss has pairs to order. SmolLM2-135M-Instruct meets
-some constraints often and others rarely. Nothing checks that an answer is about its topic: a
-short off-topic answer can meet "at most N words" or "do not use W" in full (docs/real-model.md, "What
-the reward rewards").
+some constraints often and others rarely.
+
+Relevance: an answer that never names its prompt's topic gets half the constraint score
+(`RELEVANCE_FLOOR`). Without it a short off-topic answer met "at most N words" or "do not use W"
+in full, and one round of RRHF learned to be brief rather than to follow constraints
+(docs/real-model.md, "What the reward rewards"). The topic is read back from the request sentence
+("Describe whales."); a prompt in no known request form is not checked for relevance. "Names the
+topic" is a word match with plurals folded and a part of four letters or more accepted ("forest"
+for the rainforest, "garden" for gardening): a cheap check that an answer is about something, not a
+judge of quality.
 
 Splits: training prompts use TRAIN_TOPICS and every kind but HELD_OUT_KIND; held-out prompts use
 HELD_OUT_TOPICS (never trained on) and every kind, HELD_OUT_KIND included (transfer to a kind of
@@ -50,6 +57,12 @@ REQUESTS = (
     "What do you like about {topic}?", "Give some facts about {topic}.",
     "Explain {topic} to a child.",
 )
+# An off-topic answer keeps this share of its constraint score.
+RELEVANCE_FLOOR = 0.5
+# Each request sentence read back: the topic is what fills {topic}.
+_REQUEST_PATTERNS = tuple(
+    re.compile("^" + re.escape(r).replace(re.escape("{topic}"), "(.+?)"), re.I) for r in REQUESTS)
+_TOPIC_STOPWORDS = frozenset({"the", "a", "an", "of"})
 WORDS = ("blue", "happy", "small", "light", "water", "friend", "old", "fast", "green", "time")
 PHRASES = ("The end.", "That is all.", "Thank you!", "Have a nice day.")
 JSON_KEYS = (("name", "color"), ("title", "year"), ("city", "size"), ("topic", "summary"))
@@ -214,24 +227,78 @@ def check(kind: str, args: tuple, response: str) -> float:
     raise ValueError(f"unknown constraint kind {kind!r}")
 
 
+def parse_topic(prompt) -> str | None:
+    """The topic of a prompt's request sentence ("Describe the ocean. ..." -> "the ocean"), or None."""
+    text = _prompt_text(prompt).strip()
+    for pattern in _REQUEST_PATTERNS:
+        match = pattern.match(text)
+        if match:
+            return match.group(1)
+    return None
+
+
+def _singular(word: str) -> str:
+    word = word.lower()
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 4 and word.endswith("oes"):
+        return word[:-2]
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def _names(word: str, keyword: str) -> bool:
+    """Whether an answer's word names a topic keyword (both singular): equal, or a part of four
+    letters or more at either end of it ("forest"/"rainforest" and "garden"/"gardening" count,
+    "cat"/"category" does not)."""
+    if word == keyword:
+        return True
+    return len(word) >= 4 and (keyword.endswith(word) or keyword.startswith(word)) or (
+        len(keyword) >= 4 and word.startswith(keyword))
+
+
+def on_topic(topic: str, response: str) -> bool:
+    """Whether the response names any content word of the topic."""
+    keywords = [_singular(w) for w in _words(topic) if w.lower() not in _TOPIC_STOPWORDS]
+    words = {_singular(w) for w in _words(response)}
+    return any(_names(word, keyword) for keyword in keywords for word in words)
+
+
+def relevance(prompt, response: str) -> float:
+    """1 for an answer that names its prompt's topic (or a prompt with no known topic),
+    RELEVANCE_FLOOR for one that does not."""
+    topic = parse_topic(prompt)
+    if topic is None or on_topic(topic, response):
+        return 1.0
+    return RELEVANCE_FLOOR
+
+
 def score(prompt, response: str) -> float:
+    """Mean constraint score, times the relevance factor."""
     constraints = parse_constraints(prompt)
     if not constraints:
         return 0.0
-    return sum(check(kind, args, response) for kind, args in constraints) / len(constraints)
+    met = sum(check(kind, args, response) for kind, args in constraints) / len(constraints)
+    return met * relevance(prompt, response)
 
 
 def reward(prompts: Sequence, responses: Sequence[str]) -> list[float]:
-    """The recipe's reward function: mean constraint score of each (prompt, response) in [0, 1]."""
+    """The recipe's reward function: each (prompt, response)'s mean constraint score in [0, 1],
+    halved when the answer does not name the prompt's topic."""
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     return [score(p, r) for p, r in zip(prompts, responses, strict=True)]
 
 
 def success_by_kind(prompts: Sequence, responses: Sequence[str]) -> dict[str, float]:
-    """Share of constraints of each kind met in full (score 1), over all prompts that state one."""
+    """Share of constraints of each kind met in full (score 1), over all prompts that state one,
+    and under "on_topic" the share of answers that name their prompt's topic."""
     met: dict[str, list[float]] = {}
     for prompt, response in zip(prompts, responses, strict=True):
         for kind, args in parse_constraints(prompt):
             met.setdefault(kind, []).append(float(check(kind, args, response) == 1.0))
+        topic = parse_topic(prompt)
+        if topic is not None:
+            met.setdefault("on_topic", []).append(float(on_topic(topic, response)))
     return {kind: sum(v) / len(v) for kind, v in sorted(met.items())}

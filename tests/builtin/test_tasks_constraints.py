@@ -64,7 +64,7 @@ def test_success_by_kind_counts_only_full_marks():
     prompts = [msg('Describe cats. Answer in at most 5 words.'),
                msg('Describe dogs. Answer in at most 5 words.')]
     assert tc.success_by_kind(prompts, ["Cats purr.", "one two three four five six"]) == {
-        "max_words": 0.5}
+        "max_words": 0.5, "on_topic": 0.5}
 
 
 def test_splits_are_disjoint_with_unseen_topics_and_one_unseen_kind():
@@ -91,3 +91,48 @@ def test_rows_are_reproducible_and_served_as_builtin_prompts():
     assert tc.make_rows(10, seed=3, held_out=False) != tc.make_rows(10, seed=4, held_out=False)
     rows = load_prompt_rows("builtin:constraints/eval", split="test", limit=12, seed=1, key="k")
     assert rows == tc.make_rows(12, seed=1, held_out=True)
+
+
+def test_topic_is_read_back_from_every_request_form():
+    for topic in tc.TRAIN_TOPICS + tc.HELD_OUT_TOPICS:
+        for request in tc.REQUESTS:
+            text = request.format(topic=topic)
+            text = text[0].upper() + text[1:] + " Answer in at most 5 words."
+            assert tc.parse_topic(msg(text)) == topic
+    assert tc.parse_topic("Summarise this article. Answer in at most 5 words.") is None
+
+
+@pytest.mark.parametrize("topic,response,expected", [
+    ("whales", "Whales are blue.", True),
+    ("whales", "I'm a helpful AI user, trained by Hugging Slim.", False),
+    ("the rainforest", "The forest is green.", True),
+    ("gardening", "I love my garden.", True),
+    ("volcanoes", "A volcano erupts.", True),
+    ("libraries", "My library is quiet.", True),
+    ("rainy days", "One day it rained.", True),
+    ("cats", "A category of things.", False),
+    ("tea", "Teach me.", False),
+    ("the ocean", "", False),
+])
+def test_on_topic_folds_plurals_and_accepts_parts_of_four_letters(topic, response, expected):
+    assert tc.on_topic(topic, response) is expected
+
+
+def test_an_off_topic_answer_keeps_only_the_relevance_floor_of_its_score():
+    prompt = msg('Tell me about whales. Do not use the word "fast".')
+    on, off = tc.reward([prompt, prompt], ["Whales sing.", "I'm a helpful AI assistant."])
+    assert on == 1.0 and off == tc.RELEVANCE_FLOOR
+    # A prompt in no known request form is graded on its constraints alone.
+    assert tc.reward(['Summarise this. Do not use the word "fast".'], ["Fine."]) == [1.0]
+    # The floor scales partial credit too, and never lifts a zero.
+    half = msg("Describe snow. Answer in at most 5 words.")
+    ten = "one two three four five six seven eight nine ten"
+    assert tc.reward([half, half], [ten, "snow " + ten]) == [
+        pytest.approx(0.5 * tc.RELEVANCE_FLOOR), pytest.approx(5 / 11)]
+    assert tc.reward([msg('Describe snow. Use the word "blue" in your answer.')], ["No."]) == [0.0]
+
+
+def test_success_by_kind_reports_the_on_topic_share():
+    prompts = [msg("Describe cats. Answer in at most 5 words."),
+               msg("Describe dogs. Answer in at most 5 words.")]
+    assert tc.success_by_kind(prompts, ["Cats purr.", "Woof."])["on_topic"] == 0.5

@@ -31,7 +31,7 @@ def test_breakdown_hook_is_found_next_to_the_reward_function_only_when_there():
     rows = make_rows(4, seed=0, held_out=True)
     prompts = [r["prompt"] for r in rows]
     shares = eval_extras.success_by_kind(hook, prompts, ["THE END."] * 4)
-    assert set(shares) == {k for r in rows for k in r["kinds"]}
+    assert set(shares) == {k for r in rows for k in r["kinds"]} | {"on_topic"}
     assert all(0.0 <= v <= 1.0 for v in shares.values())
     # the tiny world's reward module has no breakdown; no reward function, no hook
     assert eval_extras.breakdown_function("rrhf_lite.builtin.tiny.tasks:reward") is None

@@ -13,8 +13,9 @@ the same seed, measured in the same run.
     python benchmarks/smollm2_bench.py                         # seeds 0 1 2, the recipe as shipped
     python benchmarks/smollm2_bench.py --seeds 0 --set data.max_prompts=8    # quicker
     python benchmarks/smollm2_bench.py --summarise-only        # rebuild the JSON from the runs
+    python benchmarks/smollm2_bench.py --recipe recipes/quickstart.yaml --fresh-cache  # the main one
 
-Writes benchmarks/results/<date>-<device>-smollm2.json after every seed (partial results are
+Writes benchmarks/results/<date>-<device>-smollm2.json (another --recipe: -smollm2_<its stem>.json) after every seed (partial results are
 kept) and prints the tables. Records CPU load: timings on a shared machine are pessimistic.
 """
 
@@ -31,10 +32,10 @@ from rrhf_lite.utils.io import write_json
 
 try:
     from benchmarks._common import print_table, run_recipe_timed, write_result
-    from benchmarks.quickstart_bench import paired, summarise
+    from benchmarks.tiny_world_bench import paired, summarise
 except ImportError:
     from _common import print_table, run_recipe_timed, write_result
-    from quickstart_bench import paired, summarise
+    from tiny_world_bench import paired, summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "smollm2_constraints.yaml"
@@ -178,7 +179,7 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     columns += [c for c in rows[0] if c.startswith(("reward/train", "ranking/accuracy",
                                                      "general/logprob"))]
     seeds = [r["seed"] for r in runs]
-    print_table(rows, columns=columns, title=f"smollm2_constraints over seeds {seeds}")
+    print_table(rows, columns=columns, title=f"{RECIPE.stem} over seeds {seeds}")
     differences = paired(runs, pairs=PAIRS)
     print_table(differences, title="paired by seed: held-out reward differences")
     for arm, _ in ARM_PAIRS[:1]:
@@ -205,8 +206,8 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     times = [{"seed": r["seed"], **pass_totals(r, own), **r["stage_wall_s"]} for r in runs]
     print_table(times, title="wall time per seed and per stage (seconds; the recipe's own "
                 "variants, not extra arms added with --set)")
-    path = write_result("smollm2", {
-        "recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "seeds": seeds,
+    path = write_result(result_name(RECIPE), {
+        "recipe": str(RECIPE.relative_to(ROOT) if RECIPE.is_relative_to(ROOT) else RECIPE), "overrides": args.overrides, "seeds": seeds,
         "first_seed_fresh_cache": fresh_cache, "table": rows, "paired": differences,
         "gap_closed": gaps, "runs": runs,
     }, results_dir=args.results_dir)
@@ -214,17 +215,31 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     return path
 
 
+def result_name(recipe: Path) -> str:
+    """The results file's name: "smollm2" for the comparison recipe (as recorded since
+    2026-11-30), "smollm2_<stem>" for any other recipe."""
+    return "smollm2" if recipe.stem == "smollm2_constraints" else f"smollm2_{recipe.stem}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    global RECIPE
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", type=Path, default=RECIPE,
+                        help="a SmolLM2 recipe (default: recipes/smollm2_constraints.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "smollm2_bench")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="default: runs/smollm2_bench (another recipe: runs/smollm2_bench-<stem>)")
     parser.add_argument("--fresh-cache", action="store_true",
                         help="convert the model anew for the first seed (its time includes it)")
     parser.add_argument("--summarise-only", action="store_true",
                         help="read the finished run directories of --seeds, run nothing")
     parser.add_argument("--results-dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    RECIPE = args.recipe.resolve()
+    if args.work_dir is None:
+        name = result_name(RECIPE).replace("smollm2_", "")
+        args.work_dir = ROOT / "runs" / ("smollm2_bench" if name == "smollm2" else f"smollm2_bench-{name}")
     args.work_dir.mkdir(parents=True, exist_ok=True)
 
     runs = []

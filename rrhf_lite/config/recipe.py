@@ -273,7 +273,7 @@ def parse_recipe(raw: Any, source: str = "recipe") -> Recipe:
     if not isinstance(raw, dict):
         raise UserInputError(
             f"a recipe is a YAML mapping of keys, got {type(raw).__name__}", where=source,
-            hint="see recipes/quickstart.yaml for the shape",
+            hint="see recipes/tiny_world.yaml for the shape",
         )
     try:
         return Recipe.model_validate(raw)

@@ -224,16 +224,17 @@ def test_notebook_runs_on_cpu_default_sizes(tmp_path, smollm2_dir):
     _check_executed(nb, tmp_path)
 
 
-def test_cpu_branch_is_one_round_of_the_shipped_smollm2_recipe(tmp_path, monkeypatch):
-    """The CPU mode says it runs recipes/smollm2_constraints.yaml (one round, no ablation): its
-    sizes, sampling, learning rate and batch sizes must not drift from the recipe's."""
+def test_cpu_branch_is_the_main_recipe(tmp_path, monkeypatch):
+    """The CPU mode says it runs recipes/quickstart.yaml (the README's main command): its sizes,
+    sampling, learning rate and batch sizes must not drift from the recipe's."""
     from rrhf_lite.config.recipe import load_recipe
 
     monkeypatch.chdir(tmp_path)
     cpu = _run_cells(_read(), _branch(False, DTYPE="float32", MIXED_PRECISION="no"))["recipe"]
-    shipped = load_recipe(NOTEBOOK.parents[1] / "recipes" / "smollm2_constraints.yaml")
+    shipped = load_recipe(NOTEBOOK.parents[1] / "recipes" / "quickstart.yaml")
 
-    assert cpu.rounds == 1 and not cpu.ablations
+    assert cpu.rounds == shipped.rounds == 1 and not cpu.ablations and not shipped.ablations
+    assert cpu.stages == shipped.stages
     assert cpu.model.name_or_path == shipped.model.name_or_path
     for section in ("data", "sampling", "scoring", "lora", "quantization", "evaluate"):
         ours, theirs = getattr(cpu, section).model_dump(), getattr(shipped, section).model_dump()

@@ -1,6 +1,6 @@
 """A tiny, fully offline world: a character tokenizer and tiny LLaMA / reward models built in-process.
 
-Tests, the quickstart and the notebook's CPU mode use these instead of hub downloads.
+Tests, the tiny-world recipe and the notebook's CPU mode use these instead of hub downloads.
 """
 
 from rrhf_lite.builtin.tiny.models import (

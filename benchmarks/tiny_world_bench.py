@@ -1,13 +1,13 @@
-"""The quickstart over several seeds: its results table (mean and spread) and its wall time.
+"""The tiny-world recipe (recipes/tiny_world.yaml; called quickstart.yaml until 2026-12-03) over several seeds: its results table (mean and spread) and its wall time.
 
-Each seed runs `rrhf-lite run recipes/quickstart.yaml` in a fresh subprocess with its own run
+Each seed runs `rrhf-lite run recipes/tiny_world.yaml` in a fresh subprocess with its own run
 directory and its own tiny-world cache (so the warm-up is part of the time, as on a fresh
 machine). The baseline is the initial policy of the same seed, measured in the same run.
 
-    python benchmarks/quickstart_bench.py                   # seeds 0 1 2, the full recipe
-    python benchmarks/quickstart_bench.py --seeds 0 --set data.max_prompts=32   # quicker
+    python benchmarks/tiny_world_bench.py                   # seeds 0 1 2, the full recipe
+    python benchmarks/tiny_world_bench.py --seeds 0 --set data.max_prompts=32   # quicker
 
-Writes benchmarks/results/<date>-<device>-quickstart.json and prints the table. Also
+Writes benchmarks/results/<date>-<device>-tiny_world.json and prints the table. Also
 records CPU load while it ran: timings on a busy machine are pessimistic.
 """
 
@@ -27,7 +27,7 @@ except ImportError:
     from _common import print_table, run_recipe_timed, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "quickstart.yaml"
+RECIPE = ROOT / "recipes" / "tiny_world.yaml"
 
 
 def run_seed(seed: int, overrides: list[str], workdir: Path) -> dict:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     runs = []
-    with tempfile.TemporaryDirectory(prefix="rrhf-quickstart-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="rrhf-tiny-world-bench-") as tmp:
         for seed in args.seeds:
             print(f"seed {seed} ...", flush=True)
             runs.append(run_seed(seed, args.overrides, Path(tmp)))
@@ -104,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(runs)
     columns = ["variant"] + [c for c in rows[0] if c.startswith("reward/held_out")]
     columns += [c for c in rows[0] if c.startswith(("reward/train", "ranking/accuracy"))]
-    print_table(rows, columns=columns, title="quickstart over seeds " + str(args.seeds))
+    print_table(rows, columns=columns, title="tiny world over seeds " + str(args.seeds))
     differences = paired(runs)
     print_table(differences, title="paired by seed: held-out reward differences")
     times = [{"seed": r["seed"], "wall_s": r["wall_s"], "cpu_s": r["cpu_s"],
               "load_avg_1m_before": r["load_avg_1m_before"]} for r in runs]
     print_table(times, title="time per seed (whole run: warm-up, 2 rounds, ablation, eval, merge)")
-    path = write_result("quickstart", {
+    path = write_result("tiny_world", {
         "recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "seeds": args.seeds,
         "table": rows, "paired": differences, "runs": runs,
     }, results_dir=args.results_dir)

@@ -1,6 +1,7 @@
-"""Why the quickstart does not show all of the paper's directions: a study over seeds and arms.
+"""Why the tiny-world recipe does not show all of the paper's directions: a study over seeds and
+arms (the recipe was called quickstart.yaml until 2026-12-03).
 
-The quickstart (recipes/quickstart.yaml, 3 seeds) put RRHF above the initial policy but below
+The tiny-world recipe (recipes/tiny_world.yaml, 3 seeds) put RRHF above the initial policy but below
 its own ablation without the rank loss, and IP-2 below one round on held-out prompts. This
 script re-runs the real pipeline (`rrhf-lite run`, no merge) with more held-out prompts, more
 seeds, extra training variants that each test one explanation, and a few "arms" that change
@@ -16,7 +17,7 @@ Training variants, all trained on the same round-1 candidates of a run (recipe `
     rank_w0.2      the rank loss down-weighted to 0.2
     rrhf_round2    IP-2: one more round on the RRHF policy's own samples (same prompts)
 
-Arms (settings of the whole run): `paper` is the quickstart as first recorded (learning rate
+Arms (settings of the whole run): `paper` is the tiny-world recipe as first recorded (learning rate
 2e-3); the others are listed in ARMS below. The recorded study (2026-11-27) ran `paper`,
 `diverse_beam`, `prompts800` and `k2` while the recipe itself said 2e-3, which the arms now pin
 (each run directory's recipe.yaml shows the rate it used).
@@ -28,11 +29,11 @@ Mechanism measures, on held-out prompts whose habitual wrong answer (the warm-up
 A rank loss on length-normalised scores can satisfy "habit below right" by lowering the shared
 prefix when the habit is the shorter answer; a sum score cannot (the prefix cancels).
 
-    python benchmarks/quickstart_study.py                         # 5 seeds x all arms, 2 jobs
-    python benchmarks/quickstart_study.py --seeds 0 --arms paper  # one run, to try it
-    python benchmarks/quickstart_study.py --analyze-only --workdir runs/study  # re-read runs
+    python benchmarks/tiny_world_study.py                         # 5 seeds x all arms, 2 jobs
+    python benchmarks/tiny_world_study.py --seeds 0 --arms paper  # one run, to try it
+    python benchmarks/tiny_world_study.py --analyze-only --workdir runs/study  # re-read runs
 
-Writes benchmarks/results/<date>-<device>-quickstart_study.json and prints the tables.
+Writes benchmarks/results/<date>-<device>-tiny_world_study.json and prints the tables.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ except ImportError:
     from _common import print_table, run_recipe_timed, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPE = ROOT / "recipes" / "quickstart.yaml"
+RECIPE = ROOT / "recipes" / "tiny_world.yaml"
 
 VARIANT_ABLATIONS = (
     "ablations=[{name: no_rank_loss, train: {rank_weight: 0.0}},"
@@ -58,7 +59,7 @@ VARIANT_ABLATIONS = (
     " {name: sum_scores, train: {length_penalty: 0.0}},"
     " {name: rank_w0.2, train: {rank_weight: 0.2}}]"
 )
-# The quickstart as first recorded (2026-11-26) trained at 2e-3; the recipe now says 5e-4 (this
+# The tiny-world recipe as first recorded (2026-11-26) trained at 2e-3; the recipe now says 5e-4 (this
 # study's finding), so the arms pin the rate they were recorded with.
 FIRST_RATE = "train.learning_rate=2e-3"
 ARMS: dict[str, list[str]] = {
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     for key, rows in made.items():
         print_table(rows, title=titles[key])
-    path = write_result("quickstart_study", {
+    path = write_result("tiny_world_study", {
         "recipe": str(RECIPE.relative_to(ROOT)), "arms": {a: ARMS[a] for a in args.arms},
         "variants": VARIANT_ABLATIONS, "seeds": args.seeds, "eval_prompts": args.eval_prompts,
         "tables": made, "runs": results, "timings": timings,

@@ -1,4 +1,4 @@
-"""The quickstart recipe end to end with tiny overrides: the README's main command, shrunk.
+"""The tiny-world recipe end to end with tiny overrides: the fastest whole pipeline, shrunk.
 
 Runs the real CLI in-process on the built-in tiny world (warm-up, sample, score, 4-bit + LoRA
 RRHF training, evaluate, merge) and checks the report's structure and that RRHF beat the
@@ -27,9 +27,9 @@ TINY = [
 ]
 
 
-def test_quickstart_end_to_end(tmp_path, tiny_world_cache, capsys):
+def test_tiny_world_recipe_end_to_end(tmp_path, tiny_world_cache, capsys):
     out = tmp_path / "run"
-    args = ["run", str(ROOT / "recipes" / "quickstart.yaml"), "--output-dir", str(out)]
+    args = ["run", str(ROOT / "recipes" / "tiny_world.yaml"), "--output-dir", str(out)]
     for item in TINY:
         args += ["--set", item]
     assert main(args) == 0
@@ -48,7 +48,7 @@ def test_quickstart_end_to_end(tmp_path, tiny_world_cache, capsys):
             assert key in entry
     best = report["metrics"]["best_of_n"]["reward/held_out"]
     assert 0.0 <= variants["initial"]["reward/held_out"] <= best <= 1.0
-    # The claim the quickstart exists to show, on the prompts RRHF trained on.
+    # The claim the tiny world exists to show, on the prompts RRHF trained on.
     assert variants["rrhf"]["reward/train"] > variants["initial"]["reward/train"]
     # People read the table: it is printed and in report.md.
     assert "best-of-k" in printed and "rrhf" in printed

@@ -1,4 +1,4 @@
-"""The quickstart study's and benchmark's measuring functions (not their results): answer
+"""The tiny-world study's and benchmark's measuring functions (not their results): answer
 kinds, per-token log-probs checked against the library's own candidate scores, the
 right-vs-habit measures, training trends, and the paired-by-seed tables."""
 
@@ -11,7 +11,7 @@ import pytest
 
 @pytest.fixture(scope="module")
 def study(benchmark_module):
-    return benchmark_module("quickstart_study")
+    return benchmark_module("tiny_world_study")
 
 
 def test_answer_kind(study):
@@ -112,8 +112,8 @@ def test_candidate_measures(study, tmp_path):
     assert got == {"best": 0.5, "mean": 0.25, "distinct": 2.5, "all_tied": 0.5}
 
 
-def test_quickstart_bench_paired_differences(benchmark_module):
-    bench = benchmark_module("quickstart_bench")
+def test_tiny_world_bench_paired_differences(benchmark_module):
+    bench = benchmark_module("tiny_world_bench")
 
     def run(initial, rrhf, ablation):
         return {"metrics": {"variants": {"initial": {"reward/held_out": initial},
@@ -129,7 +129,7 @@ def test_quickstart_bench_paired_differences(benchmark_module):
     assert by_name["rrhf - no_rank_loss"]["per seed"] == "+0.050 -0.050"
 
 
-def test_every_arm_is_a_valid_quickstart_recipe(study):
+def test_every_arm_is_a_valid_tiny_world_recipe(study):
     """The arms are --set overrides of the shipped recipe; they must stay valid as it changes,
     and the arms recorded at the first learning rate must keep it."""
     from rrhf_lite.config.recipe import load_recipe

@@ -328,6 +328,10 @@ class TrainSection(Section):
     save_steps: int = Field(100, gt=0)
     save_total_limit: int | None = 2
     report_to: str | list[str] = "none"
+    skip_tied: bool = Field(
+        False, description="Leave out of training the rows whose candidates all have the same "
+        "reward: no ranking to learn, and the SFT term would imitate the first of equals (with a "
+        "programmatic reward often a failure all candidates share); false = the paper's code")
     allow_sft_only: bool = Field(
         False, description="Train even when most rows have one candidate (k = 1: no rank pair, "
         "the SFT loss alone); by default such a run stops with exit code 2 and says why")

@@ -298,7 +298,8 @@ def _warn_counts(stats: dict[str, int], name: str) -> None:
     n = stats["rows"]
     messages = {
         "single_response": "have one response (k = 1): SFT loss only, no rank pair",
-        "all_tied": "have all scores tied: no rank pair (SFT on the first response only)",
+        "all_tied": "have all scores tied: no rank pair (SFT on the first response only; "
+                    "train.skip_tied leaves them out)",
         "duplicate_responses": "contain duplicate responses",
         "empty_prompt": "have an empty or whitespace-only prompt (responses learnt unconditioned)",
     }

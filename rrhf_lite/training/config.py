@@ -39,6 +39,9 @@ class RRHFConfig(TrainingArguments):
         input; else unshared rows, the reason said once in the log) | True (required: an error
         if not possible) | False (every candidate row repeats its prompt). Same numbers either
         way (rrhf_lite.training.shared_prompt).
+    skip_tied: leave out of training the rows whose candidates all have the same reward (False,
+        as the paper's code). Such a row holds no ranking, and the SFT term would imitate the first
+        of equals: with a programmatic reward often a failure every candidate shares.
     Defaults differing from TrainingArguments: logging every step, unused columns kept (the
     collator needs them), non-reentrant gradient checkpointing.
     """
@@ -55,6 +58,7 @@ class RRHFConfig(TrainingArguments):
     logprob_backend: str = "auto"
     logprob_path: str = "auto"
     share_prompt: str | bool = "auto"
+    skip_tied: bool = False
     logging_steps: float = 1
     remove_unused_columns: bool = False
     report_to: None | str | list[str] = field(default="none")

@@ -161,6 +161,8 @@ class RRHFTrainer(LoggedMetrics, Trainer):
             raise UserInputError("RRHFTrainer needs processing_class=tokenizer to tokenise data",
                                  where="processing_class", hint="pass the model's tokenizer")
         examples = load_listwise(data, require_scores=True)
+        if args.skip_tied and name == "train":
+            examples = self._without_tied_rows(examples)
         features, stats = tokenize_listwise(
             examples, tokenizer, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, truncation_side=args.truncation_side)
@@ -170,6 +172,20 @@ class RRHFTrainer(LoggedMetrics, Trainer):
                 f"no {name} row is left after truncation ({stats.rows_dropped} dropped)",
                 where="max_length", hint="raise max_length or lower max_prompt_length")
         return _Features(features)
+
+    @staticmethod
+    def _without_tied_rows(examples: list[dict]) -> list[dict]:
+        """skip_tied: the rows with at least two different rewards (k = 1 rows stay: SFT)."""
+        kept = [ex for ex in examples if len(ex["responses"]) == 1 or len(set(ex["scores"])) > 1]
+        if not kept:
+            raise UserInputError(
+                f"every one of the {len(examples)} training rows has all its rewards tied, and "
+                "skip_tied leaves them all out", where="skip_tied",
+                hint="set skip_tied false, or get candidates that the reward tells apart")
+        if len(kept) < len(examples):
+            logger.warning("skip_tied: %d of %d training rows left out (all rewards tied)",
+                           len(examples) - len(kept), len(examples))
+        return kept
 
     # ---------------------------------------------------------------- the loss
 

@@ -269,6 +269,24 @@ def test_all_rows_dropped_is_a_user_error(small_lm_dir, tmp_path):
                     processing_class=tok)
 
 
+def test_skip_tied_leaves_out_rows_without_a_ranking(small_lm_dir, tmp_path, caplog):
+    model, tok = lora_model(small_lm_dir)
+    rows = [{"prompt": "p1", "responses": ["a", "b"], "scores": [1.0, 0.0]},
+            {"prompt": "p2", "responses": ["c", "d", "e"], "scores": [0.0, 0.0, 0.0]},
+            {"prompt": "p3", "responses": ["f"], "scores": [0.5]},  # k = 1: SFT, kept
+            {"prompt": "p4", "responses": ["g", "h"], "scores": [0.3, 0.3]}]
+    kept = RRHFTrainer(model=model, args=rrhf_config(tmp_path, skip_tied=True),
+                       train_dataset=rows, processing_class=tok)
+    assert len(kept.train_dataset) == 2
+    assert "skip_tied: 2 of 4 training rows left out" in caplog.text
+    every = RRHFTrainer(model=model, args=rrhf_config(tmp_path), train_dataset=rows,
+                        processing_class=tok)
+    assert len(every.train_dataset) == 4  # the paper's code: off by default
+    with pytest.raises(UserInputError, match="skip_tied"):
+        RRHFTrainer(model=model, args=rrhf_config(tmp_path, skip_tied=True),
+                    train_dataset=[rows[1], rows[3]], processing_class=tok)
+
+
 @pytest.mark.gpu
 def test_cuda_bf16_triton_micro_batched_step(small_lm_dir, tmp_path):
     """On a GPU: NF4 with bf16 compute ("auto"), Triton kernel, micro-batch 2 vs all at once."""

@@ -206,7 +206,7 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
     times = [{"seed": r["seed"], **pass_totals(r, own), **r["stage_wall_s"]} for r in runs]
     print_table(times, title="wall time per seed and per stage (seconds; the recipe's own "
                 "variants, not extra arms added with --set)")
-    path = write_result(result_name(RECIPE), {
+    path = write_result(args.result_name or result_name(RECIPE), {
         "recipe": str(RECIPE.relative_to(ROOT) if RECIPE.is_relative_to(ROOT) else RECIPE), "overrides": args.overrides, "seeds": seeds,
         "first_seed_fresh_cache": fresh_cache, "table": rows, "paired": differences,
         "gap_closed": gaps, "runs": runs,
@@ -235,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--summarise-only", action="store_true",
                         help="read the finished run directories of --seeds, run nothing")
     parser.add_argument("--results-dir", type=Path, default=None)
+    parser.add_argument("--result-name", default=None,
+                        help="the results file's name (default: smollm2, or smollm2_<recipe stem>)")
     args = parser.parse_args(argv)
     RECIPE = args.recipe.resolve()
     if args.work_dir is None:

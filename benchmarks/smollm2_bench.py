@@ -42,6 +42,11 @@ RECIPE = ROOT / "recipes" / "smollm2_constraints.yaml"
 # (first, second): per-seed differences of held-out reward
 PAIRS = (("rrhf", "initial"), ("rrhf_round2", "initial"), ("rrhf", "no_rank_loss"),
          ("rrhf_round2", "rrhf"), ("rrhf", "dpo"), ("dpo", "initial"))
+# The listwise objectives on the same candidates (ablations named by loss_type, and TRL's DPO
+# as "trl_dpo"): each against the initial policy and against RRHF. Pairs missing from a run are
+# left out of the tables.
+OBJECTIVES = ("pro", "pl_dpo", "lipo", "dpo_pairs", "trl_dpo")
+PAIRS += tuple((o, "initial") for o in OBJECTIVES) + tuple(("rrhf", o) for o in OBJECTIVES)
 TRAINED = ("round-1", "round-2", "ablations/no_rank_loss", "ablations/dpo")
 
 
@@ -119,7 +124,8 @@ def step_times(run_dir: Path) -> dict[str, dict]:
     """Optimiser steps and wall seconds per step of each trained variant (from the trainer's
     final log line: train_runtime over global steps)."""
     found = {}
-    for name in TRAINED:
+    ablations = sorted(p.parent.name for p in (run_dir / "ablations").glob("*/train"))
+    for name in dict.fromkeys([*TRAINED, *(f"ablations/{a}" for a in ablations)]):
         log = run_dir / name / "train" / "metrics.jsonl"
         if not log.exists():
             continue
@@ -191,7 +197,7 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
             differences += [{**row, "seeds": [r["seed"] for r in with_arm]} for row in extra]
             print_table(extra, title=f"extra arm {arm}, seeds {[r['seed'] for r in with_arm]}")
     gaps = []
-    for variant in ("rrhf", "rrhf_round2", "no_rank_loss", "dpo"):
+    for variant in ("rrhf", "rrhf_round2", "no_rank_loss", "dpo", *OBJECTIVES):
         shares = gap_closed(runs, variant)
         if shares:
             gaps.append({"variant": variant, "mean": statistics.mean(shares),

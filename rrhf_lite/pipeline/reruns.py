@@ -5,9 +5,11 @@ such as training checkpoints) is removed, each path said, and the stage runs aga
 line naming what changed. A later stage reads the earlier one's output by its bytes, so it
 reruns exactly when that output was rewritten differently.
 
-Outputs an older rrhf-lite wrote have no record. They are judged as make judges files: kept
-when the recipe keys the stage reads are as in the run directory's recipe.yaml and no file it
-reads is newer than the output; their record is then written, so the next run compares records.
+A record is written once its stage has finished. Outputs without one (an older rrhf-lite's, or
+a killed command's partial work such as checkpoints) are judged as make judges files: kept
+(resumed) when the recipe keys the stage reads are as in the run directory's recipe.yaml and no
+file it reads is newer; a kept output's record is then written, so the next run compares
+records.
 """
 
 from __future__ import annotations
@@ -80,16 +82,18 @@ def record_changes(old: dict, new: dict) -> list[str]:
     return reasons
 
 
-def _legacy_changes(out: StageOutput, inputs: StageInputs, earlier: Recipe | None) -> list[str]:
-    """Why an output without a record (an older rrhf-lite's) cannot be kept; [] = it can."""
+def _legacy_changes(made: Path, inputs: StageInputs, earlier: Recipe | None) -> list[str]:
+    """Why an output (or partial work) without a record cannot be kept; [] = it can. Such an
+    output was written by an older rrhf-lite, or by a command that stopped before recording
+    it: the run directory's recipe.yaml (as it was before this command) is what made it."""
     if earlier is None:
         return ["no record of its inputs, and no readable recipe.yaml to vouch for it"]
     reasons = key_changes(recipe_values(earlier, inputs.keys), inputs.values)
-    times = modified_times(out.done)
+    times = modified_times(made)
     for path in inputs.files:
         theirs = modified_times(path)
         if times and theirs and theirs[1] > times[0]:
-            reasons.append(f"{path} is newer than {out.done.name}")
+            reasons.append(f"{path} is newer than {made.name}")
     return reasons
 
 
@@ -106,22 +110,24 @@ def _read(path: Path) -> dict | None:
 
 def stage_runs(out: StageOutput, inputs: StageInputs, *, runs: bool, earlier: Recipe | None,
                say_skip: bool = True) -> bool:
-    """Whether the stage runs now. Kept: its output stands ("skipped"). Changed: the output
-    is removed and True returned when this command runs the stage (`runs`); otherwise a
-    warning says the output is out of date and it is used as it is. Call write_record
-    before running the stage."""
+    """Whether the stage runs now. Kept: its output stands ("skipped"). Changed: the output,
+    its partial work and its record are removed, and True returned when this command runs the
+    stage (`runs`); otherwise a warning says the output is out of date and it is used as it
+    is. Call write_record once the stage has finished."""
     old = _read(out.record)
     done = out.done.exists()
+    made = out.done if done else next((p for p in out.partial if p.exists()), None)
     if old is None:
-        if not done:
+        if made is None:
             return runs
-        reasons = _legacy_changes(out, inputs, earlier)
+        reasons = _legacy_changes(made, inputs, earlier)
         if not reasons:
-            say(f"{out.what} skipped, found {out.done} (made before rrhf-lite recorded stage "
-                "inputs: its recipe keys are unchanged and no file it reads is newer; its "
-                "inputs are recorded now)")
-            write_record(out, inputs)
-            return False
+            if done:
+                say(f"{out.what} skipped, found {out.done} (no record of its inputs: kept, as "
+                    "the recipe keys it reads are unchanged and no file it reads is newer; "
+                    "recorded now)")
+                write_record(out, inputs)
+            return runs and not done  # partial work (checkpoints) of these inputs: resumed
     else:
         reasons = record_changes(old, inputs.record())
         if not reasons:
@@ -142,16 +148,18 @@ def _clear(out: StageOutput) -> None:
     every = (out.done, *out.partial)
     # a path inside another one (train/adapter in train/) goes with it: named once
     paths = [p for p in every if p.exists() and not any(o in p.parents for o in every)]
-    if not paths:
-        return
-    say(f"{out.what}: removing {', '.join(str(p) for p in paths)}")
+    if paths:
+        say(f"{out.what}: removing {', '.join(str(p) for p in paths)}")
     if distributed.is_main_process():
         for path in paths:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
+        # a killed rerun leaves partial work without a record: judged by its times, not by
+        # the record of what it replaced
+        out.record.unlink(missing_ok=True)
 
 
 def write_record(out: StageOutput, inputs: StageInputs) -> None:
-    """Record the inputs (before the stage runs: a killed stage's partial work, such as
-    checkpoints, then belongs to them, and a resume may continue it)."""
+    """Record the inputs a finished stage's output was made from (after it finished: a stage
+    that stopped on bad input leaves the run directory as it was)."""
     if distributed.is_main_process():
         write_json(out.record, {"version": RECORD_VERSION, **inputs.record()})

@@ -69,7 +69,12 @@ def run_round(state: RunState, round_index: int) -> bool:
         runs = stage.name in state.stages  # else: only checked, when there, to warn if stale
         if stage.name not in state.recipe.stages or not (runs or output.exists()):
             continue
-        source = stage.source(state, round_index) if stage.source else None
+        try:
+            source = stage.source(state, round_index) if stage.source else None
+        except UserInputError:
+            if runs:
+                raise
+            continue  # only checking, and its input is gone: nothing to compare with
         record = round_output(state, round_index, stage)
         inputs = _round_inputs(state, round_index, stage.name, source)
         rerun = stage_runs(record, inputs, runs=runs, earlier=state.previous_recipe)
@@ -78,10 +83,10 @@ def run_round(state: RunState, round_index: int) -> bool:
             continue
         if source is not None and not _round_input_ready(round_index, source, stage.after):
             return False
-        write_record(record, inputs)
         with timed_stage(state.run_dir, f"round-{round_index}/{stage.name}",
                          enabled=distributed.is_main_process()):
             stage.run(state, round_index, source, output)
+        write_record(record, inputs)
     adapter = out / "train" / "adapter"
     if "train" in state.recipe.stages and adapter.exists():
         state.round_adapters[round_index] = adapter

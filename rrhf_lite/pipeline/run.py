@@ -44,6 +44,7 @@ from rrhf_lite.pipeline.rounds import (
 )
 from rrhf_lite.pipeline.run_dir import prepare_run_dir
 from rrhf_lite.pipeline.stage_inputs import (
+    StageInputs,
     evaluation_inputs,
     merge_inputs,
     train_inputs,
@@ -105,8 +106,10 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
             with timed_stage(run_dir, "evaluate"):
                 prompt_sets = {name: chat_prompts(state, rows)
                                for name, rows in _evaluation_prompts(recipe).items()}
-                _clear_stale_evaluations(state)
+                evaluated = _clear_stale_evaluations(state)
                 metrics = evaluate_run(state, prompt_sets)
+                for record, inputs in evaluated:
+                    write_record(record, inputs)
         if "merge" in stages:
             with timed_stage(run_dir, "merge"):
                 _merge(state)
@@ -133,12 +136,18 @@ def _train_ablation(state: RunState, ablation: AblationSection) -> None:
     adapter = out / "adapter"
     record = StageOutput(f"ablation '{name}': train", adapter,
                          state.ablation_dir(name) / "train.inputs.json", (out,))
-    data = training_data(state, 1)
     runs = "train" in state.stages  # else: only checked, when there, to warn if stale
-    inputs = train_inputs(state, data, None, ablation) if runs or adapter.exists() else None
+    if not (runs or adapter.exists()):
+        return
+    try:
+        data = training_data(state, 1)
+    except UserInputError:
+        if runs:
+            raise
+        data = None  # only checking, and its input is gone: nothing to compare with
+    inputs = train_inputs(state, data, None, ablation) if data is not None else None
     if inputs and stage_runs(record, inputs, runs=runs, earlier=state.previous_recipe):
         require_input(data, "score")
-        write_record(record, inputs)
         with timed_stage(state.run_dir, f"ablation/{name}/train",
                          enabled=distributed.is_main_process()):
             if ablation.method == "dpo":
@@ -148,6 +157,7 @@ def _train_ablation(state: RunState, ablation: AblationSection) -> None:
             else:
                 say(f"ablation '{name}': {ablation.train}")
                 train_adapter(state, data, out, init_adapter=None, overrides=ablation.train)
+        write_record(record, inputs)
     if adapter.exists():
         state.ablation_adapters[name] = adapter
 
@@ -175,22 +185,22 @@ def _evaluation_prompts(recipe: Recipe) -> dict[str, list[dict]]:
     return sets
 
 
-def _clear_stale_evaluations(state: RunState) -> None:
+def _clear_stale_evaluations(state: RunState) -> list[tuple[StageOutput, StageInputs]]:
     """Evaluation keeps each variant's answers (eval/<variant>.entry.json) for reruns: clear all
     of eval/ when what every variant is evaluated with changed (prompts, reward, settings), and
-    a variant's files when its adapter changed. evaluate_run then evaluates what is missing."""
+    a variant's files when its adapter changed; evaluate_run then evaluates what is missing.
+    Returns the records to write once it has."""
     eval_dir, earlier = state.run_dir / "eval", state.previous_recipe
     shared = StageOutput("evaluate", eval_dir, eval_dir / "inputs.json")
-    inputs = evaluation_inputs(state)
-    if stage_runs(shared, inputs, runs=True, earlier=earlier, say_skip=False):
-        write_record(shared, inputs)
+    records = [(shared, evaluation_inputs(state))]
+    stage_runs(shared, records[0][1], runs=True, earlier=earlier, say_skip=False)
     for variant, adapter in state.variants().items():
         files = tuple(eval_dir / f"{variant}.{name}.jsonl" for name in ("held_out", "train"))
         record = StageOutput(f"evaluate: {variant}", eval_dir / f"{variant}.entry.json",
                              eval_dir / f"{variant}.inputs.json", files)
-        inputs = variant_inputs(state, adapter)
-        if stage_runs(record, inputs, runs=True, earlier=earlier, say_skip=False):
-            write_record(record, inputs)
+        records.append((record, variant_inputs(state, adapter)))
+        stage_runs(record, records[-1][1], runs=True, earlier=earlier, say_skip=False)
+    return records
 
 
 def _merge(state: RunState) -> None:
@@ -208,7 +218,6 @@ def _merge(state: RunState) -> None:
         if not recipe.merge.force:
             return
         say("merge: merge.force is set, so merging again")
-    write_record(record, inputs)
     say(f"merging {adapter} into {state.base_model} -> {out}")
     quantization = recipe.quantization
     report = merge_adapter(
@@ -217,4 +226,5 @@ def _merge(state: RunState) -> None:
         **quantization.roundtrip(), tolerance=recipe.merge.tolerance, force=recipe.merge.force,
         trust_remote_code=recipe.model.trust_remote_code,
     )
+    write_record(record, inputs)
     say(f"merge verified: max |logit difference| = {report.get('max_abs_diff')}")

@@ -35,7 +35,7 @@ def _recipe(model_dir, **changes) -> dict:
     recipe = {
         "name": "edits", "output_dir": "run", "seed": 0,
         "model": {"name_or_path": str(model_dir)},
-        "stages": ["sample", "score", "train", "evaluate"],
+        "stages": ["sample", "score", "train", "evaluate", "merge"],
         "quantization": {"load_in_4bit": False},
         "lora": {"r": 2, "alpha": 4, "dropout": 0.0},
         "data": {"prompts": "prompts.jsonl", "eval_prompts": "eval.jsonl"},
@@ -46,6 +46,7 @@ def _recipe(model_dir, **changes) -> dict:
                   "max_length": 64, "max_prompt_length": 32, "gradient_accumulation_steps": 1,
                   "warmup_ratio": 0.0, "learning_rate": 1e-4, "allow_sft_only": True},
         "evaluate": {"max_new_tokens": 3, "plots": False, "examples": 1},
+        "merge": {"torch_dtype": "float32", "roundtrip_nf4": False},
     }
     for dotted, value in changes.items():
         *parents, last = dotted.split("__")
@@ -129,6 +130,7 @@ def test_an_unchanged_rerun_skips_every_stage(rerun):
     for stage in ("sample", "score", "train"):
         assert f"round 1: {stage} skipped" in out, out
     assert "evaluate: initial skipped" in out and "evaluate: rrhf skipped" in out, out
+    assert "merge skipped" in out, out
     assert "reruns" not in out and "removing" not in out, out
     assert _bytes(rerun.root) == before
 
@@ -164,6 +166,7 @@ def test_a_changed_reward_keeps_the_candidates_and_reruns_from_score(rerun):
     assert "round 1: score reruns: scoring.reward_function (its module's source) changed" in out
     assert "round 1: train reruns: round-1/scored.jsonl changed" in out, out
     assert "evaluate reruns: scoring.reward_function (its module's source) changed" in out, out
+    assert "merge reruns: round-1/train/adapter changed" in out, out
     after = _bytes(rerun.root)
     assert after["round-1/candidates.jsonl"] == before["round-1/candidates.jsonl"]
     assert after["round-1/scored.jsonl"] != before["round-1/scored.jsonl"]
@@ -226,7 +229,7 @@ def test_another_experiment_is_refused_naming_its_keys_and_force_keeps_what_is_v
     removed = [line.removeprefix("[rrhf-lite] ") for line in out.splitlines() if "removing" in line]
     assert removed == ["round 1: train: removing run/round-1/train",  # and what read its adapter
                        "evaluate: rrhf: removing run/eval/rrhf.entry.json, "
-                       "run/eval/rrhf.held_out.jsonl"], removed
+                       "run/eval/rrhf.held_out.jsonl", "merge: removing run/merged"], removed
     after = _bytes(rerun.root)
     assert after["round-1/candidates.jsonl"] == before["round-1/candidates.jsonl"]
     assert after["eval/initial.entry.json"] == before["eval/initial.entry.json"]
@@ -237,12 +240,12 @@ def test_a_run_without_records_is_kept_unless_an_input_is_newer(rerun):
     input file is newer; then recorded."""
     run_dir = rerun.root / "run"
     records = [*run_dir.rglob("*.inputs.json"), run_dir / "eval" / "inputs.json"]
-    assert len(records) == 6, records  # sample, score, train; evaluate, initial, rrhf
+    assert len(records) == 7, records  # sample, score, train; evaluate, initial, rrhf; merge
     for path in records:
         path.unlink()
     code, out = rerun()
     assert code == 0, out
-    assert out.count("made before rrhf-lite recorded stage inputs") == 6, out
+    assert out.count("(no record of its inputs: kept") == 7, out
     assert "reruns" not in out, out
     assert all(path.exists() for path in records)
 
@@ -292,3 +295,52 @@ def test_fingerprints_see_bytes_or_file_times(tmp_path):
     os.utime(folder / "w.bin", ns=(1, 1))
     assert stat_digest(folder) != stat
     assert content_digest(tmp_path / "missing") is None
+
+
+def _train_output(tmp_path) -> tuple:
+    from rrhf_lite.pipeline.reruns import StageOutput
+
+    train = tmp_path / "round-1" / "train"
+    (train / "checkpoint-1").mkdir(parents=True)
+    (train / "checkpoint-1" / "trainer_state.json").write_text("{}")
+    return StageOutput("round 1: train", train / "adapter", tmp_path / "train.inputs.json",
+                       (train,)), train
+
+
+def test_a_killed_stages_partial_work_resumes_only_under_the_same_recipe(tmp_path, tiny_lm_dir,
+                                                                         capsys):
+    """Checkpoints without a record (the command was killed before the stage finished) are
+    resumed when the recipe.yaml they were made under reads the same; else cleared."""
+    from rrhf_lite.config.recipe import parse_recipe
+    from rrhf_lite.pipeline.reruns import stage_runs
+    from rrhf_lite.pipeline.stage_inputs import StageInputs
+
+    made_under = parse_recipe(_recipe(tiny_lm_dir))
+    now = parse_recipe(_recipe(tiny_lm_dir, train__learning_rate=5e-4))
+    out, train = _train_output(tmp_path)
+    same = StageInputs(("train",), recipe_values(made_under, ("train",)))
+    assert stage_runs(out, same, runs=True, earlier=made_under) is True
+    assert (train / "checkpoint-1").exists()  # resumed from
+
+    changed = StageInputs(("train",), recipe_values(now, ("train",)))
+    assert stage_runs(out, changed, runs=True, earlier=made_under) is True
+    said = capsys.readouterr().out
+    assert "round 1: train reruns: train.learning_rate: 0.0001 -> 0.0005" in said, said
+    assert f"removing {train}" in said and not train.exists()
+
+
+def test_a_stage_this_command_does_not_run_is_only_warned_about(tmp_path, tiny_lm_dir, capsys):
+    from rrhf_lite.config.recipe import parse_recipe
+    from rrhf_lite.pipeline.reruns import stage_runs, write_record
+    from rrhf_lite.pipeline.stage_inputs import StageInputs
+
+    out, train = _train_output(tmp_path)
+    (train / "adapter").mkdir()
+    before = parse_recipe(_recipe(tiny_lm_dir))
+    write_record(out, StageInputs(("train",), recipe_values(before, ("train",))))
+    now = parse_recipe(_recipe(tiny_lm_dir, train__max_steps=2))
+    assert stage_runs(out, StageInputs(("train",), recipe_values(now, ("train",))), runs=False,
+                      earlier=before) is False
+    said = capsys.readouterr().out
+    assert "warning: round 1: train is out of date (train.max_steps: 1 -> 2)" in said, said
+    assert (train / "adapter").exists()

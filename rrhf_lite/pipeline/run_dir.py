@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from pydantic import ValidationError
 
 from rrhf_lite.config.recipe import Recipe, dump_recipe
 from rrhf_lite.errors import UserInputError
@@ -59,7 +60,11 @@ def _read_saved(saved: Path) -> tuple[Recipe | None, str | None]:
     upgrade alone changes no key."""
     try:
         return Recipe.model_validate(yaml.safe_load(saved.read_text(encoding="utf-8"))), None
-    except (OSError, yaml.YAMLError, ValueError) as err:  # ValidationError is a ValueError
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return None, f"{where}: {first['msg']}" if where else first["msg"]
+    except (OSError, yaml.YAMLError, ValueError) as err:
         first = str(err).strip().splitlines()
         return None, (first[0] if first else type(err).__name__)[:200]
 

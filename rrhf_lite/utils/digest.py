@@ -5,6 +5,7 @@ modification times. Used by rrhf_lite.pipeline.stage_inputs."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
@@ -20,10 +21,20 @@ def _files(path: Path) -> list[Path]:
                                              for part in p.relative_to(path).parts))
 
 
-def _hash_file(path: Path, into) -> None:
-    with path.open("rb") as handle:
+@functools.lru_cache(maxsize=4096)
+def _file_hash(path: str, size: int, mtime_ns: int) -> bytes:
+    """One file's sha256, once per process for a file unchanged since (one run reads an adapter
+    for the next round's sampling, its evaluation and the merge)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
         while block := handle.read(CHUNK):
-            into.update(block)
+            digest.update(block)
+    return digest.digest()
+
+
+def _hash_file(path: Path, into) -> None:
+    stat = path.stat()
+    into.update(_file_hash(str(path.resolve()), stat.st_size, stat.st_mtime_ns))
 
 
 def content_digest(path: str | Path) -> str | None:

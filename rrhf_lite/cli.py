@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(run)
     run.add_argument(
         "--force", action="store_true",
-        help="reuse a run directory that holds another recipe's results (its files are replaced)",
+        help="run in a directory that holds another recipe's results (another name, or a "
+        "recipe.yaml this version cannot read), or that is not a run directory: outputs whose "
+        "inputs are unchanged are kept, the rest rerun and each removal is listed",
     )
 
     for stage in ("sample", "score", "train", "evaluate"):

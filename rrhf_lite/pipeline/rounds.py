@@ -1,5 +1,6 @@
 """A round of `rrhf-lite run`: its stages (sample, score, train) as a table driven by one loop,
-the files they hand each other in round-N/, and the one resume rule (an existing output is done).
+and the files they hand each other in round-N/. Whether a stage reruns is
+rrhf_lite.pipeline.reruns' to say (an output stands while what it was made from is unchanged).
 pipeline.py runs the rounds, then the ablations, evaluation and merge."""
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from rrhf_lite.data.candidate_stats import describe, k_stats, planned_k
 from rrhf_lite.data.listwise import load_listwise, summarize_listwise
 from rrhf_lite.data.prompts import single_turn_chats
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.pipeline.reruns import StageOutput, stage_runs, write_record
+from rrhf_lite.pipeline.stage_inputs import (
+    StageInputs,
+    sample_inputs,
+    score_inputs,
+    train_inputs,
+)
 from rrhf_lite.stages.run_context import RunState
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
@@ -29,16 +37,6 @@ from rrhf_lite.utils.io import (
     read_jsonl,
     write_jsonl,
 )
-
-
-def skip_done(output: Path, what: str, redo: bool = False) -> bool:
-    """The one resume rule: a stage whose output exists is done (unless told to redo it)."""
-    if output.exists() and not redo:
-        say(f"{what} skipped, found {output}")
-        return True
-    return False
-
-
 
 # ------------------------------------------------------------------------------------ rounds
 
@@ -68,18 +66,50 @@ def run_round(state: RunState, round_index: int) -> bool:
         return False
     for stage in ROUND_STAGES:
         output = out / stage.output
-        if stage.name not in state.stages or skip_done(output, f"round {round_index}: {stage.name}"):
+        runs = stage.name in state.stages  # else: only checked, when there, to warn if stale
+        if stage.name not in state.recipe.stages or not (runs or output.exists()):
             continue
-        source = stage.source(state, round_index) if stage.source else None
+        try:
+            source = stage.source(state, round_index) if stage.source else None
+        except UserInputError:
+            if runs:
+                raise
+            continue  # only checking, and its input is gone: nothing to compare with
+        record = round_output(state, round_index, stage)
+        inputs = _round_inputs(state, round_index, stage.name, source)
+        rerun = stage_runs(record, inputs, runs=runs, earlier=state.previous_recipe)
+        distributed.barrier()  # every rank decided before the main one removes or records
+        if not rerun:
+            continue
         if source is not None and not _round_input_ready(round_index, source, stage.after):
             return False
         with timed_stage(state.run_dir, f"round-{round_index}/{stage.name}",
                          enabled=distributed.is_main_process()):
             stage.run(state, round_index, source, output)
+        write_record(record, inputs)
     adapter = out / "train" / "adapter"
     if "train" in state.recipe.stages and adapter.exists():
         state.round_adapters[round_index] = adapter
     return True
+
+
+def round_output(state: RunState, round_index: int, stage: RoundStage) -> StageOutput:
+    """A round stage's output and its record of inputs (training's: beside its directory, which
+    a rerun clears with its checkpoints)."""
+    out = state.round_dir(round_index)
+    what = f"round {round_index}: {stage.name}"
+    if stage.name == "train":
+        return StageOutput(what, out / stage.output, out / "train.inputs.json", (out / "train",))
+    return StageOutput(what, out / stage.output, out / f"{Path(stage.output).stem}.inputs.json")
+
+
+def _round_inputs(state: RunState, round_index: int, name: str, source: Path | str | None
+                  ) -> StageInputs:
+    if name == "sample":
+        return sample_inputs(state, round_index)
+    if name == "score":
+        return score_inputs(state, source)
+    return train_inputs(state, source, state.round_adapters.get(round_index - 1))
 
 
 def _round_input_ready(round_index: int, needed: Path | str, earlier_stage: str) -> bool:

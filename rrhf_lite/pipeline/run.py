@@ -2,10 +2,11 @@
 
 Layout of a run directory (every file written atomically, so a killed run resumes cleanly):
 
-    recipe.yaml                      the resolved recipe (a rerun must match it, or use --force)
+    recipe.yaml                      the resolved recipe (another experiment's needs --force)
     round-1/candidates.jsonl         sample: k candidates per prompt
     round-1/scored.jsonl             score: the same rows with "scores"
     round-1/train/                   train: checkpoints, metrics.jsonl; train/adapter = result
+    *.inputs.json, eval/inputs.json  beside each output: what it was made from (pipeline.reruns)
     round-2/...                      iterated RRHF: sampled from the round-1 policy
     ablations/<name>/train/adapter   variants trained on round-1 data (e.g. no rank loss, DPO)
     eval/                            evaluate: generations, scored candidates, plots;
@@ -14,8 +15,9 @@ Layout of a run directory (every file written atomically, so a killed run resume
     merged/                          merge: the full-precision merged model
     report.md, metrics.json          the results, for people and for machines
 
-A stage whose output already exists is skipped (a rerun resumes where the last one stopped);
-training resumes from its last checkpoint.
+A stage whose output exists and whose inputs are unchanged is skipped (a rerun resumes where
+the last one stopped; training from its last checkpoint); one whose inputs changed reruns, and
+so does every later stage that reads what it rewrote (rrhf_lite.pipeline.reruns).
 """
 
 from __future__ import annotations
@@ -31,16 +33,23 @@ from rrhf_lite.config.recipe import Recipe
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.pipeline.lock import run_dir_lock
 from rrhf_lite.pipeline.preflight import check_recipe
+from rrhf_lite.pipeline.reruns import StageOutput, stage_runs, write_record
 from rrhf_lite.pipeline.rounds import (
     chat_prompts,
     require_input,
     resume_point,
     run_round,
-    skip_done,
     train_adapter,
     training_data,
 )
 from rrhf_lite.pipeline.run_dir import prepare_run_dir
+from rrhf_lite.pipeline.stage_inputs import (
+    StageInputs,
+    evaluation_inputs,
+    merge_inputs,
+    train_inputs,
+    variant_inputs,
+)
 from rrhf_lite.stages.eval_report import refresh_stage_times
 from rrhf_lite.stages.evaluate import evaluate_run
 from rrhf_lite.stages.merge import merge_adapter
@@ -71,7 +80,7 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
     set_seed(recipe.seed)
     if recipe.cpu_threads:
         torch.set_num_threads(recipe.cpu_threads)
-    run_dir = prepare_run_dir(recipe, force)
+    run_dir, previous = prepare_run_dir(recipe, force)
     main = distributed.is_main_process()
     # a built-in's first build is slow; written with the first stage's time (bad input found
     # later must leave the run directory as it was)
@@ -79,7 +88,8 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
         base_model = resolve_model(
             recipe.model.name_or_path, seed=recipe.seed, options=recipe.model.builtin
         )
-    state = RunState(recipe, run_dir, base_model, stages, models=_generator_models(recipe, stages))
+    state = RunState(recipe, run_dir, base_model, stages, models=_generator_models(recipe, stages),
+                     previous_recipe=previous)
     say(f"run directory: {run_dir}  stages: {', '.join(stages)}  rounds: {recipe.rounds}")
 
     for round_index in range(1, recipe.rounds + 1):
@@ -96,7 +106,10 @@ def _run_locked(recipe: Recipe, stages: list[str], force: bool) -> dict:
             with timed_stage(run_dir, "evaluate"):
                 prompt_sets = {name: chat_prompts(state, rows)
                                for name, rows in _evaluation_prompts(recipe).items()}
+                evaluated = _clear_stale_evaluations(state)
                 metrics = evaluate_run(state, prompt_sets)
+                for record, inputs in evaluated:
+                    write_record(record, inputs)
         if "merge" in stages:
             with timed_stage(run_dir, "merge"):
                 _merge(state)
@@ -121,8 +134,19 @@ def _train_ablation(state: RunState, ablation: AblationSection) -> None:
     name = ablation.name
     out = state.ablation_dir(name) / "train"
     adapter = out / "adapter"
-    if "train" in state.stages and not skip_done(adapter, f"ablation '{name}': train"):
+    record = StageOutput(f"ablation '{name}': train", adapter,
+                         state.ablation_dir(name) / "train.inputs.json", (out,))
+    runs = "train" in state.stages  # else: only checked, when there, to warn if stale
+    if not (runs or adapter.exists()):
+        return
+    try:
         data = training_data(state, 1)
+    except UserInputError:
+        if runs:
+            raise
+        data = None  # only checking, and its input is gone: nothing to compare with
+    inputs = train_inputs(state, data, None, ablation) if data is not None else None
+    if inputs and stage_runs(record, inputs, runs=runs, earlier=state.previous_recipe):
         require_input(data, "score")
         with timed_stage(state.run_dir, f"ablation/{name}/train",
                          enabled=distributed.is_main_process()):
@@ -133,6 +157,7 @@ def _train_ablation(state: RunState, ablation: AblationSection) -> None:
             else:
                 say(f"ablation '{name}': {ablation.train}")
                 train_adapter(state, data, out, init_adapter=None, overrides=ablation.train)
+        write_record(record, inputs)
     if adapter.exists():
         state.ablation_adapters[name] = adapter
 
@@ -160,6 +185,24 @@ def _evaluation_prompts(recipe: Recipe) -> dict[str, list[dict]]:
     return sets
 
 
+def _clear_stale_evaluations(state: RunState) -> list[tuple[StageOutput, StageInputs]]:
+    """Evaluation keeps each variant's answers (eval/<variant>.entry.json) for reruns: clear all
+    of eval/ when what every variant is evaluated with changed (prompts, reward, settings), and
+    a variant's files when its adapter changed; evaluate_run then evaluates what is missing.
+    Returns the records to write once it has."""
+    eval_dir, earlier = state.run_dir / "eval", state.previous_recipe
+    shared = StageOutput("evaluate", eval_dir, eval_dir / "inputs.json")
+    records = [(shared, evaluation_inputs(state))]
+    stage_runs(shared, records[0][1], runs=True, earlier=earlier, say_skip=False)
+    for variant, adapter in state.variants().items():
+        files = tuple(eval_dir / f"{variant}.{name}.jsonl" for name in ("held_out", "train"))
+        record = StageOutput(f"evaluate: {variant}", eval_dir / f"{variant}.entry.json",
+                             eval_dir / f"{variant}.inputs.json", files)
+        records.append((record, variant_inputs(state, adapter)))
+        stage_runs(record, records[-1][1], runs=True, earlier=earlier, say_skip=False)
+    return records
+
+
 def _merge(state: RunState) -> None:
     adapter = state.final_adapter  # the last round's policy, never an ablation
     if adapter is None:
@@ -169,8 +212,12 @@ def _merge(state: RunState) -> None:
         )
     out = state.run_dir / "merged"
     recipe = state.recipe
-    if skip_done(out, "merge", redo=recipe.merge.force):
-        return
+    record = StageOutput("merge", out, state.run_dir / "merged.inputs.json")
+    inputs = merge_inputs(state, adapter)
+    if not stage_runs(record, inputs, runs=True, earlier=state.previous_recipe):
+        if not recipe.merge.force:
+            return
+        say("merge: merge.force is set, so merging again")
     say(f"merging {adapter} into {state.base_model} -> {out}")
     quantization = recipe.quantization
     report = merge_adapter(
@@ -179,4 +226,5 @@ def _merge(state: RunState) -> None:
         **quantization.roundtrip(), tolerance=recipe.merge.tolerance, force=recipe.merge.force,
         trust_remote_code=recipe.model.trust_remote_code,
     )
+    write_record(record, inputs)
     say(f"merge verified: max |logit difference| = {report.get('max_abs_diff')}")

@@ -28,6 +28,9 @@ class RunState:
     models: dict[str, str] = field(default_factory=dict)  # recipe model name -> loadable
     round_adapters: dict[int, Path] = field(default_factory=dict)  # round N -> its adapter
     ablation_adapters: dict[str, Path] = field(default_factory=dict)  # name -> its adapter
+    # the recipe the run directory held before this command (None: new, or unreadable); outputs
+    # an older rrhf-lite wrote without a record of their inputs are judged against it
+    previous_recipe: Recipe | None = None
 
     def round_dir(self, round_index: int) -> Path:
         return self.run_dir / f"round-{round_index}"

@@ -180,7 +180,7 @@ def _sample_score_recipe(tmp_path, tiny_lm_dir, k: int) -> Path:
     }, name=f"recipe-{k}.yaml")
 
 
-def test_rerun_resumes_other_recipe_refused_force_replaces(tmp_path, tiny_lm_dir, capsys):
+def test_rerun_resumes_an_edited_recipe_reruns_another_is_refused(tmp_path, tiny_lm_dir, capsys):
     first = _sample_score_recipe(tmp_path, tiny_lm_dir, k=2)
     assert main(["run", str(first)]) == 0
     scored = tmp_path / "run" / "round-1" / "scored.jsonl"
@@ -189,13 +189,20 @@ def test_rerun_resumes_other_recipe_refused_force_replaces(tmp_path, tiny_lm_dir
     assert "score skipped" in capsys.readouterr().out and scored.read_text() == before
 
     second = _sample_score_recipe(tmp_path, tiny_lm_dir, k=3)
-    assert main(["run", str(second)]) == 2  # another recipe's results are protected
-    assert "different recipe" in capsys.readouterr().err and scored.read_text() == before
-
-    assert main(["run", str(second), "--force"]) == 0  # replaced, not skipped into the new run
+    assert main(["run", str(second)]) == 0  # an edited recipe: what reads the key reruns
     out = capsys.readouterr().out
-    assert "removed the previous recipe's results" in out and "score skipped" not in out
+    assert "sampling.generators.0.num_candidates: 2 -> 3" in out and "score skipped" not in out
+    assert "round 1: score reruns: round-1/candidates.jsonl changed" in out, out
     assert "num_candidates: 3" in (tmp_path / "run" / "recipe.yaml").read_text()
+
+    other = yaml.safe_load(second.read_text())
+    other["name"] = "another_experiment"  # another experiment's results are protected
+    third = write(tmp_path, other, name="other.yaml")
+    after = scored.read_text()
+    assert main(["run", str(third)]) == 2
+    err = capsys.readouterr().err
+    assert "different recipe" in err and '"rrhf" -> "another_experiment"' in err, err
+    assert scored.read_text() == after
 
 
 def test_round_two_waits_for_round_one_adapter(tmp_path, tiny_lm_dir, capsys, monkeypatch):
@@ -260,29 +267,33 @@ def test_score_stage_reads_given_candidates_in_any_format(tmp_path, fmt):
 
 def test_run_saved_by_an_older_version_resumes(tmp_path):
     """A key added since the run was saved is filled by its default: the same recipe, resumed;
-    a key whose value differs, or a saved file this version cannot read, is another recipe."""
+    another name, or a saved file this version cannot read, is another recipe (refused, the
+    changed keys named)."""
     from rrhf_lite.pipeline.run_dir import prepare_run_dir
 
     recipe = Recipe.model_validate({"output_dir": str(tmp_path / "run"),
                                     "model": {"name_or_path": "some/model"},
                                     "data": {"prompts": "some/prompts"},
                                     "scoring": {"reward_function": "some.module:reward"}})
-    run_dir = prepare_run_dir(recipe, force=False)
+    run_dir, previous = prepare_run_dir(recipe, force=False)
+    assert previous is None
     (run_dir / "round-1").mkdir()
     (run_dir / "round-1" / "scored.jsonl").write_text("{}\n")
     saved = yaml.safe_load((run_dir / "recipe.yaml").read_text())
     del saved["train"]["learning_rate"]  # as if saved before this key existed
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    assert prepare_run_dir(recipe, force=False) == run_dir
+    assert prepare_run_dir(recipe, force=False) == (run_dir, recipe)
     assert (run_dir / "round-1" / "scored.jsonl").exists()
 
-    changed = recipe.model_copy(update={"seed": recipe.seed + 1})
-    with pytest.raises(UserInputError, match="different recipe"):
-        prepare_run_dir(changed, force=False)
+    renamed = recipe.model_copy(update={"name": "other", "seed": recipe.seed + 1})
+    with pytest.raises(UserInputError, match=r'different recipe \(name: "rrhf" -> "other"; '
+                       r"seed: 0 -> 1\)"):
+        prepare_run_dir(renamed, force=False)
     saved["train"]["no_such_key"] = 1  # a file this version cannot read
     (run_dir / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    with pytest.raises(UserInputError, match="different recipe"):
+    with pytest.raises(UserInputError, match="different recipe: its recipe.yaml cannot be read"):
         prepare_run_dir(recipe, force=False)
+    assert (run_dir / "round-1" / "scored.jsonl").exists()
 
 
 def test_sampling_and_training_share_one_prompt_truncation(tmp_path):

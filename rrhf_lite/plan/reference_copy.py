@@ -31,4 +31,5 @@ def with_reference(recipe, plan: StepPlan) -> StepPlan:
                 f"full fine-tuning + {loss_type}: the policy's weights again, no gradient")
     note = (f"reference ({loss_type}): a frozen copy of the initial model, "
             f"{weights / 2**30:.2f} GiB (lora.enabled is false: no adapter to disable)")
-    return StepPlan([*plan.parts, part], plan.peak_phase, [*plan.notes, note])
+    at = next((i for i, p in enumerate(plan.parts) if p.phase != "static"), len(plan.parts))
+    return StepPlan([*plan.parts[:at], part, *plan.parts[at:]], plan.peak_phase, [*plan.notes, note])

@@ -163,9 +163,10 @@ class RRHFTrainer(LoggedMetrics, Trainer):
         reference = copy.deepcopy(self.model).eval().requires_grad_(False)
         weights = sum(p.numel() for p in reference.parameters())
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in reference.parameters()})
-        logger.info("rrhf-lite: loss_type %s without LoRA: the reference is a frozen copy of the "
-                    "initial model (%.1f M weights, %s, eval mode, no gradient), a second model in "
-                    "memory", self.args.loss_type, weights / 1e6, "/".join(dtypes))
+        # a warning, not info: the CLI shows only warnings, and this doubles the weights in memory
+        logger.warning("rrhf-lite: loss_type %s without LoRA: the reference is a frozen copy of "
+                       "the initial model (%.1f M weights, %s, eval mode, no gradient), a second "
+                       "model in memory", self.args.loss_type, weights / 1e6, "/".join(dtypes))
         return reference
 
     def _prepare_dataset(self, data, tokenizer, args: RRHFConfig, name: str):

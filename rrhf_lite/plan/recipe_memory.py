@@ -26,6 +26,7 @@ from rrhf_lite.plan.memory_parts import (
     quantised_bytes,
     training_parts,
 )
+from rrhf_lite.plan.reference_copy import with_reference
 from rrhf_lite.plan.shapes import KNOWN_SHAPES, ModelShape, resolve_shape
 
 CARDS = {"t4": 15.0 * GiB}  # nvidia-smi reports 15360 MiB on a "16 GB" T4
@@ -175,11 +176,12 @@ def largest_fit(recipe, shape, regime, card: float) -> dict:
     path = logprob_path_for(recipe, shape)[0]
     micro = 0
     for m in range(1, base.candidates + 1):
-        if _fits(training_parts(shape, train_settings(recipe, micro_batch=m), regime, path), card):
+        if _fits(with_reference(recipe, training_parts(
+                shape, train_settings(recipe, micro_batch=m), regime, path)), card):
             micro = m
     length, probe = 0, 64
-    while probe <= 32768 and _fits(training_parts(
-            shape, train_settings(recipe, max_length=probe), regime, path), card):
+    while probe <= 32768 and _fits(with_reference(recipe, training_parts(
+            shape, train_settings(recipe, max_length=probe), regime, path)), card):
         length, probe = probe, probe + 64
     return {"candidate_micro_batch_size": micro or None, "max_length": length or None}
 
@@ -191,7 +193,7 @@ def plan_recipe(recipe, card_bytes: float) -> dict:
     train = None
     if "train" in recipe.stages:
         settings = train_settings(recipe)
-        train = training_parts(shape, settings, regime, path)
+        train = with_reference(recipe, training_parts(shape, settings, regime, path))
         train.notes += [f"log-prob path: {path} ({why})",
                         f"prompt sharing: {'on' if settings.share_prompt else 'off'} "
                         f"({chunk_tokens(settings)} tokens per chunk of {settings.micro_batch})",

@@ -18,8 +18,9 @@ class RRHFConfig(TrainingArguments):
 
     length_penalty: lambda in p_i = (sum of token log-probs) / |y_i|^lambda (paper default 1).
     loss_type: the objective (rrhf_lite.training.objectives): "rrhf" (default) | "pro" |
-        "pl_dpo" | "lipo" | "dpo_pairs"; the last three (the DPO family) need a reference, here
-        the base with the LoRA adapter disabled (full fine-tuning: not supported yet).
+        "pl_dpo" | "lipo" | "dpo_pairs"; the last three (the DPO family) need a reference: the
+        base with the LoRA adapter disabled, or, in full fine-tuning, a frozen copy of the
+        initial model that the trainer keeps (twice the weights in memory).
     beta: the DPO family's temperature in u_i = beta * (log pi(y_i|x) - log pi_ref(y_i|x)).
     rank_weight, sft_weight: weights of the objective's preference term (RRHF: the rank loss) and
         of the SFT loss on the best candidate; sft_weight None = the objective's paper default

@@ -27,14 +27,17 @@ zero-weight padding chunks. Logged metrics are reduced across ranks.
 
 Other objectives (`loss_type`, rrhf_lite.training.objectives) are functions of the same S_i, so
 all of the above holds for them unchanged. The DPO family also needs each candidate's reference
-sum R_i: with LoRA, the same model with the adapter disabled (no second model), run under no_grad
-through the same chunks (micro-batched, prompt-shared, hidden path) before pass 1; R_i are
-constants of the loss. Full fine-tuning has no adapter to disable and is refused for them.
+sum R_i: with LoRA, the same model with the adapter disabled (no second model); full fine-tuning
+has no adapter to disable, so the trainer keeps a frozen copy of the initial model (eval mode,
+no gradient, same dtype and device; said once in the log). Either runs under no_grad through the
+same chunks (micro-batched, prompt-shared, hidden path) before pass 1; R_i are constants of the
+loss.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 
 import torch
@@ -52,11 +55,12 @@ from rrhf_lite.training.logprobs import (
     choose_prompt_sharing,
     chunk_hidden_logprobs,
     chunk_logprob_sums,
+    linear_output_head,
 )
 from rrhf_lite.training.metrics import LoggedMetrics
 from rrhf_lite.training.objectives import REFERENCE_LOSS_TYPES, listwise_loss
 from rrhf_lite.training.rng import rng_state, set_rng_state
-from rrhf_lite.training.shared_prompt import segments_in_use
+from rrhf_lite.training.shared_prompt import segments_in_use, unwrapped
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +102,6 @@ class RRHFTrainer(LoggedMetrics, Trainer):
             raise TypeError(f"args must be an RRHFConfig, got {type(args).__name__}")
         if peft_config is not None:
             model = self._wrap_peft(model, peft_config, args)
-        if model is not None and args.loss_type in REFERENCE_LOSS_TYPES:
-            self._require_adapter(model, args.loss_type)
         if model is not None:
             # Evaluation runs in eval mode without grad, where bitsandbytes would switch CPU
             # 4-bit layers to its packed bf16 inference kernel: no backward, other numbers.
@@ -124,6 +126,9 @@ class RRHFTrainer(LoggedMetrics, Trainer):
                          data_collator=data_collator, callbacks=callbacks, **kwargs)
         self.finite_guard = NonFiniteGuard(self)  # a NaN/inf loss or weight stops training
         self.add_callback(self.finite_guard)
+        # the DPO family's reference without an adapter to disable: a frozen copy of the model
+        # as it is now (moved to its device by the Trainer), kept outside the Trainer's model
+        self.ref_model = self._frozen_reference() if args.loss_type in REFERENCE_LOSS_TYPES else None
 
     # ---------------------------------------------------------------- setup
 
@@ -141,16 +146,28 @@ class RRHFTrainer(LoggedMetrics, Trainer):
             model.enable_input_require_grads()  # checkpointed blocks need a grad-carrying input
         return get_peft_model(model, peft_config)
 
-    @staticmethod
-    def _require_adapter(model, loss_type: str) -> None:
+    def _frozen_reference(self):
+        """None for a PeftModel (its reference is the adapter disabled); otherwise a frozen copy
+        of the model: eval mode, no parameter requiring a gradient, same dtype and device."""
         from peft import PeftModel
 
-        if not isinstance(model, PeftModel):
+        if self.model is None or isinstance(self.model, PeftModel):
+            return None
+        if self.is_fsdp_enabled or (self.is_deepspeed_enabled and
+                                    self.accelerator.state.deepspeed_plugin.zero_stage == 3):
             raise UserInputError(
-                f"loss_type {loss_type!r} needs a reference model, which rrhf-lite takes as the base "
-                "with the LoRA adapter disabled; this model has no adapter (full fine-tuning with a "
-                "frozen reference copy is not supported yet)", where="loss_type",
-                hint="train with LoRA (peft_config / model.lora_r), or use loss_type rrhf or pro")
+                f"loss_type {self.args.loss_type!r} with full fine-tuning keeps a frozen copy of the "
+                "model as its reference, which FSDP and DeepSpeed ZeRO-3 would not shard",
+                where="loss_type", hint="train with LoRA (its reference is the adapter disabled), "
+                "use DDP or ZeRO-2, or use loss_type rrhf or pro")
+        reference = copy.deepcopy(self.model).eval().requires_grad_(False)
+        weights = sum(p.numel() for p in reference.parameters())
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in reference.parameters()})
+        # a warning, not info: the CLI shows only warnings, and this doubles the weights in memory
+        logger.warning("rrhf-lite: loss_type %s without LoRA: the reference is a frozen copy of "
+                       "the initial model (%.1f M weights, %s, eval mode, no gradient), a second "
+                       "model in memory", self.args.loss_type, weights / 1e6, "/".join(dtypes))
+        return reference
 
     def _prepare_dataset(self, data, tokenizer, args: RRHFConfig, name: str):
         if data is None:
@@ -261,10 +278,12 @@ class RRHFTrainer(LoggedMetrics, Trainer):
         ("hidden" / "logits") and `share_prompt` (bool), each with its reason. Empty before."""
         return dict(self._forward_choices)
 
-    def _chunk_sums(self, model, inputs: dict, part: slice, **hidden_kw):
+    def _chunk_sums(self, model, inputs: dict, part: slice, *, head=None, **hidden_kw):
         """(sums, counts) of a chunk; with the hidden path, `hidden_kw` (coef, lse, return_lse)
-        go to chunk_hidden_logprobs and change what comes back (see there)."""
-        head = self._output_head(model, inputs)
+        go to chunk_hidden_logprobs and change what comes back (see there), and `head` replaces
+        the policy's output embedding (the frozen reference copy has its own)."""
+        policy_head = self._output_head(model, inputs)
+        head = None if policy_head is None else (head or policy_head)
         groups = self._prompt_groups(inputs)[part] if self._share_prompt(model, inputs) else None
         args = (inputs["input_ids"][part], inputs["attention_mask"][part], inputs["labels"][part])
         with self.compute_loss_context_manager():
@@ -274,20 +293,33 @@ class RRHFTrainer(LoggedMetrics, Trainer):
                                          groups=groups, **hidden_kw)
 
     def _add_reference_sums(self, model, inputs: dict, chunks: list[slice], padding: int = 0) -> None:
-        """inputs["reference_sums"] [N]: each candidate's log-prob sum under the base with the
-        adapter disabled, for the DPO family (a no-op for rrhf and pro). The same chunks, prompt
-        sharing and log-prob path as the policy; no gradient; the RNG state is left as found."""
+        """inputs["reference_sums"] [N]: each candidate's log-prob sum under the reference, for
+        the DPO family (a no-op for rrhf and pro): the base with the adapter disabled, or the
+        frozen copy (ref_model) in full fine-tuning. The same chunks, prompt sharing and log-prob
+        path as the policy; no gradient; the RNG state is left as found."""
         if self.args.loss_type not in REFERENCE_LOSS_TYPES or "reference_sums" in inputs:
             return
         self._output_head(model, inputs)  # decide both on the policy, not inside the context
         self._share_prompt(model, inputs)
-        peft_model = self.accelerator.unwrap_model(model)
         state = rng_state()
         runs = chunks + [slice(0, 1)] * padding  # keep sharded engines in step, as the policy does
-        with torch.no_grad(), peft_model.disable_adapter():
-            sums = [self._chunk_sums(model, inputs, part)[0] for part in runs]
+        if self.ref_model is None:  # LoRA: the same model, its adapter disabled
+            context, reference, head = self.accelerator.unwrap_model(model).disable_adapter(), model, None
+        else:
+            context, reference, head = contextlib.nullcontext(), self._reference_like(model), \
+                linear_output_head(self.ref_model)
+        with torch.no_grad(), context:
+            sums = [self._chunk_sums(reference, inputs, part, head=head)[0] for part in runs]
         set_rng_state(state)
         inputs["reference_sums"] = torch.cat(sums[:len(chunks)]).detach()
+
+    def _reference_like(self, model):
+        """The frozen copy with the policy's attention implementation (prompt sharing may have
+        switched the policy to rrhf_lite.training.segment_attention, which reads the layout)."""
+        policy_config = getattr(unwrapped(model), "config", None)
+        if policy_config is not None and hasattr(self.ref_model, "config"):
+            self.ref_model.config._attn_implementation = policy_config._attn_implementation
+        return self.ref_model
 
     def loss_from_sums(self, sums: torch.Tensor, counts: torch.Tensor, inputs: dict):
         """The objective's loss and metrics from flat per-candidate sums [N] and counts [N] (and,

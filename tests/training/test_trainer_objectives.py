@@ -1,9 +1,11 @@
 """RRHFTrainer with every loss_type: the micro-batched two-pass gradient equals the full-batch
 gradient (fp32, shared prompts on and off, hidden and logits paths); the DPO family's reference is
-the model with its LoRA adapter disabled; full fine-tuning is refused for the DPO family."""
+the model with its LoRA adapter disabled, or in full fine-tuning a frozen copy of the initial
+model."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -90,18 +92,80 @@ def test_at_the_first_step_policy_equals_reference(small_lm_dir, tmp_path, loss_
     assert any(g.abs().max() > 0 for g in grads.values())  # and it still learns
 
 
-def test_dpo_family_trains_and_full_finetuning_is_refused(small_lm_dir, tmp_path):
-    model, tok = lora_model(small_lm_dir, load_in_4bit=False, use_lora=False)
-    with pytest.raises(UserInputError, match="adapter"):
-        _trainer(model, tok, tmp_path / "full", "lipo")
-    _trainer(model, tok, tmp_path / "pro", "pro")  # PRO needs no reference: fine without LoRA
+def test_dpo_family_trains_with_lora(small_lm_dir, tmp_path):
     model, tok = lora_model(small_lm_dir)  # 4-bit base + LoRA, a few real optimiser steps
     trainer = _trainer(model, tok, tmp_path / "lora", "dpo_pairs", max_steps=2, learning_rate=5e-2,
                        candidate_micro_batch_size=2)
+    assert trainer.ref_model is None  # the reference is the adapter disabled: no second model
     trainer.train()
     logged = [h for h in trainer.state.log_history if "loss/rank" in h]
     assert logged and all(math.isfinite(h["loss/rank"]) for h in logged)
     assert logged[0]["loss/rank"] == pytest.approx(math.log(2.0), rel=1e-4)
+
+
+def _full_finetune_trainer(small_lm_dir, out, **kw):
+    model, tok = lora_model(small_lm_dir, load_in_4bit=False, use_lora=False)
+    return model, _trainer(model, tok, out, "pl_dpo", sft_weight=0.0, rank_weight=1.0, **kw)
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_full_finetuning_keeps_a_frozen_copy_as_reference(small_lm_dir, tmp_path, caplog):
+    """Full fine-tuning + pl_dpo trains; its reference is a frozen copy of the initial model:
+    eval mode, no gradient, same dtype, its own storage; its weights never change and its sums
+    stay the initial policy's while the policy moves away."""
+    with caplog.at_level(logging.INFO, logger="rrhf_lite.training.trainer"):
+        model, trainer = _full_finetune_trainer(small_lm_dir, tmp_path, max_steps=3,
+                                                learning_rate=5e-2, candidate_micro_batch_size=2)
+    said = [r.message for r in caplog.records if "frozen copy" in r.message]
+    assert len(said) == 1 and "pl_dpo" in said[0]
+    reference = trainer.ref_model
+    assert reference is not None and not reference.training
+    policy_params = dict(model.named_parameters())
+    for name, p in reference.named_parameters():
+        assert not p.requires_grad and p.dtype == policy_params[name].dtype
+        assert p.data_ptr() != policy_params[name].data_ptr()  # a copy, not the policy's tensor
+    initial, frozen = _weights(model), _weights(reference)
+    inputs = trainer._prepare_inputs(dict(first_batch(trainer)))
+    with torch.no_grad():
+        initial_sums, _ = trainer._chunk_sums(model, inputs, slice(None))
+    trainer.train()
+    assert any(not torch.equal(p, initial[n]) for n, p in model.named_parameters())  # it trained
+    for name, p in reference.named_parameters():
+        assert torch.equal(p, frozen[name]), name
+    trainer._add_reference_sums(model, inputs, trainer._chunks(len(inputs["input_ids"])))
+    with torch.no_grad():
+        policy_sums, _ = trainer._chunk_sums(model, inputs, slice(None))
+    torch.testing.assert_close(inputs["reference_sums"], initial_sums, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(policy_sums, initial_sums, atol=1e-3)  # the policy moved away
+    logged = [h for h in trainer.state.log_history if "loss/rank" in h]
+    assert logged and all(math.isfinite(h["loss/rank"]) for h in logged)
+
+
+@pytest.mark.parametrize("path", ["auto", "logits"], ids=["hidden", "logits"])
+def test_full_finetuning_reference_micro_batched_equals_full_batch(small_lm_dir, tmp_path, path):
+    model, trainer = _full_finetune_trainer(small_lm_dir, tmp_path, logprob_path=path)
+    with torch.no_grad():  # policy != reference
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    params = lambda m: {n: p for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    batch = first_batch(trainer)
+    full_loss, full = step_grads(trainer, batch, None, params)
+    assert trainer.forward_choices["share_prompt"] is True
+    assert any(g.abs().max() > 0 for g in full.values())
+    for micro in (1, 3):
+        loss, grads = step_grads(trainer, batch, micro, params)
+        assert loss == pytest.approx(full_loss, rel=1e-6, abs=1e-7), micro
+        for name, g in grads.items():
+            torch.testing.assert_close(g, full[name], rtol=1e-5, atol=1e-6, msg=f"{name} micro={micro}")
+    assert not any(p.grad is not None for p in trainer.ref_model.parameters())
+
+
+def test_rrhf_and_pro_need_no_reference(small_lm_dir, tmp_path):
+    model, tok = lora_model(small_lm_dir, load_in_4bit=False, use_lora=False)
+    assert _trainer(model, tok, tmp_path / "pro", "pro").ref_model is None  # no second model
 
 
 def _recipe(tmp_path, train=None, ablations=()):

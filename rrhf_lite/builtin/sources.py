@@ -8,11 +8,14 @@ passed through to the loaders.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.utils.io import looks_like_local_path
+
+logger = logging.getLogger(__name__)
 
 BUILTIN = "builtin:"
 TINY_WORLD = "builtin:tiny-world"
@@ -66,6 +69,52 @@ def resolve_model(name: str, *, seed: int = 0, options: dict | None = None) -> s
                 hint=f"valid settings: {', '.join(sorted(known))}",
             )
     return str(build_initial_policy(seed=seed, **options))
+
+
+# --- names an adapter can be shared under -------------------------------------------------
+
+def hub_equivalent(name: str) -> str | None:
+    """The hub model a built-in model was made from (SmolLM2's), or None (the tiny world has none)."""
+    if name == SMOLLM2:
+        from rrhf_lite.builtin.smollm2 import HUB_NAME
+
+        return HUB_NAME
+    return None
+
+
+def shareable_model_name(name: str) -> str:
+    """What a trained adapter names as its base (adapter_config.json's base_model_name_or_path,
+    its model card): a built-in's hub model where it has one, else what the user gave (a hub
+    name, a built-in name, or a local path they chose). Never a cache directory of ours."""
+    return hub_equivalent(name) or name
+
+
+def builtin_for_hub_name(name: str) -> str | None:
+    """The built-in model made from hub model `name`, or None."""
+    return next((b for b in BUILTIN_MODELS if hub_equivalent(b) == name), None)
+
+
+def hub_files_cached(name: str) -> bool:
+    """Whether the hub model `name` is in the local Hugging Face cache (looked up, not fetched)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository name
+        return False
+
+
+def loadable_model(name: str, *, seed: int = 0, options: dict | None = None) -> str:
+    """resolve_model, and a built-in's hub name (an adapter's shared base) mapped back to the
+    built-in's local conversion when the hub files are not in the local cache, so a shared
+    adapter loads offline instead of sending the loaders to the hub."""
+    builtin = None if is_builtin(name) or Path(name).expanduser().exists() else (
+        builtin_for_hub_name(name))
+    if builtin and not hub_files_cached(name):
+        logger.warning("rrhf-lite: %s is not in the local hub cache; loading %s, the built-in "
+                       "conversion of it, instead", name, builtin)
+        return resolve_model(builtin, seed=seed, options=options)
+    return resolve_model(name, seed=seed, options=options)
 
 
 def builtin_prompt_rows(name: str, *, limit: int | None, seed: int, key: str) -> list[dict]:

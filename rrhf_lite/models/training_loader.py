@@ -43,6 +43,10 @@ class ModelArguments:
     trust_remote_code: off unless you trust the model repository.
     attn_implementation: e.g. "sdpa", "eager", "flash_attention_2"; None = transformers' choice.
     adapter_init_path: start from an existing LoRA adapter (iterated RRHF) instead of a fresh one.
+    base_origin: where model_name_or_path came from, recorded with the trained adapter (its
+        rrhf_lite.json and adapter_config.json) so the adapter names a base that loads elsewhere:
+        {"name": what the user gave (a builtin: name, hub name or local path), "seed" and
+        "options": a built-in's build settings}. None: model_name_or_path itself.
     kbit_precision: what happens to the weights that are not 4-bit under QLoRA. "auto": the
         frozen embeddings and output head keep their load dtype, and the norms follow the
         compute dtype where that is safe (see kbit_precision_plan); "fp32": peft's
@@ -67,6 +71,7 @@ class ModelArguments:
     attn_implementation: str | None = None
     adapter_init_path: str | None = None
     kbit_precision: str = "auto"
+    base_origin: dict | None = None
 
 
 def sharded_engine() -> str | None:

@@ -28,7 +28,13 @@ from rrhf_lite.stages.run_context import RunState
 from rrhf_lite.stages.sample import sample_candidates
 from rrhf_lite.stages.score import score_candidates
 from rrhf_lite.stages.stage_times import timed_stage
-from rrhf_lite.stages.train import model_arguments, run_train, train_section, training_config
+from rrhf_lite.stages.train import (
+    model_arguments,
+    recipe_provenance,
+    run_train,
+    train_section,
+    training_config,
+)
 from rrhf_lite.utils import distributed
 from rrhf_lite.utils.console import say
 from rrhf_lite.utils.io import (
@@ -308,6 +314,7 @@ def train_adapter(state: RunState, data: Path | str, out: Path, init_adapter: Pa
         str(data), model_arguments(recipe, state.base_model, init_adapter),
         training_config(recipe, out, overrides),
         resume_from_checkpoint=str(resume) if resume else None,
+        provenance=recipe_provenance(recipe),
     )
     summary = out / "train_summary.json"
     if distributed.is_main_process() and summary.exists():

@@ -31,6 +31,7 @@ from rrhf_lite.builtin.sources import load_prompt_rows
 from rrhf_lite.data.candidate_stats import k_stats, planned_k
 from rrhf_lite.data.listwise import load_listwise
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.models.adapter_record import FULL_PRECISION, BaseQuantization, choose_quantization
 from rrhf_lite.models.inference_loader import load_causal_lm
 from rrhf_lite.stages.eval_extras import (
     GeneralAbility,
@@ -181,6 +182,10 @@ def evaluate_variant(state: RunState, scorer: Scorer, adapter: Path | None,
     Returns (metrics entry, {set name: (responses, rewards)}).
     """
     recipe = state.recipe
+    if adapter is not None:  # the recipe decides; said once when it is not how training loaded
+        choose_quantization(adapter, requested=BaseQuantization.from_section(recipe.quantization),
+                            asked_by="the recipe's quantization section",
+                            without_record=FULL_PRECISION)
     model, tokenizer = load_causal_lm(
         state.base_model, adapter_path=str(adapter) if adapter else None,
         **recipe.policy_load_kwargs(),

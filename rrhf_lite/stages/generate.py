@@ -7,8 +7,17 @@ from typing import Any
 
 import torch
 
+from rrhf_lite.builtin.sources import loadable_model
+from rrhf_lite.errors import UserInputError
 from rrhf_lite.generation.candidates import generate_candidates
+from rrhf_lite.models.adapter_record import (
+    FULL_PRECISION,
+    choose_quantization,
+    flag_choice,
+    read_adapter_record,
+)
 from rrhf_lite.models.inference_loader import load_causal_lm
+from rrhf_lite.stages.adapter_base import adapter_base_model
 from rrhf_lite.utils.io import check_text
 
 
@@ -85,18 +94,45 @@ def chat_loop(model, tokenizer, *, max_new_tokens: int = 128, temperature: float
     return history
 
 
+def generate_load_kwargs(model: str | None, adapter: str | None, load_in_4bit: bool | None,
+                         ) -> dict:
+    """What generate loads: load_causal_lm's arguments for a --model / --adapter / --load-in-4bit
+    choice. With an adapter, the base and its precision default to what the adapter's record
+    (rrhf_lite.json) says training used; a --load-in-4bit / --no-load-in-4bit that differs wins
+    and is said once. Without a record, or without an adapter: the base as given, in full
+    precision unless --load-in-4bit (rrhf-lite's default 4-bit settings)."""
+    if not adapter:
+        if not model:
+            raise UserInputError("no model given", where="generate",
+                                 hint="pass --model (a base or merged model), or --adapter")
+        return {"model_name_or_path": loadable_model(model),
+                "load_in_4bit": bool(load_in_4bit)}
+    record = read_adapter_record(adapter)
+    base = adapter_base_model(adapter, model, record=record)
+    flag = {True: "--load-in-4bit", False: "--no-load-in-4bit"}.get(load_in_4bit)
+    quantization = choose_quantization(
+        adapter, requested=flag_choice(load_in_4bit, record), asked_by=flag or "",
+        without_record=FULL_PRECISION, record=record,
+        hint="--load-in-4bit for a base trained in 4-bit")
+    return {"model_name_or_path": base, "adapter_path": adapter,
+            "quantization_config": quantization.bnb_config(),
+            "torch_dtype": (record or {}).get("torch_dtype") or "auto"}
+
+
 def run_generate_command(args) -> None:
     """The CLI's `generate` subcommand: answer --prompt values (as one user message each when
     the tokenizer has a chat template), or chat when there are none.
 
-    Reads args.model, args.adapter, args.prompt (list or None), args.max_new_tokens,
-    args.temperature, args.top_p, args.load_in_4bit, args.trust_remote_code.
+    Reads args.model (None: the adapter's base), args.adapter, args.prompt (list or None),
+    args.max_new_tokens, args.temperature, args.top_p, args.load_in_4bit (True, False or None:
+    as the adapter was trained), args.trust_remote_code.
     """
     for number, prompt in enumerate(args.prompt or [], start=1):
         check_text(prompt, f"--prompt {number}")  # invalid UTF-8 in argv, before the model loads
+    load = generate_load_kwargs(getattr(args, "model", None), getattr(args, "adapter", None),
+                                getattr(args, "load_in_4bit", None))
     model, tokenizer = load_causal_lm(
-        args.model, adapter_path=getattr(args, "adapter", None),
-        load_in_4bit=getattr(args, "load_in_4bit", False),
+        load.pop("model_name_or_path"), **load,
         trust_remote_code=getattr(args, "trust_remote_code", False),
     )
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,

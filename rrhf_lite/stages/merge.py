@@ -29,6 +29,14 @@ from typing import Any
 import torch
 
 from rrhf_lite.errors import UserInputError
+from rrhf_lite.models.adapter_record import (
+    FULL_PRECISION,
+    BaseQuantization,
+    choose_quantization,
+    read_adapter_record,
+    recorded_quantization,
+)
+from rrhf_lite.stages.adapter_base import adapter_base_model
 from rrhf_lite.stages.merge_checks import (
     ADAPTER_WEIGHTS,
     MergeVerificationError,
@@ -38,8 +46,9 @@ from rrhf_lite.stages.merge_checks import (
     policy_check,
     prompt_logits,
 )
+from rrhf_lite.stages.model_card import merged_card, run_results, write_card
 from rrhf_lite.utils.io import atomic_directory, write_json
-from rrhf_lite.utils.precision import dtype_name, parse_dtype
+from rrhf_lite.utils.precision import auto_dtype_name, dtype_name, parse_dtype
 from rrhf_lite.utils.report_files import environment_versions
 from rrhf_lite.utils.user_files import (
     check_adapter_config,
@@ -200,17 +209,42 @@ def _save_merged(model, tokenizer, directory: Path, max_shard_size: str | int) -
 # ----------------------------------------------------------------------------- the stage
 
 
+def _roundtrip_choice(adapter_path: Path, record: dict | None, roundtrip_nf4: bool | None,
+                      quant_type: str | None, double_quant: bool | None,
+                      without_record: bool, device: str) -> BaseQuantization:
+    """The 4-bit format to round-trip the base through (load_in_4bit False: none), from the
+    caller's choice and the adapter's record (see merge_adapter)."""
+    trained = recorded_quantization(record) if record else None
+    like = trained if trained and trained.load_in_4bit else BaseQuantization(
+        True, compute_dtype=auto_dtype_name(device))  # rrhf-lite's QLoRA defaults
+    requested = None
+    if (roundtrip_nf4, quant_type, double_quant) != (None, None, None):
+        on = roundtrip_nf4 if roundtrip_nf4 is not None else bool(trained and trained.load_in_4bit)
+        requested = BaseQuantization(
+            on, quant_type or like.quant_type,
+            like.double_quant if double_quant is None else double_quant, like.compute_dtype)
+    if requested is not None and not requested.load_in_4bit:
+        requested = FULL_PRECISION
+    fallback = like if without_record else FULL_PRECISION
+    return choose_quantization(adapter_path, requested=requested, record=record,
+                               asked_by="the merge's round-trip settings",
+                               without_record=fallback,
+                               hint="--roundtrip-nf4 / --no-roundtrip-nf4")
+
+
+
 def merge_adapter(
     base_model: str | Path | None,
     adapter_path: str | Path,
     output_dir: str | Path,
     *,
     torch_dtype: str | torch.dtype = "float16",
-    roundtrip_nf4: bool = False,
+    roundtrip_nf4: bool | None = None,
+    roundtrip_without_record: bool = False,
     check_4bit_policy: bool | None = None,
-    quant_type: str = "nf4",
+    quant_type: str | None = None,
     blocksize: int = 64,
-    double_quant: bool = True,
+    double_quant: bool | None = None,
     skip_modules: list[str] | None = None,
     verify_prompts: list[str] | None = None,
     tolerance: float | None = None,
@@ -222,10 +256,14 @@ def merge_adapter(
 ) -> dict[str, Any]:
     """Merge a LoRA adapter into its base and save a standalone model in `output_dir`.
 
-    base_model: hub name or local directory; None takes the adapter config's base model.
-    roundtrip_nf4: pass the base's linear weights through 4-bit quantisation first (use the
-      quant_type / blocksize / double_quant the adapter was trained with; defaults are
-      rrhf-lite's QLoRA settings), so the merged model matches the policy that was trained.
+    base_model: hub name, local directory or builtin: name; None takes the base the adapter
+      records (rrhf_lite.json), else the one its adapter_config.json names.
+    roundtrip_nf4: pass the base's linear weights through 4-bit quantisation first, so the
+      merged model matches the policy that was trained on the 4-bit base. None: as the
+      adapter's record says training loaded its base (quant_type and double_quant too, when
+      they are None); without a record, roundtrip_without_record (default False) with the
+      defaults nf4 + double quantisation. A choice that differs from the record wins and is
+      said once.
     check_4bit_policy: also compare the merged model with the 4-bit base (bitsandbytes, same
       quant settings) + adapter, i.e. the policy as it ran; default: when roundtrip_nf4.
     verify_prompts: prompts whose logits are compared; None uses a few defaults, [] skips it.
@@ -244,15 +282,12 @@ def merge_adapter(
         raise UserInputError(f"device {device!r} requested but CUDA is not available",
                              where="merge device", hint="use device='cpu'")
     adapter_path = Path(adapter_path)
-    adapter_config = check_adapter_dir(adapter_path)
-    if base_model is None:
-        base_model = adapter_config.get("base_model_name_or_path")
-        if not base_model:
-            raise UserInputError(
-                "no base model given and the adapter config does not name one",
-                where=str(adapter_path / "adapter_config.json"), hint="pass the base model",
-            )
-    base_model = str(base_model)
+    check_adapter_dir(adapter_path)
+    record = read_adapter_record(adapter_path)
+    base_model = adapter_base_model(adapter_path, str(base_model) if base_model else None,
+                                    record=record, flag="--base")
+    quant = _roundtrip_choice(adapter_path, record, roundtrip_nf4, quant_type, double_quant,
+                              roundtrip_without_record, str(device))
     out = check_output_dir(output_dir, force, inputs=[adapter_path, base_model])
     prompts = DEFAULT_VERIFY_PROMPTS if verify_prompts is None else list(verify_prompts)
 
@@ -265,13 +300,14 @@ def merge_adapter(
         "device": str(device),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": environment_versions(),
+        "trained_base": record.get("quantization") if record else None,
         "roundtrip": None,
         "warnings": [],
     }
-    if roundtrip_nf4:
+    if quant.load_in_4bit:
         report["roundtrip"] = roundtrip_4bit(
-            model, quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
-            skip_modules=skip_modules,
+            model, quant_type=quant.quant_type, blocksize=blocksize,
+            double_quant=quant.double_quant, skip_modules=skip_modules,
         )
     base_logits = prompt_logits(model, tokenizer, prompts) if prompts else None
 
@@ -303,11 +339,11 @@ def merge_adapter(
             report["verification"] = check
             report["ok"] = check["ok"]
             report["max_abs_diff"] = check["max_abs_diff"]
-            if roundtrip_nf4 if check_4bit_policy is None else check_4bit_policy:
+            if quant.load_in_4bit if check_4bit_policy is None else check_4bit_policy:
                 report["policy_verification"] = policy_check(
                     base_model, adapter_path, tokenizer, prompts, got,
-                    merged_dtype=dtype_name(dtype), device=device, quant_type=quant_type,
-                    double_quant=double_quant,
+                    merged_dtype=dtype_name(dtype), device=device, quant_type=quant.quant_type,
+                    double_quant=quant.double_quant, compute_dtype=quant.compute_dtype,
                     trust_remote_code=trust_remote_code,
                     tolerance=tolerance)
                 report["ok"] = report["ok"] and report["policy_verification"]["ok"]
@@ -317,6 +353,7 @@ def merge_adapter(
             report["max_abs_diff"] = None
         report["output_dir"] = str(out)
         write_json(tmp / REPORT_NAME, report)
+        write_card(tmp, merged_card(record, report, run_results(adapter_path), adapter_path))
         if not report["ok"] and not allow_mismatch:
             check = report["verification"]
             against = "base + adapter"

@@ -126,7 +126,7 @@ def adapter_effect(base: list[torch.Tensor], reference: list[torch.Tensor]) -> f
 def policy_check(base_model: str, adapter_path: Path, tokenizer, prompts: list[str],
                  merged_logits: list[torch.Tensor], *, merged_dtype: str, device: str,
                  quant_type: str, double_quant: bool, trust_remote_code: bool,
-                 tolerance: float | None) -> dict:
+                 tolerance: float | None, compute_dtype: str = "auto") -> dict:
     """Merged logits against the trained policy: the 4-bit base (bitsandbytes) + the adapter.
 
     The policy computes as training did: dequantise + matmul in the compute dtype, on every CPU
@@ -135,7 +135,8 @@ def policy_check(base_model: str, adapter_path: Path, tokenizer, prompts: list[s
     of the merged dtype's and the compute dtype's; `compute_path` in the result says which path
     ran on how many layers.
     """
-    quantization = QuantizationSection(quant_type=quant_type, double_quant=double_quant)
+    quantization = QuantizationSection(quant_type=quant_type, double_quant=double_quant,
+                                       compute_dtype=compute_dtype)
     policy, _ = load_causal_lm(
         base_model, adapter_path=str(adapter_path), device=device,
         torch_dtype=parse_dtype("auto", device=device),  # what training computed in here

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,7 @@ from rrhf_lite.config.recipe import Recipe
 from rrhf_lite.config.sections import TrainSection
 from rrhf_lite.data.listwise import load_listwise, summarize_listwise
 from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
+from rrhf_lite.stages.adapter_files import RecordCheckpoints, adapter_record, finish_adapter_dir
 from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 from rrhf_lite.utils.io import atomic_directory, write_json, write_jsonl
 from rrhf_lite.utils.precision import auto_dtype_name
@@ -24,6 +27,7 @@ def run_train(
     *,
     resume_from_checkpoint: str | bool | None = None,
     callbacks: list | None = None,
+    provenance: dict | None = None,
 ) -> Path:
     """Train with RRHF and return the directory of the final adapter.
 
@@ -34,10 +38,14 @@ def run_train(
         config: an RRHFConfig; its output_dir receives checkpoints, the result and the logs.
         resume_from_checkpoint: a checkpoint directory (or True for the latest in output_dir).
         callbacks: extra transformers TrainerCallbacks.
+        provenance: what the model card says about the data beyond the file (a recipe's
+            prompts, candidates and reward; see recipe_provenance).
 
     Writes into config.output_dir:
-        adapter/ (LoRA: adapter_model.safetensors + adapter_config.json + tokenizer), or model/
-            for full fine-tuning; it appears only once complete (atomic rename);
+        adapter/ (LoRA: adapter_model.safetensors + adapter_config.json + tokenizer, plus
+            rrhf_lite.json, the record of the base as training loaded it, and README.md, the
+            model card; see rrhf_lite.stages.adapter_files), or model/ for full fine-tuning; it
+            appears only once complete (atomic rename); each checkpoint gets the record too;
         metrics.jsonl: the trainer's log history, one JSON object per logged step;
         train_summary.json: data counts, tokenisation/truncation counts, final metrics.
 
@@ -49,21 +57,26 @@ def run_train(
     model, tokenizer = load_model_for_training(model_args)
     trainer = RRHFTrainer(model=model, args=config, train_dataset=examples,
                           processing_class=tokenizer, callbacks=callbacks)
+    data_counts = {"data": summarize_listwise(examples)}
+    record = functools.partial(adapter_record, trainer, model, model_args, data, data_counts,
+                               provenance)
+    trainer.add_callback(RecordCheckpoints(lambda step: record()))
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return save_trained(trainer, tokenizer, result, use_lora=model_args.use_lora,
                         resumed=bool(resume_from_checkpoint), summary={
-                            "data": summarize_listwise(examples),
+                            **data_counts,
                             "tokenization": trainer.tokenize_stats.get("train", {}),
                             "forward": trainer.forward_choices,
-                        })
+                        }, record=record)
 
 
 def save_trained(trainer, tokenizer, result, *, use_lora: bool, resumed: bool,
-                 summary: dict) -> Path:
+                 summary: dict, record: Callable[[], dict] | None = None) -> Path:
     """Save what `trainer` trained into its output_dir: adapter/ (or model/), metrics.jsonl and
     train_summary.json (`summary` plus the steps, run time and seconds per step), from the main
     process; every rank returns once they exist. Weights sharded by FSDP or DeepSpeed ZeRO-3 are
-    gathered first (a collective: every rank calls this)."""
+    gathered first (a collective: every rank calls this). `record` makes the adapter's record;
+    with it the adapter directory also holds rrhf_lite.json and its model card."""
     out = Path(trainer.args.output_dir)
     target = out / ("adapter" if use_lora else "model")
     accelerator = trainer.accelerator
@@ -76,6 +89,8 @@ def save_trained(trainer, tokenizer, result, *, use_lora: bool, resumed: bool,
             accelerator.unwrap_model(trainer.model).save_pretrained(  # safetensors
                 tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
+            if use_lora and record is not None:
+                finish_adapter_dir(tmp, record(), final_dir=target)
         write_jsonl(out / "metrics.jsonl", trainer.state.log_history)
         steps = trainer.state.global_step
         write_json(out / "train_summary.json", {
@@ -151,4 +166,29 @@ def model_arguments(recipe: Recipe, base_model: str, init_adapter: Path | None =
         trust_remote_code=recipe.model.trust_remote_code,
         attn_implementation=recipe.model.attn_implementation,
         adapter_init_path=str(init_adapter) if init_adapter else None,
+        # what the adapter records as its base: the recipe's name (a builtin: name is shared as
+        # its hub model), not the cache directory it resolved to
+        base_origin={"name": recipe.model.name_or_path, "seed": recipe.seed,
+                     "options": recipe.model.builtin or {}},
     )
+
+
+def recipe_provenance(recipe: Recipe) -> dict:
+    """What an adapter's model card says about a recipe's data: its name, prompts, candidates
+    and reward."""
+    data, sampling, scoring = recipe.data, recipe.sampling, recipe.scoring
+    out: dict = {"recipe": recipe.name}
+    if "sample" in recipe.stages and data.prompts:
+        out["prompts"] = str(data.prompts)
+        if data.max_prompts:
+            out["max_prompts"] = data.max_prompts
+        generators = ", ".join(f"{g.num_candidates} x {g.method} from {g.model}"
+                               for g in sampling.generators)
+        out["candidates"] = f"sampled per prompt: {generators}, up to {sampling.max_new_tokens} new tokens"
+    elif data.candidates:
+        out["candidates"] = f"given: {data.candidates}"
+    reward = scoring.reward_model or scoring.reward_function or ("given scores" if scoring.given
+                                                                 else None)
+    if reward:
+        out["reward"] = str(reward)
+    return out

@@ -11,6 +11,7 @@ ablation adapters go, with metrics.jsonl and train_summary.json (seconds per ste
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -26,7 +27,14 @@ from rrhf_lite.models.training_loader import (
     load_model_for_training,
     lora_config_from_args,
 )
-from rrhf_lite.stages.train import model_arguments, precision_flags, save_trained, train_section
+from rrhf_lite.stages.adapter_files import RecordCheckpoints, adapter_record
+from rrhf_lite.stages.train import (
+    model_arguments,
+    precision_flags,
+    recipe_provenance,
+    save_trained,
+    train_section,
+)
 from rrhf_lite.training.dpo_pairs import best_worst_pairs, pretokenized_dpo_trainer, tokenize_pairs
 from rrhf_lite.utils.console import say
 
@@ -35,13 +43,14 @@ logger = logging.getLogger(__name__)
 
 def run_train_dpo(data: Any, model_args: ModelArguments, config, *, max_prompt_length: int | None,
                   truncation_side: str = "left", resume_from_checkpoint: str | None = None,
-                  summary: dict | None = None) -> Path:
+                  summary: dict | None = None, provenance: dict | None = None) -> Path:
     """Train DPO on the best-vs-worst pairs of listwise `data`; return the adapter directory.
 
     config: a trl.DPOConfig (its max_length, with max_prompt_length and truncation_side, cut the
     tokens as RRHF's train section does). summary: extra entries for train_summary.json.
-    Writes into config.output_dir: adapter/ (or model/ without LoRA), metrics.jsonl and
-    train_summary.json (pairs, prompts skipped for tied scores, steps, seconds per step).
+    Writes into config.output_dir: adapter/ (or model/ without LoRA; with its record and
+    model card, as run_train's), metrics.jsonl and train_summary.json (pairs, prompts skipped
+    for tied scores, steps, seconds per step). provenance: as run_train's.
     """
     from datasets import Dataset
 
@@ -65,15 +74,18 @@ def run_train_dpo(data: Any, model_args: ModelArguments, config, *, max_prompt_l
     trainer = pretokenized_dpo_trainer()(
         model=model, args=config, train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer, peft_config=peft_config)
+    counts = {"method": "dpo", "data": {"prompts": len(examples), "pairs": len(rows),
+                                        "skipped_tied_prompts": skipped}}
+    record = functools.partial(adapter_record, trainer, model, model_args, data, counts,
+                               provenance)
+    trainer.add_callback(RecordCheckpoints(lambda step: record()))
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return save_trained(trainer, tokenizer, result, use_lora=model_args.use_lora,
                         resumed=bool(resume_from_checkpoint), summary={
-                            "method": "dpo",
-                            "data": {"prompts": len(examples), "pairs": len(rows),
-                                     "skipped_tied_prompts": skipped},
+                            **counts,
                             "tokenization": stats.as_dict(),
                             **(summary or {}),
-                        })
+                        }, record=record)
 
 
 # --- from a recipe --------------------------------------------------------------------------
@@ -95,6 +107,7 @@ def train_dpo_ablation(recipe: Recipe, ablation: AblationSection, base_model: st
         resume_from_checkpoint=str(resume) if resume else None,
         summary={"optimizer_steps_from": source, "dpo": dpo.model_dump(),
                  "train_overrides": ablation.train},
+        provenance={**recipe_provenance(recipe), "ablation": ablation.name},
     )
 
 

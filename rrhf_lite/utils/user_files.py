@@ -230,10 +230,18 @@ def load_adapter(model, adapter_dir: str, **kwargs):
 
     path = Path(adapter_dir)
     check_adapter_config(path)
+    loaded_from = getattr(getattr(model, "config", None), "_name_or_path", None)
     with user_file_errors(str(path), "adapter", "the adapter must have been trained on this "
                           "base model (same architecture, modules and LoRA rank); check "
                           "adapter_config.json against its weights"):
-        return PeftModel.from_pretrained(model, str(path), **kwargs)
+        peft_model = PeftModel.from_pretrained(model, str(path), **kwargs)
+    # The adapter names its base as shared (a hub name, a builtin: name); here it sits on the
+    # base just loaded. PEFT looks that name up when it saves (a hub request for a hub name), so
+    # it is pointed at what was loaded; a trained adapter's files name the shared base again.
+    if loaded_from:
+        for config in peft_model.peft_config.values():
+            config.base_model_name_or_path = loaded_from
+    return peft_model
 
 
 # ------------------------------------------------------------------------------ outputs

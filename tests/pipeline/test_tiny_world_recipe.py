@@ -53,6 +53,12 @@ def test_tiny_world_recipe_end_to_end(tmp_path, tiny_world_cache, capsys):
     # People read the table: it is printed and in report.md.
     assert "best-of-k" in printed and "rrhf" in printed
     assert "| variant |" in (out / "report.md").read_text()
+    # The adapter records the base as training loaded it, under its builtin name; the merged
+    # model's card carries the run's numbers (issue 27)
+    record = json.loads((out / "round-1/train/adapter/rrhf_lite.json").read_text())
+    assert record["base_model"] == "builtin:tiny-world" and record["quantization"]["load_in_4bit"]
+    card = (out / "merged" / "README.md").read_text()
+    assert f"| reward/train | {variants['initial']['reward/train']:.4g} | " in card
 
     # A second run in the same directory resumes: every stage is found and skipped.
     assert main(args) == 0

@@ -291,6 +291,14 @@ def test_dpo_ablation_in_a_run_steps_like_rrhf_and_gets_a_report_row(tiny_lm_dir
     assert "round-1" in dpo["optimizer_steps_from"]
     history = [json.loads(line) for line in (run / "ablations" / "dpo" / "train" / "metrics.jsonl").open()]
     assert [h["learning_rate"] for h in history if "loss" in h][0] == pytest.approx(1e-3)
+    # the DPO adapter records its base and objective, and its card says DPO and beta (issue 27)
+    record = json.loads((run / "ablations" / "dpo" / "train" / "adapter" / "rrhf_lite.json")
+                        .read_text())
+    assert record["training"]["objective"] == {"method": "dpo", "beta": 0.2,
+                                               "loss_type": "sigmoid", "label_smoothing": 0.0}
+    assert record["training"]["ablation"] == "dpo" and record["training"]["global_step"] == 3
+    card = (run / "ablations" / "dpo" / "train" / "adapter" / "README.md").read_text()
+    assert "- dpo" in card and "| beta | 0.2 |" in card and "pairs 4" in card
 
     report = json.loads((run / "metrics.json").read_text())
     variants = report["metrics"]["variants"]

@@ -24,8 +24,8 @@ every linear layer inside the decoder blocks becomes a ``bnb.nn.Linear4bit`` who
 weight is made on the GPU and quantised at once (one layer's weight in bf16 at a time, never the
 whole model), and embeddings, norms, lm_head and rotary buffers are materialised directly. Then
 the same preparation as ``rrhf_lite.models.training_loader.load_model_for_training`` runs
-(``prepare_model_for_kbit_training`` with non-reentrant checkpointing, then ``get_peft_model``
-with ``lora_config_from_args``). A missing-weights checkpoint does not work for this:
+(``prepare_4bit_for_lora`` with non-reentrant checkpointing, then ``get_peft_model`` with
+``lora_config_from_args``). A missing-weights checkpoint does not work for this:
 transformers leaves missing 4-bit weights unquantised.
 
 Run alone: ``python benchmarks/e2e_bench.py --models llama3-8b`` (CUDA) or ``--dry`` (tiny
@@ -104,11 +104,15 @@ def build_random_qlora_model(config, device: str | torch.device, model_args=None
     r=16 alpha 32 dropout 0.05 on all linear layers, gradient checkpointing). Returns the
     PeftModel in train mode on ``device``.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
     from rrhf_lite.models.cpu_4bit import configure_for_training
-    from rrhf_lite.models.training_loader import ModelArguments, lora_config_from_args
+    from rrhf_lite.models.training_loader import (
+        ModelArguments,
+        lora_config_from_args,
+        prepare_4bit_for_lora,
+    )
     from rrhf_lite.utils.precision import parse_dtype
 
     args = model_args or ModelArguments(model_name_or_path="<random>")
@@ -130,9 +134,10 @@ def build_random_qlora_model(config, device: str | torch.device, model_args=None
     _materialise_rest(model, device, weight_dtype, std)
     _mark_quantised(model, args, compute_dtype)
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the loader's own k-bit preparation (16-bit embeddings and head under bf16 compute), not
+    # peft's fp32 up-cast, so what is measured is what training runs
+    model = prepare_4bit_for_lora(model, compute_dtype, precision=args.kbit_precision,
+                                  gradient_checkpointing=args.gradient_checkpointing)
     model = get_peft_model(model, lora_config_from_args(args))
     configure_for_training(model)  # as the real loader: never bitsandbytes' packed CPU layout
     model.train()

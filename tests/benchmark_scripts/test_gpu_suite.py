@@ -315,15 +315,18 @@ def test_make_batch_shapes_and_masks():
         e2e_bench.make_batch(vocab_size=50, k=4, seq_len=12, prompt_len=12)
 
 
-def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir):
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # fp32 on the CPU; the GPU's dtypes
+def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir, dtype):
     import bitsandbytes as bnb
     from transformers import AutoConfig
 
     from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
 
-    real, _ = load_model_for_training(ModelArguments(model_name_or_path=str(tiny_lm_dir)))
+    args = ModelArguments(model_name_or_path=str(tiny_lm_dir), torch_dtype=dtype,
+                          bnb_4bit_compute_dtype=dtype)
+    real, _ = load_model_for_training(args)
     config = AutoConfig.from_pretrained(tiny_lm_dir)
-    ours = e2e_bench.build_random_qlora_model(config, "cpu")
+    ours = e2e_bench.build_random_qlora_model(config, "cpu", args)
 
     def layout(model):
         return {name: (type(m).__name__) for name, m in model.named_modules()}

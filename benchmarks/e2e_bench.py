@@ -257,19 +257,27 @@ def loss_agreement(model, batch: dict, bf16: bool, backend: str) -> dict[str, fl
 
 @contextlib.contextmanager
 def mixed_precision(model, bf16: bool):
-    """The model as HF Trainer runs it: accelerate's bf16 autocast wrapper around forward (which
-    also returns the logits in fp32). Undone on exit, so every variant sees the same model."""
+    """The model as HF Trainer runs it under bf16: forward inside autocast, its outputs handed
+    back in fp32 (accelerate's two wrappers, as Accelerator.prepare_model puts them). Undone on
+    exit, so every variant sees the same model. Wrapped here rather than by prepare_model and
+    extract_model_from_parallel: after one such round trip a second prepare_model leaves the
+    forward without autocast (accelerate 1.x), so every step after the first ran in fp32."""
     if not bf16:
         yield model
         return
-    from accelerate import Accelerator
-    from accelerate.utils import extract_model_from_parallel
+    from accelerate.utils import convert_outputs_to_fp32
 
-    prepared = Accelerator(mixed_precision="bf16").prepare_model(model, device_placement=False)
+    device = next(p for p in model.parameters()).device.type
+    had_own = "forward" in model.__dict__
+    saved = model.__dict__.get("forward")
+    model.forward = convert_outputs_to_fp32(torch.autocast(device, dtype=torch.bfloat16)(model.forward))
     try:
-        yield prepared
+        yield model
     finally:
-        extract_model_from_parallel(prepared, keep_fp32_wrapper=False)
+        if had_own:
+            model.forward = saved
+        else:
+            del model.forward
 
 
 def make_trainer(model, micro_batch: int, bf16: bool, backend: str, output_dir: str):

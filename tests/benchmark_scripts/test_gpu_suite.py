@@ -315,6 +315,30 @@ def test_make_batch_shapes_and_masks():
         e2e_bench.make_batch(vocab_size=50, k=4, seq_len=12, prompt_len=12)
 
 
+def test_mixed_precision_autocasts_every_step_not_only_the_first():
+    # accelerate's prepare_model after one prepare + unwrap round trip left the forward
+    # without autocast: every step after the warm-up ran in fp32
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return self.linear(x)
+
+    model = Probe()
+    for _ in range(3):
+        with e2e_bench.mixed_precision(model, True) as prepared:
+            out = prepared(torch.randn(2, 4))
+        assert out.dtype == torch.float32  # handed back in fp32, as accelerate does
+    assert seen == [True, True, True]
+    model(torch.randn(2, 4))
+    assert seen[-1] is False and "forward" not in model.__dict__  # undone on exit
+
+
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # fp32 on the CPU; the GPU's dtypes
 def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir, dtype):
     import bitsandbytes as bnb

@@ -280,15 +280,17 @@ def mixed_precision(model, bf16: bool):
             del model.forward
 
 
-def make_trainer(model, micro_batch: int, bf16: bool, backend: str, output_dir: str):
-    """An RRHFTrainer over `model` (a PeftModel), ready for `training_step` calls."""
+def make_trainer(model, micro_batch: int, bf16: bool, backend: str, output_dir: str, **config_kw):
+    """An RRHFTrainer over `model` (a PeftModel), ready for `training_step` calls; `config_kw`
+    go to RRHFConfig (e.g. loss_type)."""
     from rrhf_lite.data.tokenization import RRHFCollator
     from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
     config = RRHFConfig(output_dir=output_dir, candidate_micro_batch_size=micro_batch,
                         per_device_train_batch_size=1, learning_rate=1e-4, bf16=bf16,
                         logprob_backend=backend, save_strategy="no", report_to="none",
-                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                        **config_kw)
     # Tokenised features need no tokenizer (the collator is given); the steps get their batch
     # directly, this one-row dataset only satisfies the constructor.
     dummy = [{"prompt_ids": [3], "responses_ids": [[4], [5]], "scores": [0.0, 1.0]}]

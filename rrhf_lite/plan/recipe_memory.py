@@ -86,7 +86,7 @@ def half_dtype(recipe) -> str:
 
 def regime_for(recipe) -> Regime:
     if recipe.train.mixed_precision == "no":
-        return Regime(4, 4, 4, 4, False)
+        return Regime(4, 4, 4, False, 4)
     if recipe.quantization.load_in_4bit:
         return Regime.qlora(half_dtype(recipe))  # training_loader.prepare_4bit_for_lora's dtypes
     return Regime.gpu(2)

@@ -25,6 +25,7 @@ plan part by where it was made, read from its allocation's stack, first rule tha
 - made in the forward by rrhf_kernels (the hidden-state log-prob path): the gradient it makes
   during the forward (hidden-states-sized), else its tiles;
 - made in the forward inside a block's layers (attention, MLP, norms, 4-bit layers, dropout):
+  a LoRA weight's autocast copy (a cast inside a linear, of a LoRA weight's size), else
   forward activations (no graph) (with a graph they are freed at once, the block recomputes
   them in the backward);
 - made by the trainer's reference pass outside the model: the reference log-prob sums;
@@ -89,6 +90,7 @@ class Profiled:
     untracked: list = field(default_factory=list)  # (t_ns, ptr, signed bytes, Site) of allocations no tensor owns
     static: dict = field(default_factory=dict)  # storage address -> (part name, bytes)
     grads: set = field(default_factory=set)  # storage addresses of the parameters' .grad
+    lora_weight_bytes: set = field(default_factory=set)  # sizes of the LoRA weights' 16-bit copies
 
 
 def profile_call(fn: Callable[[], Any], device: str = "cpu") -> Profiled:
@@ -190,6 +192,8 @@ def part_of(key, site: Site | None, profiled: Profiled, preexisting: bool,
         return "dequantised weight"
     in_block = site.has("nn.Module: LlamaDecoderLayer")
     if in_block and site.has(*INNER):  # inside a block's layers: alive only in a no-graph forward
+        if site.has("aten::linear") and site.has("aten::_to_copy") and nbytes in profiled.lora_weight_bytes:
+            return "LoRA weights, autocast copies"  # autocast's cache, kept until the forward ends
         return "forward activations (no graph)"
     if site.has(KERNEL):
         return "their gradient, made in the forward" if nbytes in hidden_bytes else "log-prob tiles"

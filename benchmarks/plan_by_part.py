@@ -107,6 +107,7 @@ def measure(config, k: int, seq: int, prompt: int, micro: int, dtype: str, loss:
     profiled.static = pp.static_storages(model, trainer.optimizer, batch)
     profiled.grads = {p.grad.untyped_storage().data_ptr() for p in model.parameters()
                       if p.grad is not None}
+    profiled.lora_weight_bytes = {p.numel() * 2 for n, p in model.named_parameters() if "lora_" in n}
     choices = trainer.forward_choices
     residual = 2 if bf16 else 4
     m = min(micro, k)

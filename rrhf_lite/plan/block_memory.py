@@ -177,21 +177,24 @@ def recompute_moment(shape: ModelShape, s, dt: Dtypes, layout: ChunkLayout) -> d
 
 
 def backward_moment(shape: ModelShape, s, dt: Dtypes, layout: ChunkLayout) -> dict[str, float]:
-    """The widest moment of the block's backward, at down_proj's gradient: {"recomputed block":
-    the saved tensors but down_proj's lora_A input, "gradients in flight": the LoRA branch's two
-    gradients in the dropout's dtype, or the base matmul's input gradient, "dequantised weight"}."""
+    """The widest moment of the block's backward, around down_proj, the largest of: its LoRA
+    branch's gradient (two input-sized gradients in the dropout's dtype; lora_A's input
+    released); its base matmul's (the input's gradient and a dequantised weight); and, once
+    down_proj is done (its mask and lora_A input released), the product's backward into
+    up_proj and gate_proj (the gradients of silu(gate) and of up, and up_proj's dequantised
+    weight). {"recomputed block": saved tensors not yet released, "gradients in flight",
+    "dequantised weight"}; the block output's gradient is the caller's."""
     T, I = layout.tokens, shape.intermediate_size  # noqa: E741
     saved = sum(block_saved(shape, s, dt, layout).values())
-    _, _, d = _down_lora(shape, s, dt, T)
-    _, _, kept, _ = dt.lora(dt.residual, s.lora_dropout > 0)
-    lora_grads = 2 * d * I * T if "down_proj" in s.lora_targets else 0
+    on_down = "down_proj" in s.lora_targets
+    d, mask, kept, _ = dt.lora(dt.residual, s.lora_dropout > 0)
     dequant = max(i * o for i, o in shape.block_linears().values()) * dt.compute
-    base_grads = dt.residual * I * T
-    kept_down = kept * I * T if "down_proj" in s.lora_targets else 0
-    if lora_grads >= base_grads + dequant:
-        return {"recomputed block": saved - kept_down, "gradients in flight": lora_grads,
-                "dequantised weight": 0.0}
-    return {"recomputed block": saved, "gradients in flight": base_grads, "dequantised weight": dequant}
+    rb = dt.residual
+    moments = [(saved - (kept * I * T if on_down else 0), (2 * d * I * T if on_down else 0), 0.0),
+               (saved, rb * I * T, dequant),
+               (saved - ((mask + kept) * I * T if on_down else 0), 2 * rb * I * T, dequant)]
+    block, grads, weight = max(moments, key=lambda m: sum(m))
+    return {"recomputed block": block, "gradients in flight": grads, "dequantised weight": weight}
 
 
 def forward_moment(shape: ModelShape, s, dt: Dtypes, layout: ChunkLayout, lora: bool = True
@@ -202,23 +205,38 @@ def forward_moment(shape: ModelShape, s, dt: Dtypes, layout: ChunkLayout, lora: 
     and the residual after attention. Inside the MLP, besides its input, the largest of: up_proj's
     matmul (silu(gate), a dequantised weight, the output), the product silu(gate) * up with both
     factors, down_proj's base matmul (the product, a dequantised weight, its output), its LoRA
-    branch (the product, the base output's clone, peft's copy, the dropout's noise and output,
-    the autocast copy)."""
+    branch (the product, the base output's clone, peft's copy and the dropout's noise and output,
+    or then the autocast copy: nothing is saved, the noise goes when the dropout returns).
+    Autocast keeps a 16-bit copy of every LoRA weight it cast until the forward ends: every
+    block's so far."""
     T, H, I = layout.tokens, shape.hidden_size, shape.intermediate_size  # noqa: E741
     rb = dt.residual
     dequant = max(i * o for i, o in shape.block_linears().values()) * dt.compute
     stream = (3 if shape.num_layers > 1 else 2) * rb * H * T
     branch = 0.0
     if lora and "down_proj" in s.lora_targets:
-        d, _, saved, transient = dt.lora(rb, s.lora_dropout > 0)
-        noise = (1 if dt.cuda else d) if s.lora_dropout > 0 else 0
-        branch = rb * I * T + rb * H * T + (transient + noise + saved) * I * T
-    # (activations, with a dequantised weight?) at each candidate for the widest moment
-    moments = [(2 * rb * I * T, True),  # up_proj's matmul: silu(gate), its output, its weight
-               (3 * rb * I * T, False),  # silu(gate) * up: both and the product
-               (rb * I * T + rb * H * T, True),  # down_proj's matmul: the product, its output
-               (branch, False)]
-    inside, weighted = max(moments, key=lambda m: m[0] + (dequant if m[1] else 0))
+        d = 4 if dt.peft_casts else rb
+        cast = 4 if dt.peft_casts and rb != 4 else 0
+        dropout = s.lora_dropout > 0
+        noise = ((1 if dt.cuda else d) + d) if dropout else 0  # the noise (mask) and the output
+        copy = dt.compute if dt.autocast and d != dt.compute else 0
+        branch = rb * I * T + rb * H * T + (cast + max(noise, (d if dropout else 0) + copy)) * I * T
+    linears = shape.block_linears()
+
+    def cast_weights(done: tuple[str, ...]) -> float:
+        """LoRA weights autocast has cast by then: every earlier block's, this block's `done`."""
+        if not (lora and dt.autocast):
+            return 0.0
+        per = {n: s.lora_r * (i + o) * dt.compute for n, (i, o) in linears.items() if n in s.lora_targets}
+        return (shape.num_layers - 1) * sum(per.values()) + sum(per.get(n, 0) for n in done)
+
+    attn = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # (activations, dequantised weight, LoRA weights cast so far) at each candidate moment
+    moments = [(2 * rb * I * T, dequant, cast_weights((*attn, "gate_proj"))),  # up_proj's matmul
+               (3 * rb * I * T, 0.0, cast_weights((*attn, "gate_proj", "up_proj"))),  # silu * up
+               (rb * I * T + rb * H * T, dequant, cast_weights((*attn, "gate_proj", "up_proj"))),
+               (branch, 0.0, cast_weights((*attn, "gate_proj", "up_proj")))]  # down's LoRA branch
+    inside, weight, weights = max(moments, key=sum)
     return {"residual stream (no graph)": stream,
             "forward activations (no graph)": rb * H * T + inside,  # + the MLP's input
-            "dequantised weight": dequant if weighted else 0.0}
+            "LoRA weights, autocast copies": weights, "dequantised weight": weight}

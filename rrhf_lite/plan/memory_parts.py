@@ -128,6 +128,7 @@ class StepPlan:
     peak_phase: str  # which moment of the step the dynamic parts belong to
     notes: list[str] = field(default_factory=list)
     moments: dict[str, list[Part]] = field(default_factory=dict)  # every moment's dynamic parts
+    where: str = "card"  # "host": a stage that runs on the CPU (merge)
 
     def total(self, phases=("static", "dynamic")) -> float:
         return sum(p.bytes for p in self.parts if p.phase in phases)
@@ -305,12 +306,17 @@ def no_grad_forward(shape: ModelShape, s: TrainSettings, dt, layout: ChunkLayout
     """A chunk's forward without a graph: no checkpoints kept, the last block's widest moment."""
     parts = forward_moment(shape, s, dt, layout, lora)
     source = "the last block, no graph" + ("" if lora else ", LoRA off (the base)")
-    return [inputs, Part("residual stream (no graph)", parts["residual stream (no graph)"], "dynamic",
-                         "input embeddings, the block's input, the residual after attention"),
-            Part("forward activations (no graph)", parts["forward activations (no graph)"],
-                 "dynamic", source)] + (
-        [Part("dequantised weight", parts["dequantised weight"], "dynamic",
-              "largest block linear, compute dtype")] if parts["dequantised weight"] else [])
+    out = [inputs, Part("residual stream (no graph)", parts["residual stream (no graph)"], "dynamic",
+                        "input embeddings, the block's input, the residual after attention"),
+           Part("forward activations (no graph)", parts["forward activations (no graph)"],
+                "dynamic", source)]
+    if parts["LoRA weights, autocast copies"]:
+        out.append(Part("LoRA weights, autocast copies", parts["LoRA weights, autocast copies"],
+                        "dynamic", "every block's, cached until the forward ends"))
+    if parts["dequantised weight"]:
+        out.append(Part("dequantised weight", parts["dequantised weight"], "dynamic",
+                        "largest block linear, compute dtype"))
+    return out
 
 
 def training_parts(shape: ModelShape, s: TrainSettings, regime: Regime,

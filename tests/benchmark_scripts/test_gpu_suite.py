@@ -148,10 +148,24 @@ def test_dry_run_plan_rows(dry_results):
     assert "## Memory plan vs measured" in dry_results[1]
 
 
+def test_dry_run_recipe_step_item_is_declared_and_plans(dry_results):
+    # the 8 GB recipe's step: the GPU run measures all 32 blocks; dry, a tiny width runs the same
+    # code on the CPU and both plans are computed (nothing measured without CUDA)
+    assert runner.gpu_plan().recipe_step and runner.dry_plan().recipe_step
+    results, md, _ = dry_results
+    (row,) = results["recipe_step"]
+    assert row["recipe"] == "llama3_8b_qlora_8gb.yaml" and row["dry"] and row["meas_gib"] is None
+    assert row["k"] == 6 and row["micro_batch"] == 2  # the recipe's k and candidate micro-batch
+    assert row["forward_choices"]["logprob_path"] == "hidden" and row["forward_choices"]["share_prompt"]
+    assert 0 < row["plan_gib"] < 0.1 and 6 < row["recipe_plan_gib"] < 8  # tiny width; the 8B recipe
+    assert row["plan_peak_at"] in ("last block's recompute", "last block's backward")
+    assert "8 GB recipe's training step vs its plan" in md
+
+
 def test_dry_run_goals_and_markdown(dry_results):
     results, md, stdout = dry_results
     goals = {g["goal"]: g for g in results["goals"]}
-    assert len(goals) == 11
+    assert len(goals) == 12
     assert all(g["status"] in {"PASS", "FAIL", "NOT MEASURED"} for g in goals.values())
     correctness = next(g for name, g in goals.items() if "float64" in name)
     assert correctness["status"] == "PASS"
@@ -268,7 +282,7 @@ def test_goals_pass_fail_and_not_measured():
     }
     goals = output.evaluate_goals(results, plan)
     status = [g["status"] for g in goals]
-    assert status == ["PASS", "FAIL", "PASS", "FAIL"] + ["NOT MEASURED"] * 7
+    assert status == ["PASS", "FAIL", "PASS", "FAIL"] + ["NOT MEASURED"] * 8
     assert goals[2]["measured"] == 11.0 and "mb=1" in goals[2]["where"]
     results["gpu_tests"] = {"status": "failed", "tests": 3, "passed": 2, "summary": "1 failed"}
     assert output.evaluate_goals(results, plan)[4]["status"] == "FAIL"
@@ -282,7 +296,11 @@ def test_goals_pass_fail_and_not_measured():
         {"mode": "shared", "shape": "P200 R100 k6", "speed_vs_unshared": 1.9, "memory_vs_unshared": 0.8},
         {"mode": "shared", "shape": "P30 R30 k2", "speed_vs_unshared": 1.1, "memory_vs_unshared": 1.05}]
     results["shared_correctness"] = [{"attn": "sdpa", "passed": True}, {"attn": "flex_attention", "passed": False}]
-    assert [g["status"] for g in output.evaluate_goals(results, plan)[7:]] == ["PASS", "FAIL", "FAIL", "FAIL"]
+    assert [g["status"] for g in output.evaluate_goals(results, plan)[7:11]] == ["PASS", "FAIL", "FAIL", "FAIL"]
+    results["recipe_step"] = [{"model": "m", "layers": 32, "k": 6, "seq_len": 512, "err": 0.04}]
+    assert output.evaluate_goals(results, plan)[11]["status"] == "PASS"
+    results["recipe_step"][0]["err"] = -0.08
+    assert output.evaluate_goals(results, plan)[11]["status"] == "FAIL"
     empty = output.evaluate_goals({"kernel": [], "e2e": [], "correctness": []}, plan)
     assert {g["status"] for g in empty} == {"NOT MEASURED"}
 

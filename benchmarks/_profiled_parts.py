@@ -242,7 +242,7 @@ def live_at(profiled: Profiled, start: int, end: int) -> tuple[int, int, dict]:
             gone = live.pop(key, None)
             if gone is not None:
                 level -= gone[0]
-        inside = start < 0 or (start <= t <= end) or t == -1
+        inside = start < 0 or start <= t <= end
         if inside and level > peak:
             peak, peak_t, peak_live = level, t, dict(live)
     return peak, peak_t, peak_live

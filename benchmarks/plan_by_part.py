@@ -18,6 +18,10 @@ and head, CPU dropout masks in the input's dtype).
 
     python benchmarks/plan_by_part.py                    # 8B width, 2 blocks, k 4 x 512 (minutes)
     python benchmarks/plan_by_part.py --quick            # a tiny shape (tests), not written
+    python benchmarks/plan_by_part.py --replan FILE      # today's plan against a recorded step
+
+--replan compares the plan as it is now with the measurement a results file recorded (the step
+is not run again; the file's rows are replaced and the date of the new comparison added).
 """
 
 from __future__ import annotations
@@ -178,7 +182,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results; "
                         "--quick writes only with --out)")
     parser.add_argument("--name", default="plan_by_part")
+    parser.add_argument("--replan", default=None, metavar="FILE",
+                        help="compare the current plan with the step FILE recorded (no new step)")
     args = parser.parse_args(argv)
+    if args.replan:
+        return replan(Path(args.replan))
     import torch
 
     if args.quick:
@@ -225,6 +233,32 @@ def main(argv=None) -> int:
         "measured": {k: v for k, v in measured.items()},
     }, device="cpu", results_dir=args.out)
     print(f"wrote {path}")
+    return 0
+
+
+def replan(path: Path) -> int:
+    """Today's plan against the measurement `path` recorded; rewrite its rows (atomically)."""
+    import datetime
+    import json
+
+    from _common import print_table
+
+    from rrhf_lite.utils.io import atomic_write_text
+
+    record = json.loads(path.read_text())
+    model, step = record["model"], record["step"]
+    config = model_config(model["width"], model["num_hidden_layers"])
+    share = bool(record["measured"]["forward_choices"].get("share_prompt"))
+    plan, _ = plan_parts(config, step["k"], step["seq_len"], step["prompt_len"], step["micro_batch"],
+                         share, step["dtype"], step.get("loss", "rrhf"))
+    rows = compare(plan, record["measured"])
+    print_table(rows, COLUMNS, title=f"today's plan vs the step recorded in {path.name} (MiB)")
+    record.update(rows=rows, plan_peak_at=plan.peak_phase, plan_notes=plan.notes)
+    record.setdefault("replanned", []).append(datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    atomic_write_text(path, json.dumps(record, indent=2, default=str) + "\n")
+    counted = [r for r in rows if r["within_5pct"] is not None and r["plan_mib"]]
+    print(f"{sum(r['within_5pct'] for r in counted)} of {len(counted)} counted parts and totals "
+          f"within 5 %; rewrote {path}")
     return 0
 
 

@@ -177,23 +177,22 @@ def recompute_moment(shape: ModelShape, s, dt: Dtypes, layout: ChunkLayout) -> d
 
 
 def backward_moment(shape: ModelShape, s, dt: Dtypes, layout: ChunkLayout) -> dict[str, float]:
-    """The widest moment of the block's backward, around down_proj, the largest of: its LoRA
+    """The widest moment of the block's backward, around down_proj. Autograd runs the nodes made
+    last first, so down_proj's LoRA branch goes before its base matmul. The larger of: the LoRA
     branch's gradient (two input-sized gradients in the dropout's dtype; lora_A's input
-    released); its base matmul's (the input's gradient and a dequantised weight); and, once
-    down_proj is done (its mask and lora_A input released), the product's backward into
-    up_proj and gate_proj (the gradients of silu(gate) and of up, and up_proj's dequantised
-    weight). {"recomputed block": saved tensors not yet released, "gradients in flight",
-    "dequantised weight"}; the block output's gradient is the caller's."""
+    released); then, the branch done (its mask and lora_A input released), the base matmul's
+    (the branch's input gradient, the matmul's own and a dequantised weight; up_proj's backward
+    after it holds as much). {"recomputed block": saved tensors not yet released, "gradients in
+    flight", "dequantised weight"}; the block output's gradient is the caller's."""
     T, I = layout.tokens, shape.intermediate_size  # noqa: E741
     saved = sum(block_saved(shape, s, dt, layout).values())
     on_down = "down_proj" in s.lora_targets
     d, mask, kept, _ = dt.lora(dt.residual, s.lora_dropout > 0)
     dequant = max(i * o for i, o in shape.block_linears().values()) * dt.compute
     rb = dt.residual
-    moments = [(saved - (kept * I * T if on_down else 0), (2 * d * I * T if on_down else 0), 0.0),
-               (saved, rb * I * T, dequant),
-               (saved - ((mask + kept) * I * T if on_down else 0), 2 * rb * I * T, dequant)]
-    block, grads, weight = max(moments, key=lambda m: sum(m))
+    branch = (saved - kept * I * T, 2 * d * I * T, 0.0)
+    base = (saved - (mask + kept) * I * T, 2 * rb * I * T, dequant)
+    block, grads, weight = max(branch, base, key=sum) if on_down else (saved, rb * I * T, dequant)
     return {"recomputed block": block, "gradients in flight": grads, "dequantised weight": weight}
 
 

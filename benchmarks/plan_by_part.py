@@ -75,10 +75,10 @@ def plan_parts(config, k: int, seq: int, prompt: int, micro: int, share: bool, d
 
 
 def measure(config, k: int, seq: int, prompt: int, micro: int, dtype: str, loss: str = "rrhf") -> dict:
+    import _profiled_parts as pp
     import torch
     from e2e_bench import build_random_qlora_model, make_batch, make_trainer, mixed_precision
 
-    import _profiled_parts as pp
     from rrhf_lite.models.training_loader import ModelArguments
 
     name = {"bf16": "bfloat16", "fp32": "float32"}[dtype]

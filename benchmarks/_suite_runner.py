@@ -40,6 +40,8 @@ class Plan:
     # shapes, and the attention implementations whose exactness is checked
     shared_shapes: tuple[tuple[int, int, int], ...] = ()
     shared_check_attn: tuple[str, ...] = ()
+    # the 8 GB recipe's training step against the plan (benchmarks/recipe_step_bench.py)
+    recipe_step: bool = False
 
 
 def gpu_plan() -> Plan:
@@ -56,7 +58,7 @@ def gpu_plan() -> Plan:
                 plan_shapes=("llama-s", "llama-m", "llama-l"),
                 shared_shapes=((200, 100, 6), (30, 30, 2), (30, 30, 4)),
                 shared_check_attn=("sdpa", "eager", "flex_attention", "segments-sdpa",
-                                   "segments-eager"))
+                                   "segments-eager"), recipe_step=True)
 
 
 def dry_plan() -> Plan:
@@ -69,7 +71,7 @@ def dry_plan() -> Plan:
                 e2e_shape=dict(k=4, seq_len=16, prompt_len=4), e2e_steps=1, budget_s=900.0,
                 hidden_shapes=((2, 8, 16, 300),), hidden_dtype="fp32",
                 plan_shapes=("tiny",), shared_shapes=((6, 5, 3),),
-                shared_check_attn=("sdpa", "eager", "segments-sdpa"))
+                shared_check_attn=("sdpa", "eager", "segments-sdpa"), recipe_step=True)
 
 
 # --------------------------------------------------------------------------- time budget
@@ -221,6 +223,8 @@ def run_sections(suite: Suite, plan: Plan, device: str, sections: set[str]) -> N
                 run_tests_item()
             if model == plan.e2e_goal_model and "plan" in sections:
                 run_plan_item(suite, plan, device)
+            if model == plan.e2e_goal_model and "recipe" in sections:
+                run_recipe_item(suite, plan, device)
     elif "tests" in sections:
         run_tests_item()
     if "hidden" in sections:
@@ -242,6 +246,8 @@ def run_sections(suite: Suite, plan: Plan, device: str, sections: set[str]) -> N
         run_shared_item(suite, plan, device)
     if "plan" in sections and "e2e" not in sections:
         run_plan_item(suite, plan, device)
+    if "recipe" in sections and "e2e" not in sections:
+        run_recipe_item(suite, plan, device)
     if "kernel" in sections:
         kernel_item(goal_shape, goal_dtype, label=" (all paths)")  # compiled naive, Liger, TRL
         for shape, dtype_name in plan.kernel_rest:
@@ -266,6 +272,23 @@ def run_plan_item(suite: Suite, plan: Plan, device: str) -> None:
 
     suite.run_item("plan vs measured", 30 if device == "cuda" else 10, run,
                    cap_s=90 if device == "cuda" else None)
+
+
+def run_recipe_item(suite: Suite, plan: Plan, device: str) -> None:
+    """recipes/llama3_8b_qlora_8gb.yaml's training step (all 32 blocks of Llama-3-8B's shape,
+    random weights) measured with max_memory_allocated against `rrhf-lite plan` for the same
+    shape (dry: a tiny width on the CPU, the step runs, the plan is computed, nothing measured)."""
+    if not plan.recipe_step:
+        return
+    results = suite.results
+
+    def run():
+        from recipe_step_bench import run_recipe_step
+
+        run_recipe_step(device=device, dry=device != "cuda", on_row=results["recipe_step"].append)
+
+    suite.run_item("recipe step vs plan", 100 if device == "cuda" else 10, run,
+                   cap_s=240 if device == "cuda" else None)
 
 
 def run_shared_item(suite: Suite, plan: Plan, device: str) -> None:

@@ -24,8 +24,8 @@ every linear layer inside the decoder blocks becomes a ``bnb.nn.Linear4bit`` who
 weight is made on the GPU and quantised at once (one layer's weight in bf16 at a time, never the
 whole model), and embeddings, norms, lm_head and rotary buffers are materialised directly. Then
 the same preparation as ``rrhf_lite.models.training_loader.load_model_for_training`` runs
-(``prepare_model_for_kbit_training`` with non-reentrant checkpointing, then ``get_peft_model``
-with ``lora_config_from_args``). A missing-weights checkpoint does not work for this:
+(``prepare_4bit_for_lora`` with non-reentrant checkpointing, then ``get_peft_model`` with
+``lora_config_from_args``). A missing-weights checkpoint does not work for this:
 transformers leaves missing 4-bit weights unquantised.
 
 Run alone: ``python benchmarks/e2e_bench.py --models llama3-8b`` (CUDA) or ``--dry`` (tiny
@@ -104,11 +104,15 @@ def build_random_qlora_model(config, device: str | torch.device, model_args=None
     r=16 alpha 32 dropout 0.05 on all linear layers, gradient checkpointing). Returns the
     PeftModel in train mode on ``device``.
     """
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    from peft import get_peft_model
     from transformers import LlamaForCausalLM
 
     from rrhf_lite.models.cpu_4bit import configure_for_training
-    from rrhf_lite.models.training_loader import ModelArguments, lora_config_from_args
+    from rrhf_lite.models.training_loader import (
+        ModelArguments,
+        lora_config_from_args,
+        prepare_4bit_for_lora,
+    )
     from rrhf_lite.utils.precision import parse_dtype
 
     args = model_args or ModelArguments(model_name_or_path="<random>")
@@ -130,9 +134,10 @@ def build_random_qlora_model(config, device: str | torch.device, model_args=None
     _materialise_rest(model, device, weight_dtype, std)
     _mark_quantised(model, args, compute_dtype)
     model.config.use_cache = False
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=args.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the loader's own k-bit preparation (16-bit embeddings and head under bf16 compute), not
+    # peft's fp32 up-cast, so what is measured is what training runs
+    model = prepare_4bit_for_lora(model, compute_dtype, precision=args.kbit_precision,
+                                  gradient_checkpointing=args.gradient_checkpointing)
     model = get_peft_model(model, lora_config_from_args(args))
     configure_for_training(model)  # as the real loader: never bitsandbytes' packed CPU layout
     model.train()
@@ -252,30 +257,40 @@ def loss_agreement(model, batch: dict, bf16: bool, backend: str) -> dict[str, fl
 
 @contextlib.contextmanager
 def mixed_precision(model, bf16: bool):
-    """The model as HF Trainer runs it: accelerate's bf16 autocast wrapper around forward (which
-    also returns the logits in fp32). Undone on exit, so every variant sees the same model."""
+    """The model as HF Trainer runs it under bf16: forward inside autocast, its outputs handed
+    back in fp32 (accelerate's two wrappers, as Accelerator.prepare_model puts them). Undone on
+    exit, so every variant sees the same model. Wrapped here rather than by prepare_model and
+    extract_model_from_parallel: after one such round trip a second prepare_model leaves the
+    forward without autocast (accelerate 1.x), so every step after the first ran in fp32."""
     if not bf16:
         yield model
         return
-    from accelerate import Accelerator
-    from accelerate.utils import extract_model_from_parallel
+    from accelerate.utils import convert_outputs_to_fp32
 
-    prepared = Accelerator(mixed_precision="bf16").prepare_model(model, device_placement=False)
+    device = next(p for p in model.parameters()).device.type
+    had_own = "forward" in model.__dict__
+    saved = model.__dict__.get("forward")
+    model.forward = convert_outputs_to_fp32(torch.autocast(device, dtype=torch.bfloat16)(model.forward))
     try:
-        yield prepared
+        yield model
     finally:
-        extract_model_from_parallel(prepared, keep_fp32_wrapper=False)
+        if had_own:
+            model.forward = saved
+        else:
+            del model.forward
 
 
-def make_trainer(model, micro_batch: int, bf16: bool, backend: str, output_dir: str):
-    """An RRHFTrainer over `model` (a PeftModel), ready for `training_step` calls."""
+def make_trainer(model, micro_batch: int, bf16: bool, backend: str, output_dir: str, **config_kw):
+    """An RRHFTrainer over `model` (a PeftModel), ready for `training_step` calls; `config_kw`
+    go to RRHFConfig (e.g. loss_type)."""
     from rrhf_lite.data.tokenization import RRHFCollator
     from rrhf_lite.training.trainer import RRHFConfig, RRHFTrainer
 
     config = RRHFConfig(output_dir=output_dir, candidate_micro_batch_size=micro_batch,
                         per_device_train_batch_size=1, learning_rate=1e-4, bf16=bf16,
                         logprob_backend=backend, save_strategy="no", report_to="none",
-                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0)
+                        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                        **config_kw)
     # Tokenised features need no tokenizer (the collator is given); the steps get their batch
     # directly, this one-row dataset only satisfies the constructor.
     dummy = [{"prompt_ids": [3], "responses_ids": [[4], [5]], "scores": [0.0, 1.0]}]

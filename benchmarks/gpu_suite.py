@@ -37,7 +37,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="global time budget in seconds (default 480; dry 900)")
-    parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e", "tests", "hidden", "shared", "plan"),
+    parser.add_argument("--only", nargs="+", choices=("correctness", "kernel", "e2e", "tests", "hidden", "shared", "plan",
+                                 "recipe"),
                         help="run only these sections")
     parser.add_argument("--commit", default=None,
                         help="git commit to record when the tree has no .git (device copies)")
@@ -92,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": "running", "budget_s": budget, "elapsed_s": 0.0,
         "versions": versions(args.commit), "setup": setup,
         "goals": [], "correctness": [], "kernel": [], "e2e": [], "hidden": [], "hidden_correctness": [],
-        "plan": [], "shared": [], "shared_correctness": [],
+        "plan": [], "recipe_step": [], "shared": [], "shared_correctness": [],
         "gpu_tests": {},
         "skipped": [], "errors": setup_errors, "timings_s": {}, "_start": start,
     }
@@ -111,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     suite = Suite(results, budget, write)
     suite.start = start  # the budget counts the wheel install and imports too
-    sections = set(args.only or ("correctness", "kernel", "e2e", "tests", "hidden", "shared", "plan"))
+    sections = set(args.only or ("correctness", "kernel", "e2e", "tests", "hidden", "shared", "plan",
+                                 "recipe"))
     try:
         run_sections(suite, plan, device, sections)
         results["status"] = "complete" if not results["skipped"] else "partial"

@@ -25,8 +25,15 @@ Where the numbers come from (see `Regime` for the dtypes):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from rrhf_lite.plan.block_memory import (
+    ChunkLayout,
+    backward_moment,
+    dtypes_of,
+    forward_moment,
+    recompute_moment,
+)
 from rrhf_lite.plan.shapes import ModelShape
 
 GiB = 2**30
@@ -34,39 +41,50 @@ BLOCK = 64  # bitsandbytes 4-bit block size
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS workspace: an estimate, not counted
 ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation on the dynamic part: an assumption
 OPTIMIZER_STATE_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0, "adafactor": 0}
+# The objectives with a reference model (rrhf_lite.training.objectives.REFERENCE_LOSS_TYPES; a
+# test checks they agree): with LoRA the reference is the base with the adapter disabled.
+REFERENCE_LOSS_TYPES = ("pl_dpo", "lipo", "dpo_pairs")
 
 
 @dataclass(frozen=True)
 class Regime:
-    """The dtypes of a step. GPU: bf16/fp16 compute under autocast; CPU: fp32 throughout.
+    """The dtypes of a step. GPU: bf16/fp16 compute under autocast; CPU: fp32 throughout, or bf16
+    under CPU autocast (the measured regime of benchmarks/plan_by_part.py).
 
-    compute_bytes: activations of the 4-bit matmuls and attention. residual_bytes: the residual
-    stream (fp32 once prepare_model_for_kbit_training has up-cast embeddings and norms).
-    lora_input_bytes: what a LoRA A matrix saves of its (dropped-out) input: fp32 without
-    autocast, the autocast copy otherwise.
+    compute_bytes: activations of the 4-bit matmuls and attention under autocast. residual_bytes:
+    the residual stream (fp32 once the norms are up-cast). frozen_bytes: embeddings and head.
+    device: "cuda" or "cpu": dropout masks (1 byte on CUDA, the input's dtype on the CPU) and
+    whether peft copies a LoRA layer's input to fp32 (unless CUDA autocast is on;
+    rrhf_lite.plan.block_memory).
     """
 
     compute_bytes: int = 2
     residual_bytes: int = 4
-    lora_input_bytes: int = 2
     logits_bytes: int = 4  # logits as the log-prob kernel sees them (accelerate returns fp32)
     autocast: bool = True
     frozen_bytes: int = 4  # embeddings and head: fp32 after peft's up-cast, 2 when kept 16-bit
+    device: str = "cuda"
 
     @classmethod
     def qlora(cls, half: str = "bf16") -> Regime:
         """The trainer's QLoRA dtypes since issue 30 (training_loader.kbit_precision_plan):
         embeddings and head stay 16-bit; the residual stream follows bf16 compute, and stays
         fp32 (norms up-cast) under fp16."""
-        return cls(2, 2 if half == "bf16" else 4, 2, 4, True, 2)
+        return cls(2, 2 if half == "bf16" else 4, 4, True, 2)
 
     @classmethod
     def cpu(cls) -> Regime:
-        return cls(4, 4, 4, 4, False)
+        return cls(4, 4, 4, False, 4, "cpu")
+
+    @classmethod
+    def cpu_qlora(cls, dtype: str = "bf16") -> Regime:
+        """QLoRA on the CPU (benchmarks/plan_by_part.py): bf16 under CPU autocast, or fp32."""
+        return replace(cls.qlora("bf16"), device="cpu") if dtype == "bf16" else cls.cpu()
 
     @classmethod
     def gpu(cls, compute_bytes: int = 2) -> Regime:
-        return cls(compute_bytes, 4, 2, 4, True)
+        """peft's k-bit preparation (kbit_precision fp32): everything but the 4-bit weights fp32."""
+        return cls(compute_bytes, 4, 4, True, 4)
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,7 @@ class TrainSettings:
     prompt_tokens: int | None = None  # max_prompt_length (for packing and the first-batch checks)
     per_prompt: int | None = None  # k
     first_batch_checks: bool = False  # count the trainer's one-off checks as a moment
+    loss_type: str = "rrhf"  # the DPO family adds the reference pass (REFERENCE_LOSS_TYPES)
 
 
 @dataclass
@@ -108,6 +127,8 @@ class StepPlan:
     parts: list[Part]
     peak_phase: str  # which moment of the step the dynamic parts belong to
     notes: list[str] = field(default_factory=list)
+    moments: dict[str, list[Part]] = field(default_factory=dict)  # every moment's dynamic parts
+    where: str = "card"  # "host": a stage that runs on the CPU (merge)
 
     def total(self, phases=("static", "dynamic")) -> float:
         return sum(p.bytes for p in self.parts if p.phase in phases)
@@ -126,11 +147,17 @@ class StepPlan:
 
 
 def quantised_bytes(shape: ModelShape, double_quant: bool) -> tuple[float, float]:
-    """(packed 4-bit weights, quantisation constants) of every decoder-block linear layer."""
-    weights = shape.num_layers * shape.block_params()
-    blocks = weights / BLOCK
-    consts = blocks * (1 + 4 / 256) if double_quant else blocks * 4
-    return weights / 2, consts
+    """(packed 4-bit weights, quantisation constants) of every decoder-block linear layer.
+
+    Constants per layer (bitsandbytes' QuantState, counted on a loaded model): one absmax per 64
+    weights (uint8 with double quantisation, whose own fp32 absmax covers 256 blocks, plus its
+    256-entry fp32 code table and an fp32 offset; else fp32), and the 16-entry fp32 NF4 table."""
+    weights = consts = 0.0
+    for i, o in shape.block_linears().values():
+        blocks = -(-i * o // BLOCK)
+        weights += i * o / 2
+        consts += (blocks + 4 * -(-blocks // 256) + 256 * 4 + 4 if double_quant else blocks * 4) + 16 * 4
+    return shape.num_layers * weights, shape.num_layers * consts
 
 
 def lora_params(shape: ModelShape, r: int, targets) -> int:
@@ -144,7 +171,7 @@ def static_parts(shape: ModelShape, s: TrainSettings, regime: Regime) -> list[Pa
         w, c = quantised_bytes(shape, s.double_quant)
         parts += [Part("4-bit weights", w, "static", "0.5 byte per block weight"),
                   Part("quantisation constants", c, "static",
-                       "absmax per 64 weights: uint8 + fp32 per 256 blocks" if s.double_quant
+                       "absmax per 64 weights: uint8 + fp32 per 256 blocks, code tables" if s.double_quant
                        else "fp32 absmax per 64 weights")]
         embed_bytes = regime.frozen_bytes  # 4: peft's k-bit up-cast; 2: kept in the load dtype
     else:
@@ -166,46 +193,19 @@ def static_parts(shape: ModelShape, s: TrainSettings, regime: Regime) -> list[Pa
 # ---------------------------------------------------------------------------- activations
 
 
-def block_saved_bytes_per_token(shape: ModelShape, s: TrainSettings, regime: Regime) -> float:
-    """Bytes one decoder block saves for backward, per token (LLaMA block, LoRA on `targets`).
-
-    Counted from what autograd keeps: bitsandbytes' MatMul4Bit keeps only the packed weight
-    (never its input); each LoRA layer keeps its dropout mask (1 byte) and lora_A's input (the
-    dropped-out copy; without dropout and autocast the layer's input itself, shared); the second
-    norm keeps its fp32 input (the residual after attention; the block's own input is the
-    checkpoint); RoPE keeps only cos/sin; attention (flash / memory-efficient kernels) keeps q,
-    k, v, its output and the log-sum-exp; the MLP keeps gate, silu(gate) and up.
-    """
-    H, I, Dq, Dkv = shape.hidden_size, shape.intermediate_size, shape.q_dim, shape.kv_dim  # noqa: E741
-    c, rb = regime.compute_bytes, regime.residual_bytes
-    mlp_dtype = rb  # a 4-bit layer returns its input's dtype: fp32 after the up-cast norm
-    targets = set(s.lora_targets)
-    widths = {n: io[0] for n, io in shape.block_linears().items()}
-    if s.lora_dropout > 0 or regime.autocast:
-        mask = 1 if s.lora_dropout > 0 else 0
-        lora = sum((mask + regime.lora_input_bytes) * widths[n] for n in targets if n in widths)
-    else:  # lora_A keeps the shared input of its group: norm outputs, attention output, product
-        groups = [({"q_proj", "k_proj", "v_proj"}, rb * H), ({"gate_proj", "up_proj"}, rb * H),
-                  ({"o_proj"}, c * Dq), ({"down_proj"}, mlp_dtype * I)]
-        lora = sum(size for names, size in groups if names & targets)
-    attn = c * (2 * Dq + 2 * Dkv) + 4 * shape.num_heads  # q, k, v, out + lse
-    return rb * H + attn + 3 * mlp_dtype * I + lora + 8  # + 2 rsqrt statistics
-
-
-def block_backward_transient_per_token(shape: ModelShape, regime: Regime) -> float:
-    """Gradients alive inside one block's backward: the incoming and outgoing residual
-    gradients plus the MLP's three intermediate gradients (the widest moment)."""
-    rb = regime.residual_bytes
-    return 2 * rb * shape.hidden_size + 3 * rb * shape.intermediate_size
-
-
 def dequantised_weight_bytes(shape: ModelShape, regime: Regime) -> float:
     """bitsandbytes multiplies a 4-bit layer by dequantising it to the compute dtype first."""
     return max(i * o for i, o in shape.block_linears().values()) * regime.compute_bytes
 
 
+def final_norm_input_bytes(shape: ModelShape, tokens: int) -> float:
+    """The final norm saves its input in fp32 (an fp32 copy of a 16-bit stream, or the last
+    block's fp32 output): kept from the forward until its backward, after the log-prob pass."""
+    return 4 * shape.hidden_size * tokens
+
+
 def logits_path(shape: ModelShape, m: int, positions: int, regime: Regime) -> list[Part]:
-    """Today's log-prob path: logits [m, positions, V], kept for the kernel's backward, and
+    """The logits log-prob path: logits [m, positions, V], kept for the kernel's backward, and
     their gradient (the kernel's own chunk buffers are small next to these)."""
     n = m * positions * shape.vocab_size
     parts = [Part("logits (kept for backward)", n * regime.logits_bytes, "dynamic",
@@ -235,14 +235,19 @@ def hidden_tile_bytes(tokens: int, vocab: int, weight_bytes: int) -> float:
 
 def hidden_path(shape: ModelShape, m: int, positions: int, regime: Regime) -> list[Part]:
     """Log-probs from hidden states (rrhf_kernels.weighted_logprob_sum_from_hidden): no logits;
-    pass 3 holds the hidden states at the response positions, their gradient (made during the
-    forward, kept for the backward) and the kernel's tiles over the 16-bit (or fp32) head."""
-    rb, tokens = regime.residual_bytes, m * positions
+    pass 3 holds the hidden states at the response positions (fp32 under autocast: accelerate's
+    wrapper hands the model's outputs back in fp32), their gradient (made during the forward,
+    kept for the backward) with the kernel's [rows, H] chunk buffers, and its tiles over the
+    16-bit (or fp32) head."""
+    out_bytes = 4 if regime.autocast else regime.residual_bytes
+    tokens, H = m * positions, shape.hidden_size
     head_bytes = regime.frozen_bytes if regime.autocast else 4
-    return [Part("hidden states (response positions)", tokens * shape.hidden_size * rb, "dynamic",
-                 f"{m} x {positions} x {shape.hidden_size} x {rb} B"),
-            Part("their gradient, made in the forward", tokens * shape.hidden_size * rb, "dynamic",
-                 "same shape"),
+    rows = min(tokens, 512)  # rrhf_kernels._hidden_tiles.ROW_TARGET tokens per chunk
+    return [Part("hidden states (response positions)", tokens * H * out_bytes, "dynamic",
+                 f"{m} x {positions} x {H} x {out_bytes} B"),
+            Part("their gradient, made in the forward",
+                 tokens * H * out_bytes + rows * H * (8 + 2 * head_bytes), "dynamic",
+                 "same shape, and a chunk's fp32 accumulator, head-dtype copy and product"),
             Part("log-prob tiles", hidden_tile_bytes(tokens, shape.vocab_size, head_bytes), "dynamic",
                  "head tiles, fp32 copy + temporary")]
 
@@ -263,52 +268,127 @@ def first_batch_checks(shape: ModelShape, s: TrainSettings, regime: Regime) -> l
 LOGPROB_PATHS = {"logits": logits_path, "hidden": hidden_path}
 
 
-def chunk_tokens(s: TrainSettings) -> int:
-    """Tokens the model runs for one chunk of m candidates: m x max_length unshared; packed, each
+def chunk_layout(s: TrainSettings) -> ChunkLayout:
+    """How the model runs one chunk of m candidates: m rows of max_length unshared; packed, each
     prompt of the chunk once plus m responses (at worst as long as the responses allow)."""
     m = min(s.micro_batch, s.candidates)
     if not s.share_prompt or s.prompt_tokens is None or s.per_prompt is None:
-        return m * s.max_length
+        return ChunkLayout(m * s.max_length, m, m, 0, 0, s.max_length, False)
     response = min(s.response_tokens or s.max_length, s.max_length)
-    prompt = min(s.prompt_tokens, s.max_length - response) if response < s.max_length else 1
+    # responses as long as max_length allows leave no room for a prompt: m x max_length at worst
+    prompt = min(s.prompt_tokens, s.max_length - response)
     # a chunk may straddle two prompts, never more than the batch has
     prompts = min(m, -(-(m - 1) // s.per_prompt) + 1, -(-s.candidates // s.per_prompt))
-    return min(m * s.max_length, prompts * prompt + m * response)
+    return ChunkLayout(prompts * prompt + m * response, prompts, m, prompt, response,
+                       s.max_length, True)
+
+
+def chunk_tokens(s: TrainSettings) -> int:
+    """Tokens the model runs for one chunk of candidates (chunk_layout)."""
+    return chunk_layout(s).tokens
+
+
+def forward_inputs_bytes(shape: ModelShape, layout: ChunkLayout, regime: Regime) -> float:
+    """What the forward hands every checkpointed block and keeps until the backward: the rotary
+    tables (cos and sin in the stream's dtype) and the boolean 4-D mask; packed, also the segment
+    layout (the responses' boolean masks, key and query indices) and the position ids."""
+    T = layout.tokens
+    rotary = 2 * regime.residual_bytes * shape.head_dim * T
+    if not layout.packed:
+        return rotary + layout.rows * layout.row_tokens**2
+    m, P, R = layout.responses, layout.prompt_tokens, layout.response_tokens
+    segments = m * R * (P + R) + 8 * m * (P + R) + 9 * m * R + 8 * T
+    return rotary + T * T + segments
+
+
+def no_grad_forward(shape: ModelShape, s: TrainSettings, dt, layout: ChunkLayout, inputs: Part,
+                    lora: bool) -> list[Part]:
+    """A chunk's forward without a graph: no checkpoints kept, the last block's widest moment."""
+    parts = forward_moment(shape, s, dt, layout, lora)
+    source = "the last block, no graph" + ("" if lora else ", LoRA off (the base)")
+    out = [inputs, Part("residual stream (no graph)", parts["residual stream (no graph)"], "dynamic",
+                        "input embeddings, the block's input, the residual after attention"),
+           Part("forward activations (no graph)", parts["forward activations (no graph)"],
+                "dynamic", source)]
+    if parts["LoRA weights, autocast copies"]:
+        out.append(Part("LoRA weights, autocast copies", parts["LoRA weights, autocast copies"],
+                        "dynamic", "every block's, cached until the forward ends"))
+    if parts["dequantised weight"]:
+        out.append(Part("dequantised weight", parts["dequantised weight"], "dynamic",
+                        "largest block linear, compute dtype"))
+    return out
 
 
 def training_parts(shape: ModelShape, s: TrainSettings, regime: Regime,
                    logprob_path: str = "logits") -> StepPlan:
-    """Peak of one training step: the static parts plus the larger of two moments of pass 3,
-    the log-prob backward (all checkpoints + logits buffers) and the last block's backward
-    (all checkpoints + the recomputed block + gradients in flight + a dequantised weight)."""
-    m = min(s.micro_batch, s.candidates)
-    T = chunk_tokens(s)
+    """Peak of one training step: the static parts plus the largest of the moments of pass 3
+    (and the first-batch checks when asked): the log-prob pass, the last block's recompute and
+    the last block's backward (rrhf_lite.plan.block_memory), each over the checkpoints."""
+    layout = chunk_layout(s)
+    m, T = layout.responses, layout.tokens
     positions = min(s.response_tokens or s.max_length, s.max_length)
-    rb = regime.residual_bytes
+    rb, H = regime.residual_bytes, shape.hidden_size
     layers = shape.num_layers
-    ckpt_tensors = layers + 1 if s.checkpointing else 1
-    ckpt = Part("checkpointed activations", ckpt_tensors * T * shape.hidden_size * rb, "dynamic",
-                f"({layers} + 1) x {T} tokens x {shape.hidden_size} x {rb} B"
-                + (" (packed)" if T < m * s.max_length else ""))
-    block_saved = block_saved_bytes_per_token(shape, s, regime) * T
-    if not s.checkpointing:  # every block keeps its activations
-        ckpt = Part("activations (no checkpointing)", layers * block_saved, "dynamic", "")
-    block = [Part("recomputed block", block_saved, "dynamic", "saved tensors of one block"),
-             Part("gradients in flight", block_backward_transient_per_token(shape, regime) * T,
-                  "dynamic", "residual and MLP gradients"),
-             Part("dequantised weight", dequantised_weight_bytes(shape, regime), "dynamic",
-                  "largest block linear, compute dtype")]
-    logits = LOGPROB_PATHS[logprob_path](shape, m, positions, regime)
-    hidden_grad = Part("hidden-state gradient", T * shape.hidden_size * rb, "dynamic",
-                       "gradient reaching the last block")
-    at_logits = [ckpt, *logits]
-    at_block = [ckpt, *block, hidden_grad]
-    moments = [("log-prob backward", at_logits), ("last block's backward", at_block)]
+    dt = dtypes_of(regime)
+    if s.checkpointing:
+        ckpt = Part("checkpointed activations", layers * T * H * rb, "dynamic",
+                    f"{layers} block inputs x {T} tokens x {H} x {rb} B"
+                    + (" (packed)" if layout.packed else ""))
+    else:  # every block keeps what its backward needs
+        saved = recompute_moment(shape, s, dt, layout)["recomputed block"]
+        ckpt = Part("activations (no checkpointing)", layers * saved, "dynamic", "every block's")
+    inputs = Part("rotary tables + attention mask", forward_inputs_bytes(shape, layout, regime),
+                  "dynamic", "inputs of every block, kept from the forward")
+    held = [ckpt, inputs]
+    final_norm = Part("final norm's saved input", final_norm_input_bytes(shape, T), "dynamic",
+                      f"{T} x {H} x 4 B (fp32)")
+    # during the log-prob forward the last block's output is alive too (under an fp32 stream it
+    # is the final norm's saved input itself)
+    last_out = rb * H * T if rb != 4 else 0
+    in_forward = [replace(ckpt, bytes=ckpt.bytes + last_out,
+                          source=ckpt.source + " + the last block's output"), inputs, final_norm]
+    if logprob_path == "hidden":
+        kernel = [*in_forward, *hidden_path(shape, m, positions, regime)]
+        norm_backward = [*held, final_norm, Part(
+            "gradients in flight", 5 * 4 * H * T, "dynamic",
+            "the final norm's backward: five fp32 [T, H] temporaries")]
+        logprob = max(kernel, norm_backward, key=lambda parts: sum(p.bytes for p in parts))
+    else:
+        logprob = [*in_forward, *logits_path(shape, m, positions, regime)]
+    recompute = recompute_moment(shape, s, dt, layout)
+    backward = backward_moment(shape, s, dt, layout)
+    grad_in = rb * H * T  # the gradient reaching the block's output
+    at_recompute = [*held, Part("recomputed block", recompute["recomputed block"], "dynamic",
+                                "what the block saves for its backward (block_memory)"),
+                    Part("recompute transients", recompute["recompute transients"], "dynamic",
+                         "inside down_proj: its input, the MLP input, the residual, and its "
+                         "matmul's or LoRA branch's temporaries"),
+                    Part("gradients in flight", 2 * grad_in, "dynamic",
+                         "the gradient reaching the block, and the engine's second copy")]
+    at_backward = [*held, Part("recomputed block", backward["recomputed block"], "dynamic",
+                               "saved tensors not yet released"),
+                   Part("gradients in flight", backward["gradients in flight"] + grad_in, "dynamic",
+                        "down_proj's input gradients and the block output's"),
+                   Part("dequantised weight", backward["dequantised weight"], "dynamic",
+                        "largest block linear, compute dtype")]
+    moments = [("log-prob pass", logprob),
+               ("last block's recompute", at_recompute),
+               ("last block's backward", [p for p in at_backward if p.bytes]),
+               ("no-grad forward (pass 1)", no_grad_forward(shape, s, dt, layout, inputs, True))]
+    if s.loss_type in REFERENCE_LOSS_TYPES:
+        # before pass 1, the same chunks under no_grad with the adapter disabled; the sums [N]
+        # stay for the loss, in every later moment
+        moments.append(("reference pass (adapter disabled)",
+                        no_grad_forward(shape, s, dt, layout, inputs, False)))
+        sums = Part("reference log-prob sums", 4 * s.candidates, "dynamic",
+                    f"{s.candidates} candidates x 4 B, kept for the loss")
+        moments = [(name, parts if name.startswith("reference") else [*parts, sums])
+                   for name, parts in moments]
     if s.first_batch_checks:
         moments.append(("first-batch checks", first_batch_checks(shape, s, regime)))
     phase, dynamic = max(moments, key=lambda item: sum(p.bytes for p in item[1]))
     parts = static_parts(shape, s, regime) + dynamic
-    if regime.autocast:
+    if regime.autocast and regime.device == "cuda":
         dyn = sum(p.bytes for p in dynamic)
         parts += [Part("CUDA context", CUDA_CONTEXT_BYTES, "overhead", "estimate, not allocated"),
                   Part("allocator slack", ALLOCATOR_SLACK * dyn, "overhead",
@@ -317,4 +397,4 @@ def training_parts(shape: ModelShape, s: TrainSettings, regime: Regime,
                        for name, parts in moments if name != phase)
     notes = [f"log-probs from {'hidden states' if logprob_path == 'hidden' else 'logits'}; "
              f"peak at the {phase}; dynamic memory at {others}"]
-    return StepPlan(parts, phase, notes)
+    return StepPlan(parts, phase, notes, moments={name: parts for name, parts in moments})

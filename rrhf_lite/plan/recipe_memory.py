@@ -1,11 +1,11 @@
-"""`rrhf-lite plan RECIPE`: the memory plan of a recipe's training step, sampling and scoring on a
-given card, and the largest candidate micro-batch and max_length that fit.
+"""`rrhf-lite plan RECIPE`: the memory plan of every stage a recipe lists on a given card (the
+training step by part, sampling, scoring, evaluation; the merge in host memory), and the largest
+candidate micro-batch and max_length that fit.
 
-Training parts: rrhf_lite.plan.memory_parts. Sampling: the 4-bit policy, the KV cache of every
-sequence a generator keeps (prompts x beams or returned samples, prompt + new tokens), one
-prefill block and the last-token logits. Scoring: the reward model as stored, plus one forward
-of a scoring batch. Stages run one model at a time, so the card must hold the largest of them.
-Sampling and scoring are counted, not yet measured (the GPU suite measures the training step).
+Training parts: rrhf_lite.plan.memory_parts (checked against a profiled step,
+benchmarks/plan_by_part.py); the other stages: rrhf_lite.plan.stage_memory (counted, not
+measured). Stages run one model at a time (evaluation's scoring holds the policy and the reward
+model at once), so the card must hold the largest of them.
 """
 
 from __future__ import annotations
@@ -15,19 +15,17 @@ import re
 from rrhf_lite.data.candidate_stats import planned_k
 from rrhf_lite.errors import UserInputError
 from rrhf_lite.plan.memory_parts import (
-    CUDA_CONTEXT_BYTES,
+    REFERENCE_LOSS_TYPES,
     GiB,
-    Part,
     Regime,
     StepPlan,
     TrainSettings,
     chunk_tokens,
-    dequantised_weight_bytes,
-    quantised_bytes,
     training_parts,
 )
 from rrhf_lite.plan.reference_copy import with_reference
-from rrhf_lite.plan.shapes import KNOWN_SHAPES, ModelShape, resolve_shape
+from rrhf_lite.plan.shapes import ModelShape, resolve_shape
+from rrhf_lite.plan.stage_memory import evaluate_plan, merge_plan, sampling_plan, scoring_plan
 
 CARDS = {"t4": 15.0 * GiB}  # nvidia-smi reports 15360 MiB on a "16 GB" T4
 _ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -74,7 +72,8 @@ def train_settings(recipe, *, micro_batch: int | None = None, max_length: int | 
         lora_dropout=recipe.lora.dropout, double_quant=recipe.quantization.double_quant,
         optimizer=optimizer, checkpointing=t.gradient_checkpointing,
         load_in_4bit=recipe.quantization.load_in_4bit, share_prompt=t.share_prompt is not False,
-        prompt_tokens=t.max_prompt_length, per_prompt=k, first_batch_checks=True)
+        prompt_tokens=t.max_prompt_length, per_prompt=k, first_batch_checks=True,
+        loss_type=t.loss_type)
 
 
 def half_dtype(recipe) -> str:
@@ -87,7 +86,7 @@ def half_dtype(recipe) -> str:
 
 def regime_for(recipe) -> Regime:
     if recipe.train.mixed_precision == "no":
-        return Regime(4, 4, 4, 4, False)
+        return Regime(4, 4, 4, False, 4)
     if recipe.quantization.load_in_4bit:
         return Regime.qlora(half_dtype(recipe))  # training_loader.prepare_4bit_for_lora's dtypes
     return Regime.gpu(2)
@@ -105,64 +104,6 @@ def logprob_path_for(recipe, shape: ModelShape) -> tuple[str, str]:
     if shape.family != "llama":
         return "logits", f"a {shape.family} model"
     return "hidden", "a plain Linear head (the trainer checks it on the first batch)"
-
-
-def policy_weight_parts(shape: ModelShape, double_quant: bool) -> list[Part]:
-    w, c = quantised_bytes(shape, double_quant)
-    return [Part("4-bit weights + constants", w + c, "static", "as in training"),
-            Part("embeddings + head", shape.embedding_params() * 2, "static", "16-bit")]
-
-
-def _context() -> Part:
-    return Part("CUDA context", CUDA_CONTEXT_BYTES, "overhead", "estimate, not allocated")
-
-
-def sampling_plan(recipe, shape: ModelShape, regime: Regime) -> StepPlan | None:
-    if "sample" not in recipe.stages:
-        return None
-    s = recipe.sampling
-    c = regime.compute_bytes
-    best: StepPlan | None = None
-    for g in s.generators:
-        if g.model not in ("policy", "initial"):
-            continue  # another model: its shape is not the policy's
-        per_prompt = g.num_candidates if g.method in ("top_p", "greedy") else (
-            g.num_beams or g.num_candidates)
-        seqs = s.batch_size * per_prompt
-        tokens = recipe.sampling_prompt_length + s.max_new_tokens
-        kv = 2 * shape.num_layers * seqs * tokens * shape.kv_dim * c
-        prefill = seqs * recipe.sampling_prompt_length
-        block = prefill * (4 * shape.hidden_size + 3 * shape.intermediate_size) * c
-        logits = 3 * seqs * shape.vocab_size * 4  # last-token logits, processed scores, log-softmax
-        parts = policy_weight_parts(shape, recipe.quantization.double_quant) + [
-            Part("KV cache", kv, "dynamic", f"{seqs} sequences x {tokens} tokens, {g.method}"),
-            Part("prefill block", block, "dynamic", f"{prefill} prompt tokens, one block"),
-            Part("dequantised weight", dequantised_weight_bytes(shape, regime), "dynamic", ""),
-            Part("next-token logits", logits, "dynamic", "fp32, three copies"), _context()]
-        plan = StepPlan(parts, f"sampling ({g.method}, {seqs} sequences)")
-        if best is None or plan.allocated > best.allocated:
-            best = plan
-    return best
-
-
-def scoring_plan(recipe, regime: Regime) -> StepPlan | None:
-    name = recipe.scoring.reward_model
-    if "score" not in recipe.stages or not name:
-        return None
-    if recipe.scoring.reward_format == "gptj_value_head" and name not in KNOWN_SHAPES:
-        name = recipe.scoring.reward_base  # a raw checkpoint has no config.json: its base's
-    shape = resolve_shape(name)
-    sc = recipe.scoring
-    tokens = sc.batch_size * sc.max_length
-    weights = shape.total_params() * shape.weight_bytes
-    attention = sc.batch_size * shape.num_heads * sc.max_length**2 * shape.weight_bytes
-    attention *= 3 if shape.family == "encoder" else 1  # DeBERTa: content + two position terms
-    parts = [Part("reward model weights", weights, "static", shape.source),
-             Part("forward activations", tokens * (4 * shape.hidden_size + 2 * shape.intermediate_size)
-                  * shape.weight_bytes, "dynamic", f"{sc.batch_size} x {sc.max_length} tokens"),
-             Part("attention scores", attention, "dynamic", "eager attention, one layer"),
-             _context()]
-    return StepPlan(parts, "scoring")
 
 
 def _fits(plan: StepPlan, card: float) -> bool:
@@ -186,6 +127,16 @@ def largest_fit(recipe, shape, regime, card: float) -> dict:
     return {"candidate_micro_batch_size": micro or None, "max_length": length or None}
 
 
+def reference_note(recipe) -> str:
+    """What the objective needs besides the policy (said in the plan's output)."""
+    loss = recipe.train.loss_type
+    if loss in REFERENCE_LOSS_TYPES:
+        return (f"reference model ({loss}): the base with the LoRA adapter disabled, no second "
+                "copy of the weights; a no-grad pass over the same chunks before pass 1, its "
+                "log-prob sums kept for the loss")
+    return f"reference model: none ({loss} needs only the policy's log-probs)"
+
+
 def plan_recipe(recipe, card_bytes: float) -> dict:
     shape = resolve_shape(recipe.model.name_or_path)
     regime = regime_for(recipe)
@@ -199,9 +150,11 @@ def plan_recipe(recipe, card_bytes: float) -> dict:
                         f"({chunk_tokens(settings)} tokens per chunk of {settings.micro_batch})",
                         f"dtypes: embeddings + head {regime.frozen_bytes} B, residual stream "
                         f"{regime.residual_bytes} B, compute {regime.compute_bytes} B "
-                        f"({half_dtype(recipe) if regime.autocast else 'fp32'})"]
-    stages = {"train": train, "sample": sampling_plan(recipe, shape, regime),
-              "score": scoring_plan(recipe, regime)}
+                        f"({half_dtype(recipe) if regime.autocast else 'fp32'})",
+                        reference_note(recipe)]
+    stages = {"sample": sampling_plan(recipe, shape, regime), "score": scoring_plan(recipe, regime),
+              "train": train, "evaluate": evaluate_plan(recipe, shape, regime),
+              "merge": merge_plan(recipe, shape)}
     return {"model": recipe.model.name_or_path, "shape_source": shape.source, "card_bytes": card_bytes,
             "stages": {k: v for k, v in stages.items() if v is not None},
             "largest_fit": largest_fit(recipe, shape, regime, card_bytes) if train else None,
@@ -216,10 +169,14 @@ def format_plan(result: dict) -> str:
     for stage, plan in result["stages"].items():
         rows = [{"part": p.name, "GiB": f"{p.gib:.2f}", "kind": p.phase, "from": p.source}
                 for p in plan.parts]
-        rows += [{"part": "allocated peak (torch max_memory_allocated)",
-                  "GiB": f"{plan.allocated / GiB:.2f}", "kind": "total"},
-                 {"part": "on the card", "GiB": f"{plan.on_card / GiB:.2f}",
-                  "kind": "fits" if plan.on_card <= card else "DOES NOT FIT"}]
+        if plan.where == "host":
+            rows.append({"part": "host memory (not the card)", "GiB": f"{plan.allocated / GiB:.2f}",
+                         "kind": "total"})
+        else:
+            rows += [{"part": "allocated peak (torch max_memory_allocated)",
+                      "GiB": f"{plan.allocated / GiB:.2f}", "kind": "total"},
+                     {"part": "on the card", "GiB": f"{plan.on_card / GiB:.2f}",
+                      "kind": "fits" if plan.on_card <= card else "DOES NOT FIT"}]
         lines += ["", format_table(rows, ("part", "GiB", "kind", "from"), plain=True,
                                    title=f"{stage}: peak at {plan.peak_phase}")]
         lines += [f"  {note}" for note in plan.notes]
@@ -229,6 +186,6 @@ def format_plan(result: dict) -> str:
         lines += ["", f"largest that fit: candidate_micro_batch_size {fit['candidate_micro_batch_size']} "
                   f"(of {s.candidates} candidates) at max_length {s.max_length}; max_length "
                   f"{fit['max_length']} at candidate_micro_batch_size {s.micro_batch}"]
-    lines.append("counted, not measured: sampling and scoring; the training step's count is "
-                 "checked against measurements (docs/memory.md)")
+    lines.append("counted, not measured: sampling, scoring, evaluation and merge; the training "
+                 "step's count is checked against a profiled step (docs/memory.md)")
     return "\n".join(lines)

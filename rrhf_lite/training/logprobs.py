@@ -213,7 +213,10 @@ def hidden_path_agrees(model, head, input_ids, attention_mask) -> bool:
         hidden = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=4).logits
     if hidden.shape[-1] != head.weight.shape[1]:
         return False
-    mine = torch.nn.functional.linear(hidden.to(head.weight.device), head.weight, head.bias)
+    # the head's dtype: a mixed-precision wrapper (accelerate's) hands its outputs back in fp32,
+    # where a 16-bit head (QLoRA under bf16) would refuse them; the round trip is exact
+    mine = torch.nn.functional.linear(hidden.to(head.weight.device, head.weight.dtype), head.weight,
+                                      head.bias)
     return bool(torch.allclose(mine.float(), logits.float().to(mine.device), rtol=1e-2, atol=1e-3))
 
 

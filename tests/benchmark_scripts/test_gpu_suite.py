@@ -148,10 +148,24 @@ def test_dry_run_plan_rows(dry_results):
     assert "## Memory plan vs measured" in dry_results[1]
 
 
+def test_dry_run_recipe_step_item_is_declared_and_plans(dry_results):
+    # the 8 GB recipe's step: the GPU run measures all 32 blocks; dry, a tiny width runs the same
+    # code on the CPU and both plans are computed (nothing measured without CUDA)
+    assert runner.gpu_plan().recipe_step and runner.dry_plan().recipe_step
+    results, md, _ = dry_results
+    (row,) = results["recipe_step"]
+    assert row["recipe"] == "llama3_8b_qlora_8gb.yaml" and row["dry"] and row["meas_gib"] is None
+    assert row["k"] == 6 and row["micro_batch"] == 2  # the recipe's k and candidate micro-batch
+    assert row["forward_choices"]["logprob_path"] == "hidden" and row["forward_choices"]["share_prompt"]
+    assert 0 < row["plan_gib"] < 0.1 and 6 < row["recipe_plan_gib"] < 8  # tiny width; the 8B recipe
+    assert row["plan_peak_at"] in ("last block's recompute", "last block's backward")
+    assert "8 GB recipe's training step vs its plan" in md
+
+
 def test_dry_run_goals_and_markdown(dry_results):
     results, md, stdout = dry_results
     goals = {g["goal"]: g for g in results["goals"]}
-    assert len(goals) == 11
+    assert len(goals) == 12
     assert all(g["status"] in {"PASS", "FAIL", "NOT MEASURED"} for g in goals.values())
     correctness = next(g for name, g in goals.items() if "float64" in name)
     assert correctness["status"] == "PASS"
@@ -268,7 +282,7 @@ def test_goals_pass_fail_and_not_measured():
     }
     goals = output.evaluate_goals(results, plan)
     status = [g["status"] for g in goals]
-    assert status == ["PASS", "FAIL", "PASS", "FAIL"] + ["NOT MEASURED"] * 7
+    assert status == ["PASS", "FAIL", "PASS", "FAIL"] + ["NOT MEASURED"] * 8
     assert goals[2]["measured"] == 11.0 and "mb=1" in goals[2]["where"]
     results["gpu_tests"] = {"status": "failed", "tests": 3, "passed": 2, "summary": "1 failed"}
     assert output.evaluate_goals(results, plan)[4]["status"] == "FAIL"
@@ -282,7 +296,11 @@ def test_goals_pass_fail_and_not_measured():
         {"mode": "shared", "shape": "P200 R100 k6", "speed_vs_unshared": 1.9, "memory_vs_unshared": 0.8},
         {"mode": "shared", "shape": "P30 R30 k2", "speed_vs_unshared": 1.1, "memory_vs_unshared": 1.05}]
     results["shared_correctness"] = [{"attn": "sdpa", "passed": True}, {"attn": "flex_attention", "passed": False}]
-    assert [g["status"] for g in output.evaluate_goals(results, plan)[7:]] == ["PASS", "FAIL", "FAIL", "FAIL"]
+    assert [g["status"] for g in output.evaluate_goals(results, plan)[7:11]] == ["PASS", "FAIL", "FAIL", "FAIL"]
+    results["recipe_step"] = [{"model": "m", "layers": 32, "k": 6, "seq_len": 512, "err": 0.04}]
+    assert output.evaluate_goals(results, plan)[11]["status"] == "PASS"
+    results["recipe_step"][0]["err"] = -0.08
+    assert output.evaluate_goals(results, plan)[11]["status"] == "FAIL"
     empty = output.evaluate_goals({"kernel": [], "e2e": [], "correctness": []}, plan)
     assert {g["status"] for g in empty} == {"NOT MEASURED"}
 
@@ -315,15 +333,42 @@ def test_make_batch_shapes_and_masks():
         e2e_bench.make_batch(vocab_size=50, k=4, seq_len=12, prompt_len=12)
 
 
-def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir):
+def test_mixed_precision_autocasts_every_step_not_only_the_first():
+    # accelerate's prepare_model after one prepare + unwrap round trip left the forward
+    # without autocast: every step after the warm-up ran in fp32
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            seen.append(torch.is_autocast_enabled("cpu"))
+            return self.linear(x)
+
+    model = Probe()
+    for _ in range(3):
+        with e2e_bench.mixed_precision(model, True) as prepared:
+            out = prepared(torch.randn(2, 4))
+        assert out.dtype == torch.float32  # handed back in fp32, as accelerate does
+    assert seen == [True, True, True]
+    model(torch.randn(2, 4))
+    assert seen[-1] is False and "forward" not in model.__dict__  # undone on exit
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])  # fp32 on the CPU; the GPU's dtypes
+def test_random_qlora_model_matches_the_real_loader(tiny_lm_dir, dtype):
     import bitsandbytes as bnb
     from transformers import AutoConfig
 
     from rrhf_lite.models.training_loader import ModelArguments, load_model_for_training
 
-    real, _ = load_model_for_training(ModelArguments(model_name_or_path=str(tiny_lm_dir)))
+    args = ModelArguments(model_name_or_path=str(tiny_lm_dir), torch_dtype=dtype,
+                          bnb_4bit_compute_dtype=dtype)
+    real, _ = load_model_for_training(args)
     config = AutoConfig.from_pretrained(tiny_lm_dir)
-    ours = e2e_bench.build_random_qlora_model(config, "cpu")
+    ours = e2e_bench.build_random_qlora_model(config, "cpu", args)
 
     def layout(model):
         return {name: (type(m).__name__) for name, m in model.named_modules()}

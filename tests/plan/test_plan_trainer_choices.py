@@ -30,7 +30,7 @@ def test_8gb_recipe_fits_and_states_the_plans_figures():
     result = plan_recipe(recipe, 8 * GiB)
     train = result["stages"]["train"]
     assert train.on_card <= 7.5 * GiB
-    assert all(plan.on_card <= 8 * GiB for plan in result["stages"].values())
+    assert all(plan.on_card <= 8 * GiB for plan in result["stages"].values() if plan.where == "card")
     header = RECIPE_8GB.read_text()
     stated = re.search(r"training step ([0-9.]+) GiB allocated, ([0-9.]+) GiB on the\s*#?\s*card", header)
     assert stated, "the header states the training step's figures"
@@ -45,9 +45,12 @@ def test_qlora_dtypes_halve_embeddings_and_follow_the_compute_dtype():
     new = _parts(training_parts(LLAMA3, s, Regime.qlora("bf16"), "logits"))
     assert new["embeddings + head"] == old["embeddings + head"] / 2  # 16-bit, no fp32 copy
     assert "head weight, autocast copy" in old and "head weight, autocast copy" not in new
-    assert new["checkpointed activations"] == old["checkpointed activations"] / 2  # bf16 stream
-    fp16 = _parts(training_parts(LLAMA3, s, Regime.qlora("fp16"), "logits"))
-    assert fp16["checkpointed activations"] == old["checkpointed activations"]  # fp32 stream
+    def checkpoints(regime):
+        plan = training_parts(LLAMA3, s, regime, "logits")
+        return {p.name: p.bytes for p in plan.moments["last block's recompute"]}["checkpointed activations"]
+
+    assert checkpoints(Regime.qlora("bf16")) == checkpoints(Regime.gpu()) / 2  # bf16 stream
+    assert checkpoints(Regime.qlora("fp16")) == checkpoints(Regime.gpu())  # fp32 stream
 
 
 def test_fp16_recipe_plans_an_fp32_residual_stream():

@@ -127,9 +127,12 @@ def largest_fit(recipe, shape, regime, card: float) -> dict:
     return {"candidate_micro_batch_size": micro or None, "max_length": length or None}
 
 
-def reference_note(recipe) -> str:
-    """What the objective needs besides the policy (said in the plan's output)."""
+def reference_note(recipe) -> str | None:
+    """What the objective needs besides the policy (said in the plan's output); None where
+    reference_copy.with_reference notes a frozen copy (full fine-tuning)."""
     loss = recipe.train.loss_type
+    if loss in REFERENCE_LOSS_TYPES and not recipe.lora.enabled:
+        return None
     if loss in REFERENCE_LOSS_TYPES:
         return (f"reference model ({loss}): the base with the LoRA adapter disabled, no second "
                 "copy of the weights; a no-grad pass over the same chunks before pass 1, its "
@@ -151,7 +154,7 @@ def plan_recipe(recipe, card_bytes: float) -> dict:
                         f"dtypes: embeddings + head {regime.frozen_bytes} B, residual stream "
                         f"{regime.residual_bytes} B, compute {regime.compute_bytes} B "
                         f"({half_dtype(recipe) if regime.autocast else 'fp32'})",
-                        reference_note(recipe)]
+                        *filter(None, [reference_note(recipe)])]
     stages = {"sample": sampling_plan(recipe, shape, regime), "score": scoring_plan(recipe, regime),
               "train": train, "evaluate": evaluate_plan(recipe, shape, regime),
               "merge": merge_plan(recipe, shape)}

@@ -115,15 +115,18 @@ def test_falls_back_when_logits_are_post_processed(small_lm_dir, tmp_path):
 
 def test_hidden_path_chosen_under_bf16_mixed_precision_with_a_16bit_head(small_lm_dir):
     # QLoRA under bf16: the head stays bf16 while accelerate's wrapper returns fp32 outputs
-    # (the hidden states, with the head bypassed); the check must compare, not fail on dtypes
-    from accelerate import Accelerator
+    # (the hidden states, with the head bypassed); the check must compare, not fail on dtypes.
+    # The two wrappers Accelerator.prepare_model puts on forward, without accelerate's global
+    # state (another test may have set up an Accelerator without mixed precision)
+    from accelerate.utils import convert_outputs_to_fp32
 
     from rrhf_lite.training.logprobs import choose_output_head
 
     model, _ = lora_model(small_lm_dir, load_in_4bit=True, torch_dtype="bfloat16",
                           bnb_4bit_compute_dtype="bfloat16")
     assert model.get_output_embeddings().weight.dtype == torch.bfloat16
-    prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model, device_placement=False)
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
     ids = torch.randint(3, 60, (1, 12))
-    head, reason = choose_output_head(prepared, ids, torch.ones_like(ids))
+    assert model(input_ids=ids).logits.dtype == torch.float32
+    head, reason = choose_output_head(model, ids, torch.ones_like(ids))
     assert head is model.get_output_embeddings() and reason is None

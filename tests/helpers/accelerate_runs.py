@@ -219,8 +219,8 @@ def check_results(reports: list[dict], run_dir: Path, steps_run: int = 3) -> Non
     summary = json.loads((train_dir / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 3
     assert sorted(p.name for p in (train_dir / "adapter").iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json",
-        "tokenizer_config.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "rrhf_lite.json",
+        "tokenizer.json", "tokenizer_config.json"]
 
 
 if __name__ == "__main__" and len(sys.argv) > 2 and sys.argv[1] == "worker":

@@ -172,6 +172,16 @@ def pass_totals(run: dict, recipe_variants: set[str] | None = None) -> dict:
                 for p in passes)}
 
 
+KNOWN_VARIANTS = {"initial", "rrhf", "rrhf_round2", "no_rank_loss", "dpo", *OBJECTIVES}
+
+
+def extra_arm_pairs(variants: set[str]) -> tuple[tuple[str, str], ...]:
+    """Each ablation every seed has that no pair above names (a try added with --set
+    ablations=[..., {name: bs1, train: {...}}]): against the initial policy and against RRHF."""
+    arms = sorted(variants - KNOWN_VARIANTS - {a for a, _ in ARM_PAIRS})
+    return tuple(pair for arm in arms for pair in ((arm, "initial"), (arm, "rrhf")))
+
+
 # an extra arm some seeds may have (added with --set ablations=[..., {name: lr3e-4, ...}])
 ARM_PAIRS = (("lr3e-4", "rrhf"), ("lr3e-4", "initial"))
 
@@ -186,7 +196,7 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
                                                      "general/logprob"))]
     seeds = [r["seed"] for r in runs]
     print_table(rows, columns=columns, title=f"{RECIPE.stem} over seeds {seeds}")
-    differences = paired(runs, pairs=PAIRS)
+    differences = paired(runs, pairs=PAIRS + extra_arm_pairs(common))
     print_table(differences, title="paired by seed: held-out reward differences")
     for arm, _ in ARM_PAIRS[:1]:
         with_arm = [r for r in runs if arm in r["metrics"]["variants"]]
@@ -197,7 +207,8 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
             differences += [{**row, "seeds": [r["seed"] for r in with_arm]} for row in extra]
             print_table(extra, title=f"extra arm {arm}, seeds {[r['seed'] for r in with_arm]}")
     gaps = []
-    for variant in ("rrhf", "rrhf_round2", "no_rank_loss", "dpo", *OBJECTIVES):
+    for variant in ("rrhf", "rrhf_round2", "no_rank_loss", "dpo", *OBJECTIVES,
+                    *dict.fromkeys(a for a, _ in extra_arm_pairs(common))):
         shares = gap_closed(runs, variant)
         if shares:
             gaps.append({"variant": variant, "mean": statistics.mean(shares),

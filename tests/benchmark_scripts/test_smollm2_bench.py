@@ -99,3 +99,10 @@ def test_pass_totals_add_every_pass(bench):
     assert bench.pass_totals(run)["wall_s"] == 170.0
     run["passes"][0]["cpu_s"] = None  # a pass timed from outside: wall known, CPU not
     assert bench.pass_totals(run)["cpu_s"] is None and bench.pass_totals(run)["wall_s"] == 170.0
+
+
+def test_an_extra_arm_is_paired_with_initial_and_rrhf(bench):
+    pairs = bench.extra_arm_pairs({"initial", "rrhf", "pro", "bs1", "lr3e-4"})
+    # pro is a known objective and lr3e-4 has its own table: only the new arm is added
+    assert pairs == (("bs1", "initial"), ("bs1", "rrhf"))
+    assert bench.extra_arm_pairs({"initial", "rrhf"}) == ()

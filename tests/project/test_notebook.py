@@ -244,5 +244,5 @@ def test_cpu_branch_is_the_main_recipe(tmp_path, monkeypatch):
         assert ours == theirs, section
     for key in ("learning_rate", "lr_scheduler_type", "per_device_train_batch_size",
                 "gradient_accumulation_steps", "num_train_epochs", "max_length",
-                "candidate_micro_batch_size"):
+                "candidate_micro_batch_size", "skip_tied"):
         assert getattr(cpu.train, key) == getattr(shipped.train, key), key

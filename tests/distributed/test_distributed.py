@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -261,6 +262,9 @@ def test_accelerate_recipes_load_with_the_settings_qlora_needs():
 # ------------------------------------------------------------------------------ 2 processes
 
 
+ABORTED_RANK = "terminate called without an active exception"
+
+
 @pytest.fixture(scope="module")
 def torchrun_run(tiny_lm_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
@@ -270,6 +274,16 @@ def torchrun_run(tiny_lm_dir, tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            __file__, "worker", str(tiny_lm_dir), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0 and ABORTED_RANK in proc.stderr:
+        # Seen once in a full run (2026-12-03), never in 6 runs of this module alone: a rank
+        # aborted inside the C++ runtime ("terminate called without an active exception",
+        # exit -6) between stages, with no Python error. One fresh try, so that a native crash
+        # outside our code does not fail CI; a second crash, or any other failure, fails.
+        warnings.warn(f"a rank aborted in native code; trying once more:\n{proc.stderr[-2000:]}",
+                      stacklevel=2)
+        out = tmp_path_factory.mktemp("ddp_retry")
+        cmd[-1] = str(out)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     reports = [json.loads((out / f"report{r}.json").read_text()) for r in (0, 1)]
     return out, reports

@@ -172,18 +172,21 @@ def pass_totals(run: dict, recipe_variants: set[str] | None = None) -> dict:
                 for p in passes)}
 
 
-KNOWN_VARIANTS = {"initial", "rrhf", "rrhf_round2", "no_rank_loss", "dpo", *OBJECTIVES}
+# an extra arm some seeds may have (added with --set ablations=[..., {name: lr3e-4, ...}])
+ARM_PAIRS = (("lr3e-4", "rrhf"), ("lr3e-4", "initial"))
+# the trained variants the tables above name, in the order they are reported
+KNOWN_TRAINED = ("rrhf", "rrhf_round2", "no_rank_loss", "dpo", *OBJECTIVES)
+
+
+def extra_arms(variants: set[str]) -> list[str]:
+    """The ablations among `variants` that no table above names (a try added with --set
+    ablations=[..., {name: bs1, train: {...}}])."""
+    return sorted(variants - {"initial", *KNOWN_TRAINED} - {a for a, _ in ARM_PAIRS})
 
 
 def extra_arm_pairs(variants: set[str]) -> tuple[tuple[str, str], ...]:
-    """Each ablation every seed has that no pair above names (a try added with --set
-    ablations=[..., {name: bs1, train: {...}}]): against the initial policy and against RRHF."""
-    arms = sorted(variants - KNOWN_VARIANTS - {a for a, _ in ARM_PAIRS})
-    return tuple(pair for arm in arms for pair in ((arm, "initial"), (arm, "rrhf")))
-
-
-# an extra arm some seeds may have (added with --set ablations=[..., {name: lr3e-4, ...}])
-ARM_PAIRS = (("lr3e-4", "rrhf"), ("lr3e-4", "initial"))
+    """Each extra arm against the initial policy and against RRHF."""
+    return tuple(pair for arm in extra_arms(variants) for pair in ((arm, "initial"), (arm, "rrhf")))
 
 
 def report(runs: list[dict], args, fresh_cache: bool) -> Path:
@@ -207,8 +210,7 @@ def report(runs: list[dict], args, fresh_cache: bool) -> Path:
             differences += [{**row, "seeds": [r["seed"] for r in with_arm]} for row in extra]
             print_table(extra, title=f"extra arm {arm}, seeds {[r['seed'] for r in with_arm]}")
     gaps = []
-    for variant in ("rrhf", "rrhf_round2", "no_rank_loss", "dpo", *OBJECTIVES,
-                    *dict.fromkeys(a for a, _ in extra_arm_pairs(common))):
+    for variant in (*KNOWN_TRAINED, *extra_arms(common)):
         shares = gap_closed(runs, variant)
         if shares:
             gaps.append({"variant": variant, "mean": statistics.mean(shares),

@@ -352,6 +352,11 @@ class EvaluateSection(Section):
         None, description="Fixed LM under which every variant's answers get a perplexity "
         "(the paper's measure); None = the initial model, unquantised",
     )
+    ranking_accuracy: bool = Field(
+        True, description="Report each variant's ranking/accuracy: how often its own log-probs "
+        "order the held-out candidates as the reward does (the paper's model-as-reward-model "
+        "measure; on a CPU about a third of evaluation's time)",
+    )
     ranking_candidates: OptionalUserPath = Field(
         None, description="Held-out listwise set for the model-as-reward-model ranking accuracy"
     )

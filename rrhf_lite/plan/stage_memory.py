@@ -147,9 +147,10 @@ def evaluate_plan(recipe, shape: ModelShape, regime: Regime) -> StepPlan | None:
                         [*policy, *reward_parts(recipe, rm), _context()]))
     micro = train.candidate_micro_batch_size or 8
     own = min(train.max_length, recipe.sampling.max_new_tokens + 1)
-    moments.append(("the policy's own scores of the held-out candidates",
-                    [*policy, _logits_part(shape, micro, own, regime, "response positions"),
-                     _context()]))
+    if ev.ranking_accuracy:
+        moments.append(("the policy's own scores of the held-out candidates",
+                        [*policy, _logits_part(shape, micro, own, regime, "response positions"),
+                         _context()]))
     ppl_name = ev.perplexity_model or recipe.model.name_or_path
     try:
         ppl = resolve_shape(ppl_name)

@@ -85,11 +85,13 @@ def _notes(state: RunState, plots: list[Path], metrics: dict) -> list[str]:
         f"base model: {recipe.model.name_or_path}; rounds: {recipe.rounds}; "
         f"length_penalty {recipe.train.length_penalty}, rank_weight {recipe.train.rank_weight}, "
         f"sft_weight {recipe.train.sft_weight}, loss_type {recipe.train.loss_type}",
-        "ranking/accuracy: fraction of reward-ordered pairs of held-out candidates that the "
-        "model's own length-normalised log-probs order the same way (a tie counts as wrong)",
         "perplexity: exp(-mean per-token log-prob) of each variant's greedy answers under one "
         f"fixed LM, {recipe.evaluate.perplexity_model or 'the initial model'}",
     ]
+    if recipe.evaluate.ranking_accuracy:
+        notes.insert(1, "ranking/accuracy: fraction of reward-ordered pairs of held-out "
+                     "candidates that the model's own length-normalised log-probs order the same "
+                     "way (a tie counts as wrong)")
     if any("general/logprob" in e for e in metrics["variants"].values()):
         notes.append(
             "general/logprob: mean per-token log-likelihood, under each variant, of the initial "

@@ -176,7 +176,8 @@ def evaluate_variant(state: RunState, scorer: Scorer, adapter: Path | None,
                      reference_rewards: list[float] | None, files: str,
                      general: GeneralAbility | None = None) -> tuple[dict, dict]:
     """Load one variant; answer every prompt set greedily and score the answers (written to
-    `files`.<set>.jsonl); rank the held-out candidates with its own scores; with `general`,
+    `files`.<set>.jsonl); rank the held-out candidates with its own scores (unless
+    evaluate.ranking_accuracy is off); with `general`,
     measure its log-likelihood of the initial model's answers to the general prompts.
 
     Returns (metrics entry, {set name: (responses, rewards)}).
@@ -212,10 +213,11 @@ def evaluate_variant(state: RunState, scorer: Scorer, adapter: Path | None,
         answers[set_name] = (responses, rewards)
         if set_name == "held_out" and reference_rewards is not None:
             entry["win_rate/vs_reference"] = win_rate(rewards, reference_rewards)
-    own = _own_scores(state, model, tokenizer, candidates, recipe.train.length_penalty,
-                      recipe.train.candidate_micro_batch_size or 8)
-    entry["ranking/accuracy"] = pairwise_ranking_accuracy(
-        own, [row["scores"] for row in candidates])["accuracy"]
+    if recipe.evaluate.ranking_accuracy:
+        own = _own_scores(state, model, tokenizer, candidates, recipe.train.length_penalty,
+                          recipe.train.candidate_micro_batch_size or 8)
+        entry["ranking/accuracy"] = pairwise_ranking_accuracy(
+            own, [row["scores"] for row in candidates])["accuracy"]
     if general is not None:
         entry["general/logprob"] = general.measure(model, tokenizer, initial=adapter is None)
     return entry, answers
@@ -292,7 +294,9 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
 
     if state.recipe.evaluate.best_of_n and candidate_rewards:
         metrics["best_of_n"] = best_of_n(candidate_rewards)
-    metrics["ranking_pairs"] = pairwise_ranking_accuracy(candidate_rewards, candidate_rewards)["pairs"]
+    if recipe.evaluate.ranking_accuracy:
+        metrics["ranking_pairs"] = pairwise_ranking_accuracy(candidate_rewards,
+                                                             candidate_rewards)["pairs"]
     responses = {variant: answer[0] for variant, answer in held_out.items()}
     for variant, ppl in perplexities(state, responses, held_out_prompts).items():
         metrics["variants"][variant]["perplexity"] = ppl

@@ -115,3 +115,14 @@ def test_evaluation_counts_the_unquantised_perplexity_model_and_the_policy_besid
     parts = _names(evaluate.parts)
     assert "reward model weights" in parts and "4-bit weights + constants" in parts
     assert evaluate.on_card > 8 * GiB  # the reason the recipe scores in batches of 4
+
+
+def test_evaluation_without_ranking_accuracy_plans_no_scoring_of_the_held_out_candidates():
+    moment = "the policy's own scores of the held-out candidates"
+
+    def moments(overrides):
+        evaluate = plan_recipe(load_recipe(str(RECIPE_8GB), overrides), 8 * GiB)["stages"]["evaluate"]
+        return [evaluate.peak_phase, *evaluate.notes]
+
+    assert any(m.startswith(moment) for m in moments([]))
+    assert not any(m.startswith(moment) for m in moments(["evaluate.ranking_accuracy=false"]))

@@ -220,3 +220,18 @@ def test_the_helpers_read_markdown_as_github_does(tmp_path):
     assert slug("Each prompt once for its k candidates (`train.share_prompt`)") == (
         "each-prompt-once-for-its-k-candidates-trainshare_prompt")
     assert slug("4-bit on a CPU: bitsandbytes' two paths") == "4-bit-on-a-cpu-bitsandbytes-two-paths"
+
+
+def test_the_recipe_key_table_lists_every_key_of_every_section():
+    """docs/recipes.md's table of recipe keys is what a reader scans for a key's name: a key
+    added to the schema without a row there (it happened to four) fails here."""
+    from rrhf_lite.config.ablations import AblationSection
+    from rrhf_lite.config.recipe import Recipe
+
+    text = (ROOT / "docs" / "recipes.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `(\w+)` \| ?(.*?) ?\|$", text, re.M))
+    for name, field in Recipe.model_fields.items():
+        assert name in rows, f"docs/recipes.md: no row for the recipe key {name}"
+        section = AblationSection if name == "ablations" else field.annotation
+        keys = list(getattr(section, "model_fields", {}))
+        assert re.findall(r"`(\w+)`", rows[name]) == keys, f"docs/recipes.md: the keys of {name}"

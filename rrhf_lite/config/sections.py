@@ -355,7 +355,7 @@ class EvaluateSection(Section):
     ranking_accuracy: bool = Field(
         True, description="Report each variant's ranking/accuracy: how often its own log-probs "
         "order the held-out candidates as the reward does (the paper's model-as-reward-model "
-        "measure; on a CPU about a third of evaluation's time)",
+        "measure; about a third of the quickstart's evaluation time on a CPU)",
     )
     ranking_candidates: OptionalUserPath = Field(
         None, description="Held-out listwise set for the model-as-reward-model ranking accuracy"

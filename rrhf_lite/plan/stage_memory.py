@@ -137,7 +137,7 @@ def evaluate_plan(recipe, shape: ModelShape, regime: Regime) -> StepPlan | None:
     prompt = recipe.sampling_prompt_length  # evaluation prompts are not cut: planned as sampled
     moments: list[tuple[str, list[Part]]] = []
     candidates = sampling_plan(recipe, shape, regime, force=True)
-    if candidates is not None and not ev.ranking_candidates:
+    if candidates is not None and not ev.ranking_candidates and (ev.best_of_n or ev.ranking_accuracy):
         moments.append(("held-out candidates from the initial model", candidates.parts))
     answers = _generation_parts(shape, regime, ev.batch_size, prompt, ev.max_new_tokens, "greedy")
     moments.append((f"greedy answers ({ev.batch_size} prompts)", [*policy, *answers, _context()]))

@@ -260,7 +260,9 @@ def evaluate_run(state: RunState, prompt_sets: dict[str, list[dict]]) -> dict:
     scorer = Scorer(state)
     eval_rows = prompt_sets["held_out"]
     held_out_prompts = [_prompt_text(r) for r in eval_rows]
-    candidates = held_out_candidates(state, scorer, eval_rows, out_dir)
+    wanted = state.recipe.evaluate.best_of_n or state.recipe.evaluate.ranking_accuracy
+    # held-out candidates serve best-of-n and the ranking only: with both off none are sampled
+    candidates = held_out_candidates(state, scorer, eval_rows, out_dir) if wanted else []
     candidate_rewards = [row["scores"] for row in candidates]
     references = [_reference(r) for r in eval_rows]
     reference_rewards = None

@@ -65,12 +65,15 @@ def test_tiny_world_recipe_end_to_end(tmp_path, tiny_world_cache, capsys):
     again = capsys.readouterr().out
     assert "sample skipped" in again and "train skipped" in again
 
-    # Ranking accuracy off (the quickstart's choice): only evaluation reruns, and neither the
-    # metric nor its note is reported.
-    assert main([*args, "--set", "evaluate.ranking_accuracy=false"]) == 0
+    # Ranking accuracy off (the quickstart's choice), and best-of-n too: only evaluation reruns,
+    # neither metric nor its note is reported, and no held-out candidates are sampled.
+    assert main([*args, "--set", "evaluate.ranking_accuracy=false",
+                 "--set", "evaluate.best_of_n=false"]) == 0
     third = capsys.readouterr().out
     assert "train skipped" in third and "evaluate reruns" in third
     rerun = json.loads((out / "metrics.json").read_text())["metrics"]["variants"]
     assert all("ranking/accuracy" not in entry and "reward/held_out" in entry
                for entry in rerun.values())
     assert "ranking/accuracy" not in (out / "report.md").read_text()
+    assert "best_of_n" not in json.loads((out / "metrics.json").read_text())["metrics"]
+    assert not (out / "eval" / "initial_candidates.jsonl").exists()

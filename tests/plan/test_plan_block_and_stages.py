@@ -126,3 +126,8 @@ def test_evaluation_without_ranking_accuracy_plans_no_scoring_of_the_held_out_ca
 
     assert any(m.startswith(moment) for m in moments([]))
     assert not any(m.startswith(moment) for m in moments(["evaluate.ranking_accuracy=false"]))
+    # with best-of-n off too, no held-out candidates are sampled
+    sampled = "held-out candidates from the initial model"
+    assert any(m.startswith(sampled) for m in moments(["evaluate.ranking_accuracy=false"]))
+    assert not any(m.startswith(sampled) for m in moments(["evaluate.ranking_accuracy=false",
+                                                           "evaluate.best_of_n=false"]))
